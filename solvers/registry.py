@@ -1,0 +1,118 @@
+"""The one place a method is named: its inversion, the sampler that resumes it, its settings.
+
+The Invert node builds its selector and widgets from ``METHODS``; the benchmark and the
+tests iterate over it. A new method is one file in this package and one entry here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from .aidi_anderson import invert_aidi_anderson
+from .aidi_empirical import invert_aidi_empirical
+from .bdia import invert_bdia, sample_bdia
+from .core import Inversion, SolverError
+from .ddim import invert_ddim
+from .easyinv import invert_easyinv
+from .edict import invert_edict, sample_edict
+from .euler import sample_euler
+from .fixed_point import invert_fixed_point
+from .naive_unsample import invert_naive_unsample
+from .renoise import invert_renoise
+
+
+@dataclass(frozen=True)
+class Setting:
+    default: object
+    tooltip: str
+    lo: Optional[float] = None
+    hi: Optional[float] = None
+    step: Optional[float] = None
+    choices: tuple = ()
+
+
+ITER = {
+    "iterations": Setting(5, "Most model evaluations per step. Raise it when the inversion reports "
+                             "unconverged steps; each iteration costs one model call.", 1, 100, 1),
+    "tol": Setting(1e-4, "Relative residual ||F(x) - x|| / ||x|| at which a step counts as solved. "
+                         "Lower it for a more exact reconstruction at more model calls.", 1e-8, 1e-1, 1e-6),
+    "guess": Setting("ddim", "Where each step's iteration starts: 'ddim' (the DDIM inversion step, as in "
+                             "the paper) or 'extrapolate' (the previous steps' slopes, no model call, "
+                             "usually closer).", choices=("ddim", "extrapolate")),
+}
+
+
+@dataclass(frozen=True)
+class Method:
+    invert: Callable[..., Inversion]
+    sampler: str
+    summary: str
+    settings: dict = field(default_factory=dict)
+
+    def defaults(self) -> dict:
+        return {k: s.default for k, s in self.settings.items()}
+
+
+METHODS = {
+    "ddim": Method(invert_ddim, "euler", "DDIM inversion: 1 model call per step, drifts at few steps or high cfg."),
+    "naive_unsample": Method(invert_naive_unsample, "euler",
+                             "Explicit Euler uphill, as FlipSigmas + euler: the baseline other packs use."),
+    "fixed_point": Method(invert_fixed_point, "euler",
+                          "Fixed-point iteration of the exact inverse step: accurate where it converges.", dict(ITER)),
+    "aidi_anderson": Method(invert_aidi_anderson, "euler",
+                            "AIDI-A: fixed-point with Anderson acceleration; exact to the tolerance, fast.",
+                            dict(ITER, guess=Setting("extrapolate", ITER["guess"].tooltip, choices=ITER["guess"].choices),
+                                 m=Setting(3, "Anderson memory: how many past iterates are mixed. 2 to 5 is typical.", 1, 10, 1),
+                                 beta=Setting(1.0, "Anderson damping: 1 mixes outputs only; lower it if steps oscillate.", 0.05, 1.0, 0.05),
+                                 lam=Setting(1e-8, "Relative regularisation of the Anderson least-squares solve.", 0.0, 1e-2, 1e-8))),
+    "aidi_empirical": Method(invert_aidi_empirical, "euler",
+                             "AIDI-E: fixed-point averaging the last two outputs; damps oscillation at no extra cost.",
+                             dict(ITER)),
+    "renoise": Method(invert_renoise, "euler",
+                      "ReNoise: a fixed number of iterations per step, their slopes averaged over a window.",
+                      {"iterations": Setting(5, "Model calls per step (1 = DDIM inversion).", 1, 100, 1),
+                       "window": Setting((3, 5), "Iterations (0-based, [lo, hi)) whose slopes are averaged."),
+                       "first_window": Setting((0, 5), "The averaging window of the first step, nearest the clean image.")}),
+    "easyinv": Method(invert_easyinv, "euler",
+                      "EasyInv: DDIM inversion blending the state with its past inside a window; no extra calls.",
+                      {"eta": Setting(0.5, "Weight of the current state in the blend (1 = DDIM). SD1.x 0.5, SDXL 0.5 to 0.8.", 0.01, 1.0, 0.01),
+                       "start": Setting(0.05, "Start of the blending window, as a fraction of the steps (SD1.x 0.05, SDXL 0.85).", 0.0, 1.0, 0.01),
+                       "end": Setting(0.25, "End of the blending window, as a fraction of the steps (SD1.x 0.25, SDXL 0.95).", 0.0, 1.0, 0.01)}),
+    "bdia": Method(invert_bdia, "bdia", "BDIA: exact inversion at 1 model call per step; resumes from a pair of states.",
+                   {"gamma": Setting(0.94, "BDIA's gamma: 1 is the most exact reconstruction, 0.92 to 0.96 edits more freely.", 0.5, 1.0, 0.01)}),
+    "edict": Method(invert_edict, "edict", "EDICT: exact inversion with two coupled states, 2 model calls per step.",
+                    {"p": Setting(0.93, "EDICT's mixing weight; closer to 1 amplifies rounding less.", 0.5, 1.0, 0.01)}),
+}
+
+# sampler name -> (function, the inversion settings it takes)
+SAMPLERS = {"euler": (sample_euler, ()), "bdia": (sample_bdia, ("gamma",)), "edict": (sample_edict, ("p",))}
+
+
+def method(name: str) -> Method:
+    if name not in METHODS:
+        raise SolverError(f"unknown inversion method {name!r}; known: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def invert(name: str, model, x, sigmas, extra_args=None, callback=None, space="eps", keep_trajectory=False,
+           **settings) -> Inversion:
+    """Run method ``name`` with its defaults overridden by ``settings`` (unknown ones are refused)."""
+    m = method(name)
+    unknown = set(settings) - set(m.settings)
+    if unknown:
+        raise SolverError(f"{name}: unknown setting(s) {sorted(unknown)}; it takes {sorted(m.settings) or 'none'}")
+    return m.invert(model, x, sigmas, extra_args, callback, space=space, keep_trajectory=keep_trajectory,
+                    **dict(m.defaults(), **settings))
+
+
+def sampler_for(inv: Inversion):
+    """The sampler function that resumes ``inv`` and the keyword arguments it needs."""
+    fn, keys = SAMPLERS[inv.sampler]
+    return fn, {k: inv.settings[k] for k in keys}
+
+
+def reconstruct(model, inv: Inversion, extra_args=None, callback=None):
+    """Sample back down the inversion's own schedule with the matching sampler."""
+    fn, kwargs = sampler_for(inv)
+    return fn(model, inv.latent, inv.sigmas.flip(0), extra_args, callback, space=inv.space, pair=inv.pair, **kwargs)
