@@ -30,17 +30,18 @@ def anderson(m: int, beta: float, lam: float):
         A = R @ R.transpose(1, 2)
         k = A.shape[-1]
         eye = torch.eye(k, dtype=A.dtype, device=A.device)
-        reg = lam * A.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-30)
-        a = torch.linalg.solve(A + reg[:, None, None] * eye, torch.ones_like(A[..., :1]))
+        reg = lam * A.diagonal(dim1=1, dim2=2).mean(-1) + torch.finfo(A.dtype).tiny
+        a, info = torch.linalg.solve_ex(A + reg[:, None, None] * eye, torch.ones_like(A[..., :1]))
         alpha = a / a.sum(1, keepdim=True)
         mixed = (alpha * ((1 - beta) * X + beta * G)).sum(1)
-        grew = rs[-1] > rs[-2]
-        return torch.where(grew[:, None], g, mixed)
+        # Plain step where the residual grew or the least-squares system was singular.
+        plain = (rs[-1] > rs[-2]) | (info != 0) | ~torch.isfinite(mixed).all(1)
+        return torch.where(plain[:, None], g, mixed)
     return update
 
 
 def invert_aidi_anderson(model, x, sigmas, extra_args=None, callback=None, space="eps", iterations=5,
-                         tol=1e-4, guess="extrapolate", m=3, beta=1.0, lam=1e-8, keep_trajectory=False):
+                         tol=1e-4, guess="extrapolate", m=3, beta=1.0, lam=1e-6, keep_trajectory=False):
     if int(m) < 1:
         raise SolverError(f"aidi_anderson: m must be >= 1, got {m}")
     if not 0 < beta <= 1:

@@ -65,7 +65,7 @@ METHODS = {
                             dict(ITER, guess=Setting("extrapolate", ITER["guess"].tooltip, choices=ITER["guess"].choices),
                                  m=Setting(3, "Anderson memory: how many past iterates are mixed. 2 to 5 is typical.", 1, 10, 1),
                                  beta=Setting(1.0, "Anderson damping: 1 mixes outputs only; lower it if steps oscillate.", 0.05, 1.0, 0.05),
-                                 lam=Setting(1e-8, "Relative regularisation of the Anderson least-squares solve.", 0.0, 1e-2, 1e-8))),
+                                 lam=Setting(1e-6, "Relative regularisation of the Anderson least-squares solve; raise it if steps fall back to plain iteration often.", 0.0, 1e-2, 1e-7))),
     "aidi_empirical": Method(invert_aidi_empirical, "euler",
                              "AIDI-E: fixed-point averaging the last two outputs; damps oscillation at no extra cost.",
                              dict(ITER)),
