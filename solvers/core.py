@@ -133,15 +133,15 @@ class Inversion:
     for iterative methods, and ``unconverged`` the steps that stopped at their cap.
     """
 
-    latent: torch.Tensor
-    sigmas: torch.Tensor
+    latent: torch.Tensor = field(repr=False)
+    sigmas: torch.Tensor = field(repr=False)
     method: str
     space: str
     settings: dict
     nfe: int
     sampler: str
-    pair: Optional[torch.Tensor] = None
-    trajectory: Optional[list] = None
+    pair: Optional[torch.Tensor] = field(default=None, repr=False)
+    trajectory: Optional[list] = field(default=None, repr=False)
     residuals: list = field(default_factory=list)
     unconverged: list = field(default_factory=list)
 

@@ -21,14 +21,17 @@ def invert_easyinv(model, x, sigmas, extra_args=None, callback=None, space="eps"
         raise SolverError(f"easyinv: the window needs 0 <= start <= end <= 1, got ({start}, {end})")
     den, x, sig, s = prepare("easyinv", model, x, sigmas, extra_args, space)
     n = len(s) - 1
-    prev = [None]  # z~ of the previous step
+    prev = [None]  # (x~_{i-1}, s_{i-1})
 
     def step(i, x, sa, sb):
-        z = x * vp_scale(sa, space)
+        # Blending in sigma coordinates, with the past state carried to sa, equals blending
+        # z = x * vp; written this way eta = 1 leaves x bit-identical to DDIM.
+        tilde = x
         if start * n < i < end * n and prev[0] is not None:
-            z = eta * z + (1 - eta) * prev[0]
-        prev[0] = z
-        return z / vp_scale(sa, space) + (sb - sa) * ddim_slope(den, x, sa, sb, space)
+            px, ps = prev[0]
+            tilde = eta * x + (1 - eta) * px * (vp_scale(ps, space) / vp_scale(sa, space))
+        prev[0] = (tilde, sa)
+        return tilde + (sb - sa) * ddim_slope(den, x, sa, sb, space)
 
     x, traj = run_steps("easyinv", den, x, s, step, callback, keep_trajectory)
     return Inversion(latent=x, sigmas=sig, method="easyinv", space=space, nfe=den.nfe, sampler="euler",
