@@ -30,7 +30,7 @@ def invert_bdia(model, x, sigmas, extra_args=None, callback=None, space="eps", g
     check_gamma(gamma)
     den, x0, sig, s = prepare("bdia", model, x, sigmas, extra_args, space)
     x1 = check_finite(x0 + s[1] * ddim_slope(den, x0, 0.0, s[1], space), "bdia", 0)
-    notify(callback, 0, x1, s[1])
+    notify(callback, 0, x1, s[1], den.last)
     traj = [x0, x1] if keep_trajectory else None
     prev, cur = x0, x1
     for i in range(1, len(s) - 1):
@@ -40,7 +40,7 @@ def invert_bdia(model, x, sigmas, extra_args=None, callback=None, space="eps", g
         prev, cur = cur, check_finite(nxt, "bdia", i)
         if traj is not None:
             traj.append(cur)
-        notify(callback, i, cur, s[i + 1])
+        notify(callback, i, cur, s[i + 1], den.last)
     return Inversion(latent=cur, pair=prev, sigmas=sig, method="bdia", space=space, nfe=den.nfe, sampler="bdia",
                      settings={"gamma": float(gamma)}, trajectory=traj)
 
@@ -54,11 +54,11 @@ def sample_bdia(model, x, sigmas, extra_args=None, callback=None, space="eps", p
     elif pair.shape != x.shape:
         raise SolverError(f"bdia: the pair state has shape {tuple(pair.shape)}, expected {tuple(x.shape)}")
     up, cur = x, pair.to(x.dtype)
-    notify(callback, 0, cur, s[1])
+    notify(callback, 0, cur, s[1], den.last)
     for k in range(1, len(s) - 1):
         den.step = k
         d = den.slope(cur, s[k])
         nxt = g(gamma, s[k + 1], s[k - 1], space) * (up - (cur + (s[k - 1] - s[k]) * d)) + cur + (s[k + 1] - s[k]) * d
         up, cur = cur, check_finite(nxt, "bdia", k)
-        notify(callback, k, cur, s[k + 1])
+        notify(callback, k, cur, s[k + 1], den.last)
     return cur

@@ -89,6 +89,7 @@ class Denoiser:
         self.method = method
         self.nfe = 0
         self.step = 0
+        self.last = None  # the latest x0_hat, for previews
 
     def __call__(self, x: torch.Tensor, sigma) -> torch.Tensor:
         s = torch.full((x.shape[0],), float(sigma), dtype=x.dtype, device=x.device)
@@ -105,6 +106,7 @@ class Denoiser:
                 f"{self.method}: the denoiser returned non-finite values at step {self.step} "
                 f"(sigma = {float(sigma):.6g})"
             )
+        self.last = out
         return out
 
     def slope(self, x: torch.Tensor, sigma) -> torch.Tensor:
@@ -171,5 +173,5 @@ def run_steps(method: str, den: Denoiser, x: torch.Tensor, s: list, step, callba
         x = check_finite(step(i, x, s[i], s[i + 1]), method, i)
         if traj is not None:
             traj.append(x)
-        notify(callback, i, x, s[i + 1])
+        notify(callback, i, x, s[i + 1], den.last)
     return x, traj

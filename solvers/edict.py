@@ -33,7 +33,7 @@ def invert_edict(model, x, sigmas, extra_args=None, callback=None, space="eps", 
         x = check_finite(x_mid - (sa - sb) * den.slope(y, sb), "edict", i)
         if traj is not None:
             traj.append(x)
-        notify(callback, i, x, sb)
+        notify(callback, i, x, sb, den.last)
     return Inversion(latent=x, pair=y, sigmas=sig, method="edict", space=space, nfe=den.nfe, sampler="edict",
                      settings={"p": float(p)}, trajectory=traj)
 
@@ -52,5 +52,5 @@ def sample_edict(model, x, sigmas, extra_args=None, callback=None, space="eps", 
         y_mid = y + (sa - sb) * den.slope(x_mid, sb)
         x = check_finite(p * x_mid + (1 - p) * y_mid, "edict", k)
         y = p * y_mid + (1 - p) * x
-        notify(callback, k, x, sa)
+        notify(callback, k, x, sa, den.last)
     return x

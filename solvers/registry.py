@@ -106,13 +106,15 @@ def invert(name: str, model, x, sigmas, extra_args=None, callback=None, space="e
                     **dict(m.defaults(), **settings))
 
 
-def sampler_for(inv: Inversion):
-    """The sampler function that resumes ``inv`` and the keyword arguments it needs."""
-    fn, keys = SAMPLERS[inv.sampler]
-    return fn, {k: inv.settings[k] for k in keys}
+def sampler_for(sampler: str, settings: dict):
+    """The sampler function named ``sampler`` and the inversion settings it takes."""
+    if sampler not in SAMPLERS:
+        raise SolverError(f"unknown sampler {sampler!r}; known: {', '.join(SAMPLERS)}")
+    fn, keys = SAMPLERS[sampler]
+    return fn, {k: settings[k] for k in keys}
 
 
 def reconstruct(model, inv: Inversion, extra_args=None, callback=None):
     """Sample back down the inversion's own schedule with the matching sampler."""
-    fn, kwargs = sampler_for(inv)
+    fn, kwargs = sampler_for(inv.sampler, inv.settings)
     return fn(model, inv.latent, inv.sigmas.flip(0), extra_args, callback, space=inv.space, pair=inv.pair, **kwargs)

@@ -1,0 +1,176 @@
+"""Glue between the host and the solvers: model space, schedules, guided denoising, LATENT records.
+
+Everything that touches ComfyUI's sampling internals lives here so the node files stay
+a schema and a few lines of execute.
+"""
+
+from __future__ import annotations
+
+import comfy.model_management
+import comfy.model_sampling
+import comfy.samplers
+import comfy.utils
+import latent_preview
+import torch
+
+from ..solvers import FLOW, EPS, NonFiniteError, SolverError
+
+RECORD = "inversion"
+FORMAT = 1
+
+# Most specific first: V_PREDICTION and X0 are subclasses of EPS.
+PREDICTIONS = ("V_PREDICTION_EDM", "EDM", "V_PREDICTION", "IMG_TO_IMG", "X0", "EPS", "CONST")
+
+
+class NodeInputError(ValueError):
+    """A node's input is unusable; the message names the node, the input and what was expected."""
+
+
+def fail(node: str, what: str, message: str):
+    raise NodeInputError(f"{node}: input '{what}': {message}")
+
+
+def prediction(model) -> str:
+    ms = model.get_model_object("model_sampling")
+    for name in PREDICTIONS:
+        cls = getattr(comfy.model_sampling, name, None)
+        if cls is not None and isinstance(ms, cls):
+            return name
+    return type(ms).__name__
+
+
+def space_of(model, node: str) -> str:
+    """EPS, v-prediction and EDM models share x = x0 + sigma * eps; CONST is flow."""
+    p = prediction(model)
+    if p == "CONST":
+        return FLOW
+    if p in PREDICTIONS:
+        return EPS
+    fail(node, "model", f"model sampling type {p} is not supported (EPS, V_PREDICTION, EDM, X0 or flow/CONST expected)")
+
+
+def describe(model) -> dict:
+    """What an inversion must match in the model that later resumes it."""
+    return {"prediction": prediction(model), "latent_format": type(model.model.latent_format).__name__}
+
+
+def check_latent(node: str, latent, model, what: str = "latent") -> torch.Tensor:
+    if not isinstance(latent, dict) or not isinstance(latent.get("samples"), torch.Tensor):
+        fail(node, what, "expected a LATENT (a dict with a 'samples' tensor)")
+    x = latent["samples"]
+    if x.ndim not in (4, 5):
+        fail(node, what, f"expected 4D (B,C,H,W) or 5D (B,C,T,H,W) samples, got shape {tuple(x.shape)}")
+    channels = getattr(model.model.latent_format, "latent_channels", x.shape[1])
+    if x.shape[1] != channels:
+        fail(node, what, f"has {x.shape[1]} channels but this model's latents have {channels}: "
+                         "encode the image with the VAE that belongs to this model")
+    if not torch.isfinite(x).all():
+        fail(node, what, "holds NaN or inf values")
+    return x
+
+
+def check_conditioning(node: str, cond, what: str):
+    ok = isinstance(cond, list) and len(cond) > 0 and all(
+        isinstance(c, (list, tuple)) and len(c) == 2 and isinstance(c[0], torch.Tensor) and isinstance(c[1], dict)
+        for c in cond)
+    if not ok:
+        fail(node, what, "expected a CONDITIONING (from a text encoder node)")
+    return cond
+
+
+def zero_out(cond):
+    """A zeroed copy of a conditioning, as ConditioningZeroOut makes: the negative when none is given."""
+    out = []
+    for t, d in cond:
+        d = dict(d)
+        if isinstance(d.get("pooled_output"), torch.Tensor):
+            d["pooled_output"] = torch.zeros_like(d["pooled_output"])
+        out.append([torch.zeros_like(t), d])
+    return out
+
+
+def sigmas_for(model, scheduler: str, steps: int, denoise: float) -> torch.Tensor:
+    """The host's sampling schedule (as KSampler builds it, denoise included), reversed for inversion."""
+    ms = model.get_model_object("model_sampling")
+    total = steps if denoise > 0.9999 else int(steps / denoise)
+    sig = comfy.samplers.calculate_sigmas(ms, scheduler, total).cpu()[-(steps + 1):]
+    return sig.flip(0).to(torch.float64)
+
+
+def progress(model, steps: int):
+    """A solver callback that advances the progress bar, shows previews and honours interrupts."""
+    preview = latent_preview.prepare_callback(model, steps)
+
+    def callback(d):
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        x0 = d.get("denoised")
+        preview(d["i"], d["x"] if x0 is None else x0, d["x"], steps)
+    return callback
+
+
+class _Run(comfy.samplers.Sampler):
+    """Runs ``job(denoiser, x, model_space)`` where the guider hands a sampler its denoiser.
+
+    Going through ``CFGGuider.sample`` keeps the host's conditioning, batching of cond and
+    uncond, patches and model loading, and skips KSAMPLER's noise scalings (which divide by
+    ``1 - sigma`` for flow models). ``x`` arrives, and the job's tensors leave, in the
+    model's space; ``process_latent_in/out`` convert them.
+    """
+
+    def __init__(self, job):
+        self.job = job
+        self.result = None
+
+    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
+               disable_pbar=False):
+        self.result, out = self.job(lambda x, s: model_wrap(x, s, **extra_args), latent_image, model_wrap.inner_model)
+        return out
+
+
+def guided(node: str, model, positive, negative, cfg: float, samples: torch.Tensor, sigmas: torch.Tensor, job):
+    """Run ``job`` under the host's guider; returns (job's result, its output latent in VAE scale)."""
+    check_conditioning(node, positive, "positive")
+    if negative is None:
+        negative = zero_out(positive)
+    check_conditioning(node, negative, "negative")
+    guider = comfy.samplers.CFGGuider(model)
+    guider.set_conds(positive, negative)
+    guider.set_cfg(cfg)
+    run = _Run(job)
+    try:
+        with torch.no_grad():
+            out = guider.sample(torch.zeros_like(samples), samples, run, sigmas.to(torch.float32), disable_pbar=True, seed=0)
+    except (SolverError, NonFiniteError) as e:
+        raise type(e)(f"{node}: {e}") from e
+    return run.result, out.to(comfy.model_management.intermediate_device())
+
+
+def to_vae(inner, t):
+    """A model-space tensor, as a LATENT holds it, on the host's intermediate device."""
+    if t is None:
+        return None
+    return inner.process_latent_out(t.to(torch.float32)).to(comfy.model_management.intermediate_device())
+
+
+def to_model(inner, t, like):
+    return None if t is None else inner.process_latent_in(t.to(like.device, like.dtype))
+
+
+def record_of(node: str, latent: dict, model, what: str = "latent") -> dict:
+    """The inversion record a LATENT carries, checked against the model about to use it."""
+    rec = latent.get(RECORD) if isinstance(latent, dict) else None
+    if not isinstance(rec, dict) or rec.get("format") != FORMAT:
+        fail(node, what, "carries no inversion (it did not come from Invert, or a node on the way rebuilt "
+                         "the LATENT dict and dropped the record). Connect Invert's output directly; "
+                         "for a plain latent use KSampler.")
+    have = describe(model)
+    if have != rec["model"]:
+        fail(node, "model", f"the inversion was made with a {rec['model']['prediction']} model "
+                            f"({rec['model']['latent_format']} latents) but this model is {have['prediction']} "
+                            f"({have['latent_format']}): resume it with the model that inverted it")
+    return rec
+
+
+def samples_changed(latent: dict, rec: dict) -> bool:
+    a, b = latent["samples"], rec["samples"]
+    return a is not b and (a.shape != b.shape or not torch.equal(a, b))

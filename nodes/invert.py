@@ -1,0 +1,83 @@
+"""Invert: a VAE-encoded image to the noise latent that the model would turn back into it."""
+
+import comfy.samplers
+from comfy_api.latest import io
+
+from ..solvers import METHODS, invert
+from . import settings
+from .host import FORMAT, RECORD, check_latent, describe, fail, guided, progress, sigmas_for, space_of, to_vae
+
+METHOD_HELP = " ".join(f"{name}: {m.summary}" for name, m in METHODS.items())
+
+
+class Invert(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="InversionSuite_Invert",
+            display_name="Invert",
+            category="sampling/inversion",
+            description="Inverts a VAE-encoded image to its noise latent with the chosen method, so that "
+                        "Reconstruct returns the image and the editing nodes can change it. Works with EPS "
+                        "(SD1.5, SDXL), v-prediction (SD2) and flow (SD3, Flux) models. The output LATENT "
+                        "carries the schedule, method, BDIA/EDICT pair and trajectory under the key "
+                        "'inversion'; core nodes that rebuild the LATENT dict drop it.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model to invert with; Reconstruct and the editors need the same one."),
+                io.Latent.Input("latent", tooltip="The image to invert, encoded with the model's VAE."),
+                io.Conditioning.Input("positive", tooltip="The source prompt: a description of the image as it is."),
+                io.Combo.Input("method", options=list(METHODS), default="aidi_anderson", tooltip=METHOD_HELP),
+                io.Int.Input("steps", default=20, min=1, max=1000,
+                             tooltip="Inversion steps; Reconstruct and the editors sample back over the same schedule."),
+                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="normal",
+                               tooltip="The host's scheduler, as in KSampler ('simple' for flow models)."),
+                io.Float.Input("cfg", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="Guidance while inverting. Keep it near 1: higher values make every "
+                                       "method but BDIA and EDICT drift. Editors apply stronger guidance later."),
+                io.Float.Input("denoise", default=1.0, min=0.01, max=1.0, step=0.01,
+                               tooltip="How far to invert: 1 reaches pure noise, lower stops part-way and keeps "
+                                       "more of the image in edits (as KSampler's denoise)."),
+                io.Boolean.Input("keep_trajectory", default=True,
+                                 tooltip="Keep the latent at every step (steps + 1 latents of memory). "
+                                         "StochasticEditSampler needs it."),
+                io.Conditioning.Input("negative", optional=True,
+                                      tooltip="Negative prompt; unconnected, a zeroed positive (as ConditioningZeroOut)."),
+                *settings.inputs(),
+            ],
+            outputs=[io.Latent.Output(display_name="inverted", tooltip="The noise latent with its inversion record.")],
+        )
+
+    @classmethod
+    def execute(cls, model, latent, positive, method, steps, scheduler, cfg, denoise, keep_trajectory,
+                negative=None, **widgets):
+        node = "Invert"
+        samples = check_latent(node, latent, model)
+        space = space_of(model, node)
+        if method not in METHODS:
+            fail(node, "method", f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+        if steps < 1:
+            fail(node, "steps", f"expected at least 1, got {steps}")
+        if not 0 < denoise <= 1:
+            fail(node, "denoise", f"expected a value in (0, 1], got {denoise}")
+        if scheduler not in comfy.samplers.KSampler.SCHEDULERS:
+            fail(node, "scheduler", f"unknown scheduler {scheduler!r}")
+        kwargs = settings.values(method, widgets)
+        sigmas = sigmas_for(model, scheduler, steps, denoise)
+        callback = progress(model, steps)
+
+        def job(den, x, inner):
+            inv = invert(method, den, x, sigmas, space=space, keep_trajectory=keep_trajectory, callback=callback, **kwargs)
+            traj = None if inv.trajectory is None else [to_vae(inner, t) for t in inv.trajectory]
+            return (inv, to_vae(inner, inv.pair), traj), inv.latent
+
+        (inv, pair, traj), out = guided(node, model, positive, negative, cfg, samples, sigmas, job)
+        result = {k: v for k, v in latent.items() if k not in ("samples", "noise_mask", RECORD)}
+        result["samples"] = out
+        result[RECORD] = {
+            "format": FORMAT, "method": inv.method, "settings": inv.settings, "sampler": inv.sampler,
+            "space": inv.space, "sigmas": inv.sigmas.cpu(), "nfe": inv.nfe, "residuals": list(inv.residuals),
+            "unconverged": list(inv.unconverged), "pair": pair, "trajectory": traj, "source": samples,
+            "samples": out, "cfg": float(cfg), "steps": int(steps), "scheduler": scheduler,
+            "denoise": float(denoise), "model": describe(model),
+        }
+        return io.NodeOutput(result)

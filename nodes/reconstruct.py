@@ -1,0 +1,51 @@
+"""Reconstruct: sample an inverted latent back down its own schedule with the matching sampler."""
+
+from comfy_api.latest import io
+
+from ..solvers import sampler_for
+from .host import RECORD, check_latent, fail, guided, progress, record_of, samples_changed, to_model
+
+
+class Reconstruct(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="InversionSuite_Reconstruct",
+            display_name="Reconstruct",
+            category="sampling/inversion",
+            description="Samples an inverted LATENT back to an image latent over the inversion's own schedule, "
+                        "with the sampler its method needs (Euler/DDIM, or BDIA/EDICT from their pair). With the "
+                        "inversion's prompt and cfg this returns the original; a plain LATENT is refused (use "
+                        "KSampler for those).",
+            inputs=[
+                io.Model.Input("model", tooltip="The model that made the inversion."),
+                io.Latent.Input("inverted", tooltip="The output of Invert."),
+                io.Conditioning.Input("positive", tooltip="The prompt to sample with; the source prompt reconstructs."),
+                io.Float.Input("cfg", default=-1.0, min=-1.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="Guidance; -1 uses the cfg the inversion used (needed for an exact return)."),
+                io.Conditioning.Input("negative", optional=True,
+                                      tooltip="Negative prompt; unconnected, a zeroed positive (as ConditioningZeroOut)."),
+            ],
+            outputs=[io.Latent.Output(display_name="latent", tooltip="The reconstructed image latent.")],
+        )
+
+    @classmethod
+    def execute(cls, model, inverted, positive, cfg, negative=None):
+        node = "Reconstruct"
+        samples = check_latent(node, inverted, model, "inverted")
+        rec = record_of(node, inverted, model, "inverted")
+        if rec["pair"] is not None and samples_changed(inverted, rec):
+            fail(node, "inverted", f"its samples were changed after Invert, so the {rec['method']} pair no longer "
+                                   "matches them; reconnect Invert's output directly")
+        fn, kwargs = sampler_for(rec["sampler"], rec["settings"])
+        sigmas = rec["sigmas"].flip(0)
+        callback = progress(model, len(sigmas) - 1)
+
+        def job(den, x, inner):
+            pair = to_model(inner, rec["pair"], x)
+            return None, fn(den, x, sigmas, None, callback, space=rec["space"], pair=pair, **kwargs)
+
+        _, out = guided(node, model, positive, negative, rec["cfg"] if cfg < 0 else cfg, samples, sigmas, job)
+        result = {k: v for k, v in inverted.items() if k not in ("samples", RECORD)}
+        result["samples"] = out
+        return io.NodeOutput(result)

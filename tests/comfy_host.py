@@ -1,0 +1,110 @@
+"""The real ComfyUI host for node tests, and tiny real models built in the test.
+
+The host is found through ``COMFYUI_PATH`` or the ``custom_nodes/`` layout; where neither
+holds, the tests that need it skip with one reason. Models are the host's own
+``BaseModel`` (an SD1.5-style UNet shrunk to a few thousand weights) wrapped in the real
+``ModelPatcher``, so conditioning, guidance, patches and model sampling are all the host's.
+"""
+
+import os
+import pathlib
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SKIP = ("ComfyUI not found: set COMFYUI_PATH to a ComfyUI checkout (its requirements installed in this "
+        "interpreter) or install the pack under ComfyUI/custom_nodes/ to run the node tests")
+
+
+def path():
+    env = os.environ.get("COMFYUI_PATH")
+    if env:
+        return pathlib.Path(env)
+    if ROOT.parent.name == "custom_nodes" and (ROOT.parent.parent / "comfy").is_dir():
+        return ROOT.parent.parent
+    return None
+
+
+def require():
+    """Put the host on sys.path (CPU mode) or skip the calling test module."""
+    where = path()
+    if where is None or not (where / "comfy").is_dir():
+        pytest.skip(SKIP, allow_module_level=True)
+    if str(where) not in sys.path:
+        sys.path.insert(0, str(where))
+    import comfy.cli_args  # noqa: E402  (before comfy.model_management is first imported)
+
+    comfy.cli_args.args.cpu = True
+    import torch
+
+    torch.set_num_threads(1)  # tiny models run far faster single-threaded
+    return where
+
+
+require()
+
+import comfy.model_base  # noqa: E402
+import comfy.model_management  # noqa: E402
+import comfy.model_patcher  # noqa: E402
+import comfy.supported_models  # noqa: E402
+import torch  # noqa: E402
+
+CONTEXT = 32
+UNET = {
+    "image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 32, "num_res_blocks": [1, 1],
+    "channel_mult": [1, 2], "transformer_depth": [1, 1], "transformer_depth_output": [1, 1, 1, 1],
+    "transformer_depth_middle": 1, "context_dim": CONTEXT, "use_spatial_transformer": True,
+    "use_linear_in_transformer": False, "legacy": False, "adm_in_channels": None, "use_checkpoint": False,
+    "use_temporal_attention": False, "use_temporal_resblock": False, "dtype": torch.float32,
+}
+TYPES = {"eps": comfy.model_base.ModelType.EPS, "v": comfy.model_base.ModelType.V_PREDICTION,
+         "flow": comfy.model_base.ModelType.FLOW}
+
+
+def tiny_model(kind="eps", seed=0):
+    """A real host model with a tiny UNet; comfy.ops leaves weights uninitialised, so fill them."""
+    config = comfy.supported_models.SD15(dict(UNET))
+    if kind == "flow":
+        config.sampling_settings["shift"] = 3.0
+    model = comfy.model_base.BaseModel(config, model_type=TYPES[kind], device=torch.device("cpu"))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.diffusion_model.named_parameters():
+            p.copy_(torch.zeros_like(p) if name.endswith("bias") else
+                    torch.ones_like(p) if p.ndim == 1 else torch.randn(p.shape, generator=g) * 0.05)
+    model.eval()
+    return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
+                                            offload_device=comfy.model_management.unet_offload_device())
+
+
+def prompt(label, batch=1, tokens=77):
+    """A CONDITIONING whose tensor encodes ``label`` (read back by ``exact_model``)."""
+    return [[torch.full((batch, tokens, CONTEXT), float(label + 1)), {}]]
+
+
+def exact_model(kind, mixture, seed=0):
+    """A tiny host model whose network is replaced by the exact mixture denoiser.
+
+    The unet function wrapper receives the raw state and sigma and returns x0 (it stands
+    in for ``apply_model``), so the host's guidance, batching and patcher stay real.
+    A zeroed conditioning is the unconditional branch; ``prompt(k)`` selects component k.
+    """
+    m = tiny_model(kind, seed).clone()
+    space = "flow" if kind == "flow" else "eps"
+
+    def wrapper(apply_model, args):
+        x, sigma, c = args["input"], args["timestep"], args["c"]["c_crossattn"]
+        label = c.flatten(1).mean(1).round().long() - 1
+        mask = torch.zeros(x.shape[0], len(mixture.mu), dtype=torch.bool)
+        mask[label >= 0, label[label >= 0]] = True
+        mask[label < 0] = True
+        return mixture.denoise(x, sigma, space, mask)
+
+    m.set_model_unet_function_wrapper(wrapper)
+    return m
+
+
+def vae_scale(model, x):
+    """A model-space latent as a LATENT holds it."""
+    return model.model.process_latent_out(x)

@@ -1,0 +1,213 @@
+"""Invert, Reconstruct and InversionSampler inside the real ComfyUI host."""
+
+import copy
+
+import comfy_host  # skips this module where no ComfyUI is found
+import pytest
+import torch
+from comfy_host import exact_model, prompt, tiny_model, vae_scale
+
+import comfy.sample
+import comfy.samplers
+from inversion_suite.benchmarks.analytic import Mixture
+from inversion_suite.nodes.host import NodeInputError
+from inversion_suite.nodes.invert import Invert
+from inversion_suite.nodes.reconstruct import Reconstruct
+from inversion_suite.nodes.sampler import InversionSampler
+from inversion_suite.solvers import METHODS
+
+MIX = Mixture((4, 8, 8), components=3, seed=0)
+KINDS = ("eps", "v", "flow")
+SCHEDULER = {"eps": "karras", "v": "normal", "flow": "simple"}
+
+
+def source(model, batch=2):
+    return {"samples": vae_scale(model, MIX.sample(batch, seed=4).float())}
+
+
+def invert(model, latent, kind, method, cfg=1.0, steps=10, negative=None, **settings):
+    return Invert.execute(model=model, latent=latent, positive=prompt(1), method=method, steps=steps,
+                          scheduler=SCHEDULER[kind], cfg=cfg, denoise=1.0, keep_trajectory=True,
+                          negative=negative, **settings).result[0]
+
+
+def reconstruct(model, inverted, cfg=-1.0, negative=None):
+    return Reconstruct.execute(model=model, inverted=inverted, positive=prompt(1), cfg=cfg,
+                               negative=negative).result[0]
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+# Round-trip bounds measured at 10 steps, cfg 1, on the exact mixture (worst of the three
+# model types, rounded up); BDIA, EDICT and tight AIDI-A are exact up to their tolerance.
+BOUNDS = {"bdia": 1e-5, "edict": 1e-5, "aidi_anderson": 1e-4, "fixed_point": 1e-3, "aidi_empirical": 1e-3,
+          "renoise": 0.1, "ddim": 0.6, "easyinv": 0.6, "naive_unsample": 0.6}
+TIGHT = {"aidi_anderson": dict(tol=1e-6, iterations=60), "fixed_point": dict(tol=1e-5, iterations=200),
+         "aidi_empirical": dict(tol=1e-5, iterations=200)}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("method", list(METHODS))
+def test_invert_then_reconstruct_returns_the_input(kind, method):
+    model = exact_model(kind, MIX)
+    latent = source(model)
+    inverted = invert(model, latent, kind, method, **TIGHT.get(method, {}))
+    rec = inverted["inversion"]
+    assert rec["method"] == method and rec["nfe"] >= 10 and rec["unconverged"] == []
+    assert len(rec["trajectory"]) == 11 and torch.equal(rec["trajectory"][0], latent["samples"])
+    out = reconstruct(model, inverted)
+    err = rel(out["samples"], latent["samples"])
+    print(f"{kind} {method}: round trip {err:.2e}, nfe {rec['nfe']}")
+    assert err <= BOUNDS[method]
+    assert rel(inverted["samples"], latent["samples"]) > 0.5  # it really went to noise
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_exact_methods_on_a_real_network_with_guidance(kind):
+    model = tiny_model(kind)
+    latent = source(model)
+    # A random network at cfg 3 amplifies float rounding (BDIA by 1/g_i, EDICT by 1/p per step)
+    # far more than the smooth mixture; measured: BDIA up to 5e-5, EDICT up to 3e-4.
+    for method, bound in (("bdia", 2e-4), ("edict", 1e-3)):
+        inverted = invert(model, latent, kind, method, cfg=3.0, steps=8, negative=prompt(0))
+        out = reconstruct(model, inverted, negative=prompt(0))
+        err = rel(out["samples"], latent["samples"])
+        print(f"{kind} {method} on a random network, cfg 3: {err:.2e}")
+        assert err <= bound, method
+
+
+def test_nodes_do_not_modify_their_inputs():
+    model = exact_model("eps", MIX)
+    latent = dict(source(model), batch_index=[0, 1])
+    pos, neg = prompt(1), prompt(0)
+    keep = copy.deepcopy((latent, pos, neg))
+    inverted = Invert.execute(model=model, latent=latent, positive=pos, negative=neg, method="bdia", steps=6,
+                              scheduler="karras", cfg=2.0, denoise=1.0, keep_trajectory=True).result[0]
+    snapshot = copy.deepcopy(inverted)
+    Reconstruct.execute(model=model, inverted=inverted, positive=pos, negative=neg, cfg=-1.0)
+    for before, after in ((keep, (latent, pos, neg)), (snapshot, inverted)):
+        assert_same(before, after)
+    assert inverted["batch_index"] == [0, 1]
+
+
+def assert_same(a, b):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert_same(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_same(x, y)
+    else:
+        assert a == b
+
+
+def test_partial_denoise_inverts_part_way():
+    model = exact_model("eps", MIX)
+    latent = source(model)
+    inverted = Invert.execute(model=model, latent=latent, positive=prompt(1), method="bdia", steps=6,
+                              scheduler="karras", cfg=1.0, denoise=0.5, keep_trajectory=False).result[0]
+    full = invert(model, latent, "eps", "bdia", steps=6)
+    assert inverted["inversion"]["sigmas"][-1] < 0.5 * full["inversion"]["sigmas"][-1]
+    assert inverted["inversion"]["trajectory"] is None
+    assert rel(reconstruct(model, inverted)["samples"], latent["samples"]) <= 1e-5
+
+
+# --- bad input, refused before any model evaluation -----------------------------------------
+
+def counting(kind="eps"):
+    model = exact_model(kind, MIX)
+    calls = [0]
+    inner = model.model_options["model_function_wrapper"]
+
+    def wrapper(apply_model, args):
+        calls[0] += 1
+        return inner(apply_model, args)
+
+    model.set_model_unet_function_wrapper(wrapper)
+    return model, calls
+
+
+def test_bad_invert_inputs_are_refused_early():
+    model, calls = counting()
+    good = dict(model=model, latent=source(model), positive=prompt(1), method="ddim", steps=4, scheduler="karras",
+                cfg=1.0, denoise=1.0, keep_trajectory=False)
+    cases = [("latent", {"latent": {"samples": torch.zeros(1, 3, 8, 8)}}, "channels"),
+             ("latent", {"latent": {"samples": torch.zeros(4, 8, 8)}}, "4D"),
+             ("latent", {"latent": torch.zeros(1, 4, 8, 8)}, "LATENT"),
+             ("latent", {"latent": {"samples": torch.full((1, 4, 8, 8), float("nan"))}}, "NaN"),
+             ("method", {"method": "nope"}, "unknown"),
+             ("steps", {"steps": 0}, "at least 1"),
+             ("denoise", {"denoise": 0.0}, "(0, 1]"),
+             ("positive", {"positive": "a cat"}, "CONDITIONING")]
+    for what, change, words in cases:
+        with pytest.raises(NodeInputError) as e:
+            Invert.execute(**dict(good, **change))
+        assert f"Invert: input '{what}'" in str(e.value) and words in str(e.value)
+    with pytest.raises(ValueError, match="Invert: bdia: gamma"):
+        Invert.execute(**dict(good, method="bdia", gamma=1.5))
+    assert calls[0] == 0
+
+
+def test_reconstruct_refuses_plain_and_mismatched_latents():
+    eps, calls = counting("eps")
+    flow = exact_model("flow", MIX)
+    with pytest.raises(NodeInputError, match="carries no inversion"):
+        reconstruct(eps, source(eps))
+    inverted = invert(flow, source(flow), "flow", "ddim", steps=3)
+    with pytest.raises(NodeInputError, match="made with a CONST model"):
+        reconstruct(eps, inverted)
+    bdia = invert(eps, source(eps), "eps", "bdia", steps=3)
+    calls[0] = 0
+    changed = dict(bdia, samples=bdia["samples"] * 1.01)
+    with pytest.raises(NodeInputError, match="pair no longer"):
+        reconstruct(eps, changed)
+    rebuilt = {"samples": bdia["samples"]}  # what a node that rebuilds the dict leaves
+    with pytest.raises(NodeInputError, match="carries no inversion"):
+        reconstruct(eps, rebuilt)
+    assert calls[0] == 0
+
+
+def test_non_finite_model_output_names_method_and_step():
+    model = exact_model("eps", MIX)
+    model.set_model_unet_function_wrapper(lambda apply_model, args: torch.full_like(args["input"], float("nan")))
+    with pytest.raises(FloatingPointError, match=r"Invert: aidi_anderson: .* step 0"):
+        invert(model, source(model), "eps", "aidi_anderson", steps=3)
+
+
+# --- SAMPLER output -----------------------------------------------------------------------------
+
+def test_sampler_output_matches_invert_through_the_host_ksampler():
+    model = exact_model("eps", MIX)
+    latent = source(model)
+    node = invert(model, latent, "eps", "aidi_anderson", steps=6, **TIGHT["aidi_anderson"])
+    sampler = InversionSampler.execute(method="aidi_anderson", **TIGHT["aidi_anderson"]).result[0]
+    guider = comfy.samplers.CFGGuider(model)
+    guider.set_conds(prompt(1), [[torch.zeros(1, 77, comfy_host.CONTEXT), {}]])
+    guider.set_cfg(1.0)
+    ms = model.get_model_object("model_sampling")
+    sigmas = comfy.samplers.calculate_sigmas(ms, "karras", 6).flip(0)
+    sigmas[0] = 1e-4  # as FlipSigmas leaves it
+    zero = torch.zeros_like(latent["samples"])
+    up = guider.sample(zero, latent["samples"], sampler, sigmas, disable_pbar=True, seed=0)
+    assert rel(up, node["samples"]) <= 1e-6
+    down = guider.sample(zero, up, sampler, comfy.samplers.calculate_sigmas(ms, "karras", 6), disable_pbar=True, seed=0)
+    assert rel(down, latent["samples"]) <= 1e-4
+
+
+def test_sampler_output_refuses_flow_up_to_sigma_one():
+    model = exact_model("flow", MIX)
+    sampler = InversionSampler.execute(method="ddim").result[0]
+    guider = comfy.samplers.CFGGuider(model)
+    guider.set_conds(prompt(1), [[torch.zeros(1, 77, comfy_host.CONTEXT), {}]])
+    guider.set_cfg(1.0)
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", 4).flip(0)
+    sigmas[0] = 1e-4
+    latent = source(model)["samples"]
+    with pytest.raises(ValueError, match="use the Invert node"):
+        guider.sample(torch.zeros_like(latent), latent, sampler, sigmas, disable_pbar=True, seed=0)
