@@ -2,11 +2,16 @@
 
 from comfy_api.latest import ComfyExtension
 
+from .blended import BlendedGuidanceSampler
 from .invert import Invert
+from .io_nodes import LoadInversion, SaveInversion
 from .reconstruct import Reconstruct
+from .report import ReconstructionReport
 from .sampler import InversionSampler
+from .stochastic import StochasticEditSampler
 
-NODES = [Invert, Reconstruct, InversionSampler]
+NODES = [Invert, Reconstruct, InversionSampler, BlendedGuidanceSampler, StochasticEditSampler,
+         SaveInversion, LoadInversion, ReconstructionReport]
 
 
 class InversionSuiteExtension(ComfyExtension):

@@ -127,22 +127,33 @@ class _Run(comfy.samplers.Sampler):
         return out
 
 
-def guided(node: str, model, positive, negative, cfg: float, samples: torch.Tensor, sigmas: torch.Tensor, job):
-    """Run ``job`` under the host's guider; returns (job's result, its output latent in VAE scale)."""
-    check_conditioning(node, positive, "positive")
+def negative_for(node: str, positive, negative, what: str = "positive"):
+    """Checks the prompts; a missing negative becomes a zeroed positive."""
+    check_conditioning(node, positive, what)
     if negative is None:
-        negative = zero_out(positive)
-    check_conditioning(node, negative, "negative")
-    guider = comfy.samplers.CFGGuider(model)
-    guider.set_conds(positive, negative)
-    guider.set_cfg(cfg)
+        return zero_out(positive)
+    return check_conditioning(node, negative, "negative")
+
+
+def run_guider(node: str, guider, samples: torch.Tensor, sigmas: torch.Tensor, job):
+    """Run ``job`` under ``guider``; returns (job's result, its output latent in VAE scale)."""
     run = _Run(job)
     try:
         with torch.no_grad():
-            out = guider.sample(torch.zeros_like(samples), samples, run, sigmas.to(torch.float32), disable_pbar=True, seed=0)
+            out = guider.sample(torch.zeros_like(samples), samples, run, sigmas.to(torch.float32), disable_pbar=True,
+                                seed=0)
     except (SolverError, NonFiniteError) as e:
         raise type(e)(f"{node}: {e}") from e
     return run.result, out.to(comfy.model_management.intermediate_device())
+
+
+def guided(node: str, model, positive, negative, cfg: float, samples: torch.Tensor, sigmas: torch.Tensor, job):
+    """Run ``job`` under the host's CFG guider with these prompts."""
+    negative = negative_for(node, positive, negative)
+    guider = comfy.samplers.CFGGuider(model)
+    guider.set_conds(positive, negative)
+    guider.set_cfg(cfg)
+    return run_guider(node, guider, samples, sigmas, job)
 
 
 def to_vae(inner, t):
@@ -174,3 +185,20 @@ def record_of(node: str, latent: dict, model, what: str = "latent") -> dict:
 def samples_changed(latent: dict, rec: dict) -> bool:
     a, b = latent["samples"], rec["samples"]
     return a is not b and (a.shape != b.shape or not torch.equal(a, b))
+
+
+def resume(node: str, latent, model, what: str = "inverted"):
+    """An inverted LATENT's samples and record, checked against the model that resumes it."""
+    samples = check_latent(node, latent, model, what)
+    rec = record_of(node, latent, model, what)
+    if rec["pair"] is not None and samples_changed(latent, rec):
+        fail(node, what, f"its samples were changed after Invert, so the {rec['method']} pair no longer "
+                         "matches them; reconnect Invert's output directly")
+    return samples, rec
+
+
+def image_mask(mask: torch.Tensor, model) -> torch.Tensor:
+    """A (B, 1, h, w) latent-resolution mask as a MASK at image resolution."""
+    ratio = getattr(model.model.latent_format, "spacial_downscale_ratio", 8)
+    m = torch.nn.functional.interpolate(mask.float(), scale_factor=ratio, mode="nearest")
+    return m[:, 0].clamp(0, 1).to(comfy.model_management.intermediate_device())

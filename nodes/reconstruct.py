@@ -3,7 +3,7 @@
 from comfy_api.latest import io
 
 from ..solvers import sampler_for
-from .host import RECORD, check_latent, fail, guided, progress, record_of, samples_changed, to_model
+from .host import RECORD, guided, progress, resume, to_model
 
 
 class Reconstruct(io.ComfyNode):
@@ -32,11 +32,7 @@ class Reconstruct(io.ComfyNode):
     @classmethod
     def execute(cls, model, inverted, positive, cfg, negative=None):
         node = "Reconstruct"
-        samples = check_latent(node, inverted, model, "inverted")
-        rec = record_of(node, inverted, model, "inverted")
-        if rec["pair"] is not None and samples_changed(inverted, rec):
-            fail(node, "inverted", f"its samples were changed after Invert, so the {rec['method']} pair no longer "
-                                   "matches them; reconnect Invert's output directly")
+        samples, rec = resume(node, inverted, model)
         fn, kwargs = sampler_for(rec["sampler"], rec["settings"])
         sigmas = rec["sigmas"].flip(0)
         callback = progress(model, len(sigmas) - 1)

@@ -1,0 +1,232 @@
+"""BlendedGuidanceSampler and StochasticEditSampler inside the real ComfyUI host."""
+
+import math
+
+import comfy_host  # skips this module where no ComfyUI is found
+import pytest
+import torch
+import torch.nn.functional as F
+from comfy_host import exact_model, prompt, tiny_model, vae_scale
+
+import comfy.sd
+import comfy.sd1_clip
+from inversion_suite.benchmarks.analytic import Mixture
+from inversion_suite.nodes import edit
+from inversion_suite.nodes.blended import BlendedGuidanceSampler
+from inversion_suite.nodes.host import NodeInputError
+from inversion_suite.nodes.invert import Invert
+from inversion_suite.nodes.reconstruct import Reconstruct
+from inversion_suite.nodes.stochastic import StochasticEditSampler
+from inversion_suite.solvers import METHODS
+
+MIX = Mixture((4, 8, 8), components=3, seed=0)
+SOURCE_TEXT, TARGET_TEXT = "a photo of a cat on a sofa", "a photo of a dog on a sofa"
+
+
+def clip():
+    """The host's CLIP object with its real SD1 tokenizer (the nodes only tokenize)."""
+    c = comfy.sd.CLIP(no_init=True)
+    c.tokenizer = comfy.sd1_clip.SD1Tokenizer()
+    c.tokenizer_options = {}
+    return c
+
+
+def random_prompt(seed):
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn(1, 77, comfy_host.CONTEXT, generator=g), {}]]
+
+
+def inverted(model, method="bdia", steps=6, cfg=1.0, batch=1, positive=None, **settings):
+    latent = {"samples": vae_scale(model, MIX.sample(batch, seed=4).float())}
+    return Invert.execute(model=model, latent=latent, positive=positive or prompt(1), method=method, steps=steps,
+                          scheduler="karras", cfg=cfg, denoise=1.0, keep_trajectory=True, **settings).result[0]
+
+
+def blended(model, inv, source, target, **kw):
+    args = dict(model=model, inverted=inv, source=source, target=target, cfg_inversion=-1.0, cfg_edit=5.0,
+                mask_steps=1.0, local_blend=True)
+    args.update(kw)
+    return BlendedGuidanceSampler.execute(**args).result
+
+
+def reconstruct(model, inv, positive, cfg):
+    return Reconstruct.execute(model=model, inverted=inv, positive=positive, cfg=cfg).result[0]["samples"]
+
+
+def full_mask(value, size=64):
+    return torch.full((1, size, size), float(value))
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+# --- BlendedGuidanceSampler ---------------------------------------------------------------------
+
+def test_attention_mask_is_the_direct_softmax_of_the_chosen_tokens(monkeypatch):
+    model = tiny_model("eps")
+    inv = inverted(model, positive=random_prompt(1))
+    seen = []
+    hook = edit.Region._hook
+
+    def spy(self, q, k, v, extra):
+        seen.append((self.branch, q.clone(), k.clone(), dict(extra)))
+        return hook(self, q, k, v, extra)
+
+    monkeypatch.setattr(edit.Region, "_hook", spy)
+    threshold = 0.995  # a random network attends almost uniformly: ratios to the maximum lie in 0.98..1
+    _, mask = blended(model, inv, random_prompt(1), random_prompt(2), clip=clip(), source_text=SOURCE_TEXT,
+                      target_text=TARGET_TEXT, threshold=threshold, dilation=0)
+
+    c = clip()
+    tokens = {b: [i for i, t in enumerate(c.tokenize(text)["l"][0]) if t[0] == c.tokenize(word)["l"][0][1][0]]
+              for b, text, word in (("source", SOURCE_TEXT, "cat"), ("target", TARGET_TEXT, "dog"))}
+    assert tokens == {"source": [5], "target": [5]}  # <start> a photo of a cat
+    maps = {}
+    for branch, q, k, extra in seen:
+        if branch is None:
+            continue
+        heads = extra["n_heads"]
+        hw = (8, 8) if q.shape[1] == 64 else (4, 4)
+        rows = [r for j, cu in enumerate(extra["cond_or_uncond"]) for r in range(j * (len(q) // len(extra["cond_or_uncond"])),
+                (j + 1) * (len(q) // len(extra["cond_or_uncond"]))) if cu == 0]
+        qh = q[rows].view(len(rows), -1, heads, q.shape[-1] // heads)
+        kh = k[rows].view(len(rows), -1, heads, k.shape[-1] // heads)
+        p = torch.einsum("bnhd,bthd->bhnt", qh, kh).div(math.sqrt(qh.shape[-1])).softmax(-1)
+        m = p[..., tokens[branch]].sum(-1).mean(1).view(-1, 1, *hw)
+        m = F.interpolate(F.max_pool2d(m, 3, 1, 1), size=(8, 8), mode="bilinear", align_corners=False)
+        maps.setdefault((branch, 8 // hw[0]), []).append(m)
+    assert {f for _, f in maps} == {1, 2}
+    raw = sum(torch.stack(v).mean(0) for (b, f), v in maps.items() if f == 2)
+    expect = (raw / raw.max() > threshold).float()
+    got = F.avg_pool2d(mask[:, None], 8)
+    assert torch.equal(got, expect)
+    assert 0 < expect.mean() < 1
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_same_prompt_and_scale_equals_reconstruct(method):
+    model = tiny_model("eps")
+    pos = random_prompt(1)
+    inv = inverted(model, method, positive=pos, cfg=2.0)
+    out, _ = blended(model, inv, pos, pos, cfg_edit=2.0, clip=clip(), source_text=SOURCE_TEXT, target_text=SOURCE_TEXT,
+                     words="cat")
+    assert torch.equal(out["samples"], reconstruct(model, inv, pos, -1.0))
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_zero_mask_with_blending_keeps_the_source_branch(method):
+    model = exact_model("eps", MIX)
+    inv = inverted(model, method, cfg=1.0)
+    out, _ = blended(model, inv, prompt(1), prompt(2), mask=full_mask(0), mask_mode="replace")
+    assert torch.equal(out["samples"], reconstruct(model, inv, prompt(1), -1.0))
+
+
+@pytest.mark.parametrize("value,cfg", [(0, 1.0), (1, 5.0)])
+def test_uniform_masks_equal_uniform_guidance(value, cfg):
+    model = exact_model("eps", MIX)
+    inv = inverted(model, "aidi_anderson", cfg=1.0)
+    out, mask = blended(model, inv, prompt(1), prompt(2), mask=full_mask(value), local_blend=False)
+    assert torch.equal(out["samples"], reconstruct(model, inv, prompt(2), cfg))
+    assert torch.equal(mask, full_mask(value))
+
+
+def test_edit_region_changes_and_the_rest_stays():
+    model = exact_model("eps", MIX)
+    inv = inverted(model, "bdia", cfg=1.0)
+    half = torch.zeros(1, 64, 64)
+    half[:, :, 32:] = 1
+    out, _ = blended(model, inv, prompt(1), prompt(2), mask=half)
+    source = reconstruct(model, inv, prompt(1), -1.0)
+    diff = (out["samples"] - source).abs()
+    assert diff[..., :4].max() == 0  # local blend: the unedited half is the source branch's
+    assert diff[..., 4:].mean() > 0.1 * source.abs().mean()
+
+
+def test_bad_edit_inputs_are_refused():
+    model = exact_model("eps", MIX)
+    inv = inverted(model, "ddim")
+    cases = [({}, "mask", "no edit region"),
+             ({"clip": clip(), "source_text": SOURCE_TEXT, "target_text": TARGET_TEXT, "words": "horse"}, "words",
+              "horse not found"),
+             ({"clip": clip(), "source_text": SOURCE_TEXT, "target_text": SOURCE_TEXT}, "words", "same words"),
+             ({"mask": torch.ones(1, 64, 32)}, "mask", "resize the mask"),
+             ({"mask": torch.ones(3, 64, 64)}, "mask", "batch of 3"),
+             ({"mask": full_mask(1), "inverted": {"samples": inv["samples"]}}, "inverted", "carries no inversion")]
+    for change, what, words in cases:
+        with pytest.raises(NodeInputError) as e:
+            blended(model, inv, prompt(1), prompt(2), **change)
+        assert f"BlendedGuidanceSampler: input '{what}'" in str(e.value) and words in str(e.value), str(e.value)
+
+
+# --- StochasticEditSampler ----------------------------------------------------------------------
+
+def stochastic(model, inv, source, target, **kw):
+    args = dict(model=model, inverted=inv, source=source, target=target, cfg=-1.0, eta=1.0, seed=7, count=3)
+    args.update(kw)
+    return StochasticEditSampler.execute(**args).result
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("method", ["ddim", "bdia", "aidi_anderson"])
+def test_replay_with_the_source_prompt_reproduces_the_source(method, eta):
+    model = exact_model("eps", MIX)
+    inv = inverted(model, method, steps=8)
+    edits, best, scores, _ = stochastic(model, inv, prompt(1), prompt(1), eta=eta, mask=full_mask(0),
+                                        mask_mode="replace")
+    src = inv["inversion"]["source"]
+    for j in range(3):
+        assert rel(edits["samples"][j:j + 1], src) <= 1e-4
+    assert rel(best["samples"], src) <= 1e-4 and "dB" in scores
+
+
+def test_seeds_vary_inside_the_mask_only():
+    model = exact_model("flow", MIX)
+    inv = Invert.execute(model=model, latent={"samples": vae_scale(model, MIX.sample(1, seed=4).float())},
+                         positive=prompt(1), method="aidi_anderson", steps=8, scheduler="simple", cfg=1.0,
+                         denoise=1.0, keep_trajectory=True).result[0]
+    half = torch.zeros(1, 64, 64)
+    half[:, :, 32:] = 1
+    edits, best, scores, mask = stochastic(model, inv, prompt(1), prompt(2), cfg=3.0, mask=half, count=4)
+    x = edits["samples"]
+    inside = (x[:, :, :, 4:] - x[:1, :, :, 4:]).abs().flatten(1).mean(1)
+    outside = (x[:, :, :, :4] - x[:1, :, :, :4]).abs().flatten(1)
+    assert (inside[1:] > 0.05 * x.abs().mean()).all()
+    # Outside the mask the seeds act only through the exact denoiser's coupling of all pixels
+    # (its component posteriors); measured: mean change up to 8e-3, largest up to 4e-2 of the
+    # inside change (seeds 8, 9, 10 against 7).
+    assert (outside[1:].mean(1) <= 0.01 * inside[1:]).all()
+    assert (outside[1:].amax(1) <= 0.1 * inside[1:]).all()
+    lines = scores.splitlines()
+    assert len(lines) == 4
+    best_j = max(range(4), key=lambda j: float(lines[j].split(": ")[1].split()[0]))
+    assert torch.equal(best["samples"], x[best_j:best_j + 1])
+
+
+def test_same_seed_same_edits_and_count_one_is_the_first():
+    model = exact_model("eps", MIX)
+    inv = inverted(model, "bdia", steps=6)
+    half = torch.zeros(1, 64, 64)
+    half[:, 16:48, 16:48] = 1
+    a = stochastic(model, inv, prompt(1), prompt(2), mask=half, count=3)[0]["samples"]
+    b = stochastic(model, inv, prompt(1), prompt(2), mask=half, count=3)[0]["samples"]
+    one = stochastic(model, inv, prompt(1), prompt(2), mask=half, count=1)[0]["samples"]
+    other = stochastic(model, inv, prompt(1), prompt(2), mask=half, count=1, seed=8)[0]["samples"]
+    assert torch.equal(a, b)
+    assert torch.allclose(one, a[:1], rtol=1e-5, atol=1e-6)
+    assert torch.allclose(other, a[1:2], rtol=1e-5, atol=1e-6)  # edit k uses seed + k
+    assert not torch.allclose(a[0], a[1])
+
+
+def test_bad_stochastic_inputs_are_refused():
+    model = exact_model("eps", MIX)
+    inv = inverted(model, "ddim")
+    no_traj = Invert.execute(model=model, latent={"samples": inv["inversion"]["source"]}, positive=prompt(1),
+                             method="ddim", steps=4, scheduler="karras", cfg=1.0, denoise=1.0,
+                             keep_trajectory=False).result[0]
+    cases = [({"inverted": no_traj}, "inverted", "no trajectory"), ({"eta": 1.5}, "eta", "[0, 1]"),
+             ({"count": 0}, "count", "at least 1"), ({"mask": None}, "mask", "no edit region")]
+    for change, what, words in cases:
+        with pytest.raises(NodeInputError) as e:
+            stochastic(model, inv, prompt(1), prompt(2), **dict({"mask": full_mask(1)}, **change))
+        assert f"StochasticEditSampler: input '{what}'" in str(e.value) and words in str(e.value), str(e.value)
