@@ -1,0 +1,143 @@
+"""Reconstruction quality in pure torch: relative error, PSNR and SSIM per batch item.
+
+Tensors are channel-first, ``(B, C, H, W)`` or ``(B, C, T, H, W)`` (frames count as extra
+channels). Every function takes ``(reference, test)`` in scikit-image's order and returns
+one value per batch item. Work is done in float64 (float32 on MPS, which has no float64)
+so the numbers match ``skimage.metrics`` well below the reported digits.
+
+``data_range`` is the span of values the data can take: 1 for images in [0, 1]. ``None``
+takes each reference item's own ``max - min`` (for latents, whose range is not fixed);
+a constant reference falls back to 1 so the ratio stays defined.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+SIGMA = 1.5      # Wang et al. 2004, as skimage's structural_similarity(gaussian_weights=True)
+TRUNCATE = 3.5   # skimage's truncation for that case: radius int(3.5 * 1.5 + 0.5) = 5, an 11x11 window
+K1, K2 = 0.01, 0.03
+
+
+def _work(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.float32 if x.device.type == "mps" else torch.float64)
+
+
+def _pair(ref: torch.Tensor, test: torch.Tensor):
+    if ref.shape != test.shape:
+        raise ValueError(f"reference and test shapes differ: {tuple(ref.shape)} vs {tuple(test.shape)}")
+    if ref.ndim not in (4, 5):
+        raise ValueError(f"expected (B, C, H, W) or (B, C, T, H, W) tensors, got shape {tuple(ref.shape)}")
+    return _work(ref), _work(test).to(ref.device)
+
+
+def data_range(ref: torch.Tensor) -> torch.Tensor:
+    """Per item ``max - min`` of the reference; 1 where the reference is constant."""
+    flat = _work(ref).flatten(1)
+    span = flat.amax(1) - flat.amin(1)
+    return torch.where(span > 0, span, torch.ones_like(span))
+
+
+def _ranges(ref: torch.Tensor, value) -> torch.Tensor:
+    if value is None:
+        return data_range(ref)
+    return torch.as_tensor(value, dtype=_work(ref).dtype, device=ref.device).expand(ref.shape[0])
+
+
+def rel_error(ref: torch.Tensor, test: torch.Tensor) -> torch.Tensor:
+    """Per item ``||test - ref|| / ||ref||`` (0 where both are zero, inf where only ref is)."""
+    ref, test = _pair(ref, test)
+    diff = (test - ref).flatten(1).norm(dim=1)
+    norm = ref.flatten(1).norm(dim=1)
+    return torch.where(diff == 0, torch.zeros_like(diff), diff / norm)
+
+
+def psnr(ref: torch.Tensor, test: torch.Tensor, data_range=None) -> torch.Tensor:
+    """Per item ``10 log10(R^2 / mse)`` in dB; inf for identical items (as scikit-image)."""
+    r = _ranges(ref, data_range)
+    ref, test = _pair(ref, test)
+    mse = (test - ref).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(r * r / mse)
+
+
+def gaussian_kernel(sigma: float = SIGMA, truncate: float = TRUNCATE, dtype=torch.float64, device=None):
+    """scipy.ndimage's 1-D Gaussian: radius ``int(truncate * sigma + 0.5)``, normalised to sum 1."""
+    radius = int(truncate * sigma + 0.5)
+    x = torch.arange(-radius, radius + 1, dtype=dtype, device=device)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    return k / k.sum()
+
+
+def _symmetric(n: int, radius: int, device) -> torch.Tensor:
+    # scipy's mode='reflect' repeats the edge sample (d c b a | a b c d | d c b a);
+    # torch's "reflect" pad does not, so index the extension directly (works for any n).
+    i = torch.arange(-radius, n + radius, device=device).remainder(2 * n)
+    return torch.where(i >= n, 2 * n - 1 - i, i)
+
+
+def _correlate(p: torch.Tensor, kernel: list, dim: int, size: int) -> torch.Tensor:
+    out = p.narrow(dim, 0, size) * kernel[0]
+    for k in range(1, len(kernel)):
+        out.add_(p.narrow(dim, k, size), alpha=kernel[k])  # in place: no temporary per tap
+    return out
+
+
+def gaussian_filter(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """Separable filtering of ``(..., H, W)`` along W then H, scipy's 'reflect' borders."""
+    # Shifted slices summed in place: several times faster than conv2d in float64 on CPU.
+    taps, r = kernel.tolist(), kernel.numel() // 2
+    h, w = x.shape[-2:]
+    x = _correlate(x[..., _symmetric(w, r, x.device)], taps, -1, w)
+    return _correlate(x[..., _symmetric(h, r, x.device), :], taps, -2, h)
+
+
+def ssim(ref: torch.Tensor, test: torch.Tensor, data_range=None, sigma: float = SIGMA,
+         truncate: float = TRUNCATE) -> torch.Tensor:
+    """Per item mean SSIM with a Gaussian window, channels (and frames) averaged.
+
+    The same numbers as ``skimage.metrics.structural_similarity(ref, test, data_range=R,
+    channel_axis=..., gaussian_weights=True, sigma=1.5, use_sample_covariance=False)``:
+    population (co)variances, K1 = 0.01, K2 = 0.03, and the mean taken inside a border of
+    the window's radius. Images smaller than the window (scikit-image refuses them) are
+    averaged over the whole map instead.
+    """
+    r = _ranges(ref, data_range)
+    ref, test = _pair(ref, test)
+    b = ref.shape[0]
+    ref, test = ref.flatten(1, -3), test.flatten(1, -3)  # (B, C*T, H, W)
+    k = gaussian_kernel(sigma, truncate, ref.dtype, ref.device)
+    mu_x, mu_y, xx, yy, xy = gaussian_filter(torch.stack([ref, test, ref * ref, test * test, ref * test]), k)
+    vx, vy, vxy = xx - mu_x * mu_x, yy - mu_y * mu_y, xy - mu_x * mu_y
+    c1 = (K1 * r).view(b, 1, 1, 1) ** 2
+    c2 = (K2 * r).view(b, 1, 1, 1) ** 2
+    s = (2 * mu_x * mu_y + c1) * (2 * vxy + c2) / ((mu_x * mu_x + mu_y * mu_y + c1) * (vx + vy + c2))
+    pad = k.numel() // 2
+    if min(s.shape[-2:]) > 2 * pad:
+        s = s[..., pad:-pad, pad:-pad]
+    return s.flatten(2).mean(2).mean(1)
+
+
+def report(ref: torch.Tensor, test: torch.Tensor, data_range=None) -> dict:
+    """All three per item, and their batch means (PSNR averaged in dB)."""
+    out = {"rel_error": rel_error(ref, test), "psnr": psnr(ref, test, data_range),
+           "ssim": ssim(ref, test, data_range)}
+    out["mean"] = {name: float(v.mean()) for name, v in out.items()}
+    return out
+
+
+def table(metrics: dict, title: str = "") -> str:
+    """A fixed-width text table of a ``report``: one row per item and the mean."""
+    rows = [title] if title else []
+    rows.append(f"{'item':>5}  {'rel. error':>10}  {'PSNR dB':>8}  {'SSIM':>7}")
+    for i, (e, p, s) in enumerate(zip(metrics["rel_error"].tolist(), metrics["psnr"].tolist(),
+                                      metrics["ssim"].tolist())):
+        rows.append(f"{i:>5}  {e:>10.3e}  {_db(p)}  {s:>7.4f}")
+    m = metrics["mean"]
+    rows.append(f"{'mean':>5}  {m['rel_error']:>10.3e}  {_db(m['psnr'])}  {m['ssim']:>7.4f}")
+    return "\n".join(rows)
+
+
+def _db(v: float) -> str:
+    return f"{'inf':>8}" if math.isinf(v) else f"{v:>8.2f}"
