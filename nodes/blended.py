@@ -19,8 +19,8 @@ class BlendedGuidanceSampler(io.ComfyNode):
             category="sampling/inversion",
             description="Edits an inverted image with a new prompt, applying the strong edit guidance only inside "
                         "the edit region: W = cfg_inversion + (cfg_edit - cfg_inversion) * M. M comes from the "
-                        "cross-attention of the edited words (UNet models: SD1.5, SDXL; needs the CLIP and the "
-                        "prompts' texts) and/or a MASK. Runs a source branch beside the target one when the mask "
+                        "attention of the edited words on the image (UNets such as SD1.5 and SDXL, and joint-attention "
+                        "DiTs such as SD3 and Flux; needs the CLIP and the prompts' texts) and/or a MASK. Runs a source branch beside the target one when the mask "
                         "needs source words or latent blending is on (twice the model calls).",
             inputs=[
                 io.Model.Input("model", tooltip="The model that made the inversion."),
@@ -55,7 +55,7 @@ class BlendedGuidanceSampler(io.ComfyNode):
             fail(node, "inverted", "editing needs an image latent (B, C, H, W)")
         check_conditioning(node, target, "target")
         negative = negative_for(node, source, negative, "source")
-        region = edit.Region(node, samples, clip, source_text, target_text, words, mask, mask_mode, threshold,
+        region = edit.Region(node, model, samples, clip, source_text, target_text, words, mask, mask_mode, threshold,
                              softness, dilation)
         w_inv = rec["cfg"] if cfg_inversion < 0 else cfg_inversion
         fn, kwargs = sampler_for(rec["sampler"], rec["settings"])

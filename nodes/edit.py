@@ -1,7 +1,8 @@
 """What the editing nodes share: the edit region's inputs, attention capture, and a two-prompt guider.
 
 The edit region comes from cross-attention maps of the edited words (UNet models: attn2
-patches on a cloned model), from a MASK input, or from both combined. The maps are read
+patches on a cloned model; SD3 and Flux: the host's attention override), from a MASK
+input, or from both combined. The maps are read
 from the source prompt's branch for words of the source prompt and from the target
 branch for words of the target prompt, cond chunks only.
 """
@@ -55,9 +56,10 @@ def _words(text: str):
 class Region:
     """The edit region of one node run: validated inputs, attention capture, the mask."""
 
-    def __init__(self, node, latent, clip, source_text, target_text, words, mask, mask_mode, threshold, softness,
-                 dilation):
+    def __init__(self, node, model, latent, clip, source_text, target_text, words, mask, mask_mode, threshold,
+                 softness, dilation):
         self.node, self.mode = node, mask_mode
+        self.unet = bool(attention_layers(model))
         self.threshold, self.softness, self.dilation = threshold, softness, dilation
         b, _, h, w = latent.shape
         self.size, self.batch = (h, w), b
@@ -71,6 +73,8 @@ class Region:
             fail(node, "mask", "no edit region: connect a MASK, or a CLIP with the prompts' texts and the words to edit")
         self.maps = {}  # (branch, downsampling factor) -> (sum of maps, count)
         self.branch = None
+        self.text_len = {}  # branch -> context tokens, for joint-attention models
+        self.seen = False  # whether a prompt branch has been evaluated yet
 
     def _user_mask(self, mask):
         if not isinstance(mask, torch.Tensor) or mask.ndim not in (2, 3):
@@ -98,21 +102,44 @@ class Region:
             missing = [w for w in wanted if w not in src and w not in tgt]
             if missing:
                 fail(self.node, "words", f"{', '.join(missing)} not found in source_text or target_text")
-        self.tokens = {"source": positions(clip, source_text, wanted_src, self.node),
-                       "target": positions(clip, target_text, wanted_tgt, self.node)}
+        key = None if self.unet else "t5xxl"
+        self.tokens = {"source": positions(clip, source_text, wanted_src, self.node, key),
+                       "target": positions(clip, target_text, wanted_tgt, self.node, key)}
 
     def attach(self, model):
-        """A clone of ``model`` whose UNet cross-attention layers record the edited tokens' maps."""
+        """A clone of ``model`` that records the edited tokens' attention maps.
+
+        UNets (SD1.5, SDXL): an attn2 replace patch on every cross-attention layer. Joint
+        attention DiTs (SD3, Flux: context tokens first, then image tokens): the host's
+        attention override, reading the image queries' attention on the context tokens.
+        """
         if not any(self.tokens.values()):
             return model
-        keys = attention_layers(model)
-        if not keys:
-            fail(self.node, "model", "has no UNet cross-attention (a DiT such as SD3 or Flux): connect a MASK "
-                                     "and set mask_mode to replace")
         m = model.clone()
-        for key in keys:
-            m.set_model_attn2_replace(self._hook, *key)
+        if self.unet:
+            for key in attention_layers(model):
+                m.set_model_attn2_replace(self._hook, *key)
+        else:
+            options = m.model_options.setdefault("transformer_options", {})
+            options["optimized_attention_override"] = self._override
         return m
+
+    def _override(self, func, *args, **kwargs):
+        out = func(*args, **kwargs)
+        tokens = self.tokens.get(self.branch) if self.branch else None
+        if tokens and self.branch in self.text_len:
+            q, k = args[0], args[1]
+            heads = args[3] if len(args) > 3 else kwargs["heads"]
+            if not kwargs.get("skip_reshape"):
+                q, k = (t.view(t.shape[0], t.shape[1], heads, -1).transpose(1, 2) for t in (q, k))
+            text = self.text_len[self.branch]
+            if q.shape[2] > text and k.shape[2] == q.shape[2]:  # joint attention over [context, image]
+                rows = _cond_rows(q.shape[0], kwargs.get("transformer_options", {}))
+                if rows:
+                    att = editing.joint_token_attention(q[rows], k[rows], text, tokens)
+                    factor, hw = editing.layer_grid(att.shape[1], self.size)
+                    self._add(factor, editing.layer_map(att, hw, self.size))
+        return out
 
     def _hook(self, q, k, v, extra):
         heads = extra["n_heads"]
@@ -120,9 +147,7 @@ class Region:
         tokens = self.tokens.get(self.branch) if self.branch else None
         factor, hw = editing.layer_grid(q.shape[1], tuple(extra["original_shape"][-2:]))
         if tokens:
-            chunks = extra.get("cond_or_uncond", [0])
-            n = q.shape[0] // len(chunks)
-            rows = [r for j, c in enumerate(chunks) if c == 0 for r in range(j * n, (j + 1) * n)]
+            rows = _cond_rows(q.shape[0], extra)
             if rows:
                 att = editing.token_attention(q[rows], k[rows], heads, tokens)
                 self._add(factor, editing.layer_map(att, hw, self.size))
@@ -140,6 +165,10 @@ class Region:
         are used where the model has them, else the coarsest below that.
         """
         factors = {f for _, f in self.maps}
+        if not factors and any(self.tokens.values()) and self.branch is None and self.seen:
+            fail(self.node, "model", "no attention on the edited words could be read from this model (it has "
+                                     "neither UNet cross-attention nor joint [text, image] attention): connect a "
+                                     "MASK and set mask_mode to replace")
         raw = None
         if factors:
             pick = 4 if 4 in factors else max(f for f in factors if f <= 4) if min(factors) <= 4 else min(factors)
@@ -161,15 +190,27 @@ class Region:
         return lo if lo == hi else None
 
 
-def positions(clip, text, words, node):
-    """Token positions of ``words`` in ``text`` as the CLIP tokenizes it (first encoder's tokens)."""
+def _cond_rows(batch, options):
+    """Batch rows of the cond chunks (the host runs cond and uncond as chunks of one batch)."""
+    chunks = options.get("cond_or_uncond", [0])
+    n = batch // len(chunks)
+    return [r for j, c in enumerate(chunks) if c == 0 for r in range(j * n, (j + 1) * n)]
+
+
+def positions(clip, text, words, node, key=None):
+    """Token positions of ``words`` in ``text`` as the CLIP tokenizes it.
+
+    ``key`` names the tokenizer whose tokens form the model's context: CLIP-L ("l") for
+    UNets and SD3 (whose context starts with the CLIP tokens); T5 ("t5xxl") where T5 alone
+    is the context (Flux). A missing key falls back to "l", then to the first one.
+    """
     if not words:
         return []
-    prompt = _ids(clip, text)
+    prompt = _ids(clip, text, key)
     tokens = [t for _, t in prompt]
     found = []
     for w in words:
-        sub = [t for _, t in _ids(clip, w)]
+        sub = [t for _, t in _ids(clip, w, key)]
         hits = [i for i in range(len(tokens) - len(sub) + 1) if sub and tokens[i:i + len(sub)] == sub]
         if not hits:
             fail(node, "words", f"'{w}' is not among the tokens of the prompt text")
@@ -178,12 +219,13 @@ def positions(clip, text, words, node):
     return sorted(set(found))
 
 
-def _ids(clip, text):
+def _ids(clip, text, key=None):
     """(position, token) for the word tokens of ``text`` (start, end and padding left out)."""
     tokens = clip.tokenize(text, return_word_ids=True)
-    chunks = tokens[next(iter(tokens))]
-    flat = [t for chunk in chunks for t in chunk]
-    return [(i, int(t[0])) for i, t in enumerate(flat) if len(t) > 2 and t[2] > 0] if flat and len(flat[0]) > 2 else []
+    if key not in tokens or (key == "t5xxl" and "g" in tokens):
+        key = "l" if "l" in tokens else next(iter(tokens))
+    flat = [t for chunk in tokens[key] for t in chunk]
+    return [(i, int(t[0])) for i, t in enumerate(flat) if len(t) > 2 and t[2] > 0]
 
 
 def attention_layers(model):
@@ -214,6 +256,8 @@ class EditGuider(comfy.samplers.CFGGuider):
 
     def set_prompts(self, source, target, negative):
         self.inner_set_conds({"positive": source, "target": target, "negative": negative})
+        if self.region is not None:
+            self.region.text_len = {"source": source[0][0].shape[1], "target": target[0][0].shape[1]}
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):
         return self.run(self, x, timestep, model_options, seed)
@@ -234,3 +278,4 @@ class EditGuider(comfy.samplers.CFGGuider):
         finally:
             if self.region is not None:
                 self.region.branch = None
+                self.region.seen = True

@@ -60,7 +60,7 @@ class StochasticEditSampler(io.ComfyNode):
             fail(node, "count", f"expected at least 1, got {count}")
         check_conditioning(node, target, "target")
         negative = negative_for(node, source, negative, "source")
-        region = edit.Region(node, samples, clip, source_text, target_text, words, mask, mask_mode, threshold,
+        region = edit.Region(node, model, samples, clip, source_text, target_text, words, mask, mask_mode, threshold,
                              softness, dilation)
         w_inv, w_edit = rec["cfg"], rec["cfg"] if cfg < 0 else cfg
         sigmas = rec["sigmas"]

@@ -37,6 +37,23 @@ def token_attention(q, k, heads: int, tokens) -> torch.Tensor:
     return probs[..., list(tokens)].sum(-1).mean(1)
 
 
+def joint_token_attention(q, k, text: int, tokens, chunk: int = 1024) -> torch.Tensor:
+    """(B, N) attention of the image queries of a joint [context, image] attention on ``tokens``.
+
+    ``q``, ``k``: (B, heads, text + N, d). The softmax runs over every key, as the model's;
+    queries go in chunks so the probabilities never exceed (B, heads, chunk, L).
+    """
+    dt = work_dtype(q.dtype)
+    scale = 1 / math.sqrt(q.shape[-1])
+    kt = k.to(dt).transpose(-1, -2)
+    cols = list(tokens)
+    parts = []
+    for i in range(text, q.shape[2], chunk):
+        probs = torch.softmax(q[:, :, i:i + chunk].to(dt) @ kt * scale, dim=-1)
+        parts.append(probs[..., cols].sum(-1).mean(1))
+    return torch.cat(parts, 1)
+
+
 def layer_grid(tokens: int, image: tuple):
     """(downsampling factor, (h, w)) of a layer with ``tokens`` queries in a UNet fed ``image``-sized latents."""
     h, w = image

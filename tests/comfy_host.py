@@ -108,3 +108,26 @@ def exact_model(kind, mixture, seed=0):
 def vae_scale(model, x):
     """A model-space latent as a LATENT holds it."""
     return model.model.process_latent_out(x)
+
+
+FLUX = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": CONTEXT, "context_in_dim": CONTEXT,
+        "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2, "depth": 1, "depth_single_blocks": 1,
+        "axes_dim": [8, 12, 12], "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": False}
+
+
+def tiny_flux(seed=0):
+    """The host's Flux (joint [text, image] attention, flow sampling) with a tiny transformer."""
+    model = comfy.model_base.Flux(comfy.supported_models.Flux(dict(FLUX)), device=torch.device("cpu"))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.diffusion_model.named_parameters():
+            p.copy_(torch.zeros_like(p) if name.endswith("bias") else
+                    torch.ones_like(p) if p.ndim == 1 else torch.randn(p.shape, generator=g) * 0.2)
+    model.eval()
+    return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
+                                            offload_device=comfy.model_management.unet_offload_device())
+
+
+def flux_prompt(seed, tokens=16):
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn(1, tokens, CONTEXT, generator=g), {"pooled_output": torch.randn(1, CONTEXT, generator=g)}]]

@@ -6,10 +6,11 @@ import comfy_host  # skips this module where no ComfyUI is found
 import pytest
 import torch
 import torch.nn.functional as F
-from comfy_host import exact_model, prompt, tiny_model, vae_scale
+from comfy_host import exact_model, flux_prompt, prompt, tiny_flux, tiny_model, vae_scale
 
 import comfy.sd
 import comfy.sd1_clip
+import comfy.text_encoders.flux
 from inversion_suite.benchmarks.analytic import Mixture
 from inversion_suite.nodes import edit
 from inversion_suite.nodes.blended import BlendedGuidanceSampler
@@ -23,10 +24,10 @@ MIX = Mixture((4, 8, 8), components=3, seed=0)
 SOURCE_TEXT, TARGET_TEXT = "a photo of a cat on a sofa", "a photo of a dog on a sofa"
 
 
-def clip():
-    """The host's CLIP object with its real SD1 tokenizer (the nodes only tokenize)."""
+def clip(tokenizer=comfy.sd1_clip.SD1Tokenizer):
+    """The host's CLIP object with a real tokenizer (the nodes only tokenize)."""
     c = comfy.sd.CLIP(no_init=True)
-    c.tokenizer = comfy.sd1_clip.SD1Tokenizer()
+    c.tokenizer = tokenizer()
     c.tokenizer_options = {}
     return c
 
@@ -102,6 +103,46 @@ def test_attention_mask_is_the_direct_softmax_of_the_chosen_tokens(monkeypatch):
     got = F.avg_pool2d(mask[:, None], 8)
     assert torch.equal(got, expect)
     assert 0 < expect.mean() < 1
+
+
+def test_flux_attention_mask_is_the_direct_softmax_over_the_joint_sequence(monkeypatch):
+    threshold = 0.9
+    model = tiny_flux()
+    latent = {"samples": torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(3))}
+    src, tgt = flux_prompt(1), flux_prompt(2)
+    inv = Invert.execute(model=model, latent=latent, positive=src, method="bdia", steps=4, scheduler="simple",
+                         cfg=1.0, denoise=1.0, keep_trajectory=True).result[0]
+    seen = []
+    hook = edit.Region._override
+
+    def spy(self, func, *args, **kwargs):
+        seen.append((self.branch, args[0].clone(), args[1].clone(), dict(kwargs)))
+        return hook(self, func, *args, **kwargs)
+
+    monkeypatch.setattr(edit.Region, "_override", spy)
+    _, mask = blended(model, inv, src, tgt, clip=clip(comfy.text_encoders.flux.FluxTokenizer), source_text=SOURCE_TEXT,
+                      target_text=TARGET_TEXT, threshold=threshold, dilation=0, local_blend=False,
+                      cfg_inversion=1.0, cfg_edit=1.0)
+    tok = clip(comfy.text_encoders.flux.FluxTokenizer)
+    where = {}
+    for branch, text, word in (("source", SOURCE_TEXT, "cat"), ("target", TARGET_TEXT, "dog")):
+        ids = [t[0] for t in tok.tokenize(text)["t5xxl"][0]]
+        where[branch] = [i for i, t in enumerate(ids) if t == tok.tokenize(word)["t5xxl"][0][0][0]]
+    assert where == {"source": [6], "target": [6]}  # T5: a(2 tokens) photo of a(2 tokens) cat
+    maps = {"source": [], "target": []}
+    for branch, q, k, kwargs in seen:
+        if branch is None:
+            continue
+        assert kwargs.get("skip_reshape")  # Flux hands (B, heads, L, d)
+        p = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(-1)  # cfg 1: cond rows only
+        m = p[:, :, 16:, where[branch]].sum(-1).mean(1).view(-1, 1, 4, 4)
+        maps[branch].append(F.interpolate(F.max_pool2d(m, 3, 1, 1), size=(8, 8), mode="bilinear", align_corners=False))
+    # 2 attention blocks x 3 sampled steps (BDIA resumes from its pair) per branch
+    assert len(maps["source"]) == len(maps["target"]) == 6
+    raw = torch.stack(maps["source"]).mean(0) + torch.stack(maps["target"]).mean(0)
+    expect = (raw / raw.max() > threshold).float()
+    assert 0 < expect.mean() < 1
+    assert torch.equal(F.avg_pool2d(mask[:, None], 8), expect)
 
 
 @pytest.mark.parametrize("method", list(METHODS))
