@@ -133,24 +133,25 @@ class Region:
             if not kwargs.get("skip_reshape"):
                 q, k = (t.view(t.shape[0], t.shape[1], heads, -1).transpose(1, 2) for t in (q, k))
             text = self.text_len[self.branch]
-            if q.shape[2] > text and k.shape[2] == q.shape[2]:  # joint attention over [context, image]
+            grid = editing.layer_grid(q.shape[2] - text, self.size)
+            # Joint attention over [context, image] only: image-only self-attention does not
+            # leave a grid after the context's length.
+            if grid is not None and k.shape[2] == q.shape[2]:
                 rows = _cond_rows(q.shape[0], kwargs.get("transformer_options", {}))
                 if rows:
                     att = editing.joint_token_attention(q[rows], k[rows], text, tokens)
-                    factor, hw = editing.layer_grid(att.shape[1], self.size)
-                    self._add(factor, editing.layer_map(att, hw, self.size))
+                    self._add(grid[0], editing.layer_map(att, grid[1], self.size))
         return out
 
     def _hook(self, q, k, v, extra):
         heads = extra["n_heads"]
         out = comfy.ldm.modules.attention.optimized_attention(q, k, v, heads, attn_precision=extra.get("attn_precision"))
         tokens = self.tokens.get(self.branch) if self.branch else None
-        factor, hw = editing.layer_grid(q.shape[1], tuple(extra["original_shape"][-2:]))
-        if tokens:
-            rows = _cond_rows(q.shape[0], extra)
-            if rows:
-                att = editing.token_attention(q[rows], k[rows], heads, tokens)
-                self._add(factor, editing.layer_map(att, hw, self.size))
+        grid = editing.layer_grid(q.shape[1], self.size)
+        rows = _cond_rows(q.shape[0], extra) if tokens and grid else None
+        if rows:
+            att = editing.token_attention(q[rows], k[rows], heads, tokens)
+            self._add(grid[0], editing.layer_map(att, grid[1], self.size))
         return out
 
     def _add(self, factor, m):

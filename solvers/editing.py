@@ -55,11 +55,12 @@ def joint_token_attention(q, k, text: int, tokens, chunk: int = 1024) -> torch.T
 
 
 def layer_grid(tokens: int, image: tuple):
-    """(downsampling factor, (h, w)) of a layer with ``tokens`` queries in a UNet fed ``image``-sized latents."""
+    """(downsampling factor, (h, w)) of a layer whose ``tokens`` queries tile ``image``-sized
+    latents, or None where they do not form such a grid."""
     h, w = image
-    f = max(1, round(math.sqrt(h * w / tokens)))
-    hh = -(-h // f)
-    return f, (hh, tokens // hh)
+    f = max(1, round(math.sqrt(h * w / max(tokens, 1))))
+    hh, ww = -(-h // f), -(-w // f)
+    return (f, (hh, ww)) if hh * ww == tokens else None
 
 
 def layer_map(att: torch.Tensor, hw: tuple, size: tuple) -> torch.Tensor:
