@@ -26,7 +26,7 @@ import pytest
 
 import folder_paths
 import utils.extra_config  # noqa: F401  (before the host's nodes.py, as main.py does)
-import execution
+import execution  # imports the host's nodes.py, so after utils.extra_config
 import nodes as core  # the host's nodes.py
 from comfy_api.internal import _ComfyNodeInternal
 
