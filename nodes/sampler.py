@@ -43,7 +43,7 @@ class InversionSampler(io.ComfyNode):
             inputs=[io.Combo.Input("method", options=SINGLE, default="aidi_anderson",
                                    tooltip=" ".join(f"{n}: {METHODS[n].summary}" for n in SINGLE)),
                     *settings.inputs(SINGLE)],
-            outputs=[io.Sampler.Output(display_name="sampler")],
+            outputs=[io.Sampler.Output(display_name="sampler", tooltip="For SamplerCustomAdvanced: inverts with ascending (FlipSigmas) sigmas, samples deterministically with descending ones.")],
         )
 
     @classmethod
