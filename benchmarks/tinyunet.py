@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import pathlib
+import time
 
 import torch
 from torch import nn
@@ -124,12 +125,13 @@ class Guided:
 
     ``D_w = D_u + w (D_c - D_u)``; ``label=None`` or ``w = 0`` is unconditional, ``w = 1``
     conditional (one call); otherwise both halves run as one batch of 2B. ``seconds``
-    adds up the wall time spent inside the network, for the benchmark's time split.
+    and ``cpu`` add up the wall and process CPU time spent in here, for the benchmark's
+    time split.
     """
 
     def __init__(self, net, variant):
         self.net, self.variant = net.eval(), variant
-        self.calls, self.seconds = 0, 0.0
+        self.calls, self.seconds, self.cpu = 0, 0.0, 0.0
 
     @property
     def null(self):
@@ -137,8 +139,7 @@ class Guided:
 
     @torch.no_grad()
     def __call__(self, x, sigma, label=None, cfg=1.0):
-        import time
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         b = x.shape[0]
         sigma = torch.as_tensor(sigma, device=x.device).reshape(-1).expand(b)
         null = torch.full((b,), self.null, dtype=torch.long, device=x.device)
@@ -155,6 +156,7 @@ class Guided:
                 out = unc + cfg * (cond - unc)
         self.calls += 1
         self.seconds += time.perf_counter() - t0
+        self.cpu += time.process_time() - c0
         return out
 
 
