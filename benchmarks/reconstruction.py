@@ -115,7 +115,7 @@ def run_case(model, case, x, labels, space, n, cfg):
            "settings": dict(inv.settings), "psnr": float(psnr(rec, x).mean()), "ssim": float(ssim(rec, x).mean()),
            "rel": float(rel), "nfe": inv.nfe, "nfe_rec": model.calls - c1, "seconds": t_inv, "cpu": cpu,
            "model_cpu": cpu_model, "outside": max(0.0, cpu - cpu_model) / max(cpu, 1e-9), "seconds_rec": t_rec,
-           "unconverged": len(inv.unconverged), "residual": max(inv.residuals) if inv.residuals else None}
+           "unconverged": len(inv.unconverged), "unconverged_steps": list(inv.unconverged), "residual": max(inv.residuals) if inv.residuals else None}
     return row, rec
 
 
@@ -260,7 +260,7 @@ def plot(rows, file):
 def grid(recs, originals, file, steps=None, scale=4):
     """Originals over each case's reconstructions, one column block per (space, cfg) at ``steps``."""
     import numpy as np
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw, ImageFont
     keys = [k for k in recs if steps is None or k[1] == steps]
     if not keys:
         return
@@ -273,6 +273,10 @@ def grid(recs, originals, file, steps=None, scale=4):
         pad = np.full((h, 2, 3), 255, np.uint8)
         return np.concatenate(sum([[im, pad] for im in t], [])[:-1], 1)
 
+    try:
+        font = ImageFont.load_default(size=13)
+    except TypeError:  # Pillow < 10.1 has one fixed-size default font
+        font = ImageFont.load_default()
     label_w, gap = 150, 8
     cw, ch = (b * (w + 2) - 2) * scale, h * scale
     head = 28
@@ -280,12 +284,12 @@ def grid(recs, originals, file, steps=None, scale=4):
     d = ImageDraw.Draw(img)
     for j, k in enumerate(keys):
         x0 = label_w + j * (cw + gap)
-        d.text((x0, 4), f"{k[0]} cfg {k[2]:g}, {k[1]} steps", fill="black")
+        d.text((x0, 4), f"{k[0].upper()} cfg {k[2]:g}, {k[1]} steps", fill="black", font=font)
         for i, t in enumerate([x] + [recs[k][c] for c in names]):
             tile = Image.fromarray(strip(t)).resize((cw, ch), Image.NEAREST)
             img.paste(tile, (x0, head + i * (ch + 4)))
     for i, c in enumerate(["original"] + names):
-        d.text((4, head + i * (ch + 4) + ch // 2 - 5), c, fill="black")
+        d.text((4, head + i * (ch + 4) + ch // 2 - 7), c, fill="black", font=font)
     img.save(file)
 
 
@@ -294,11 +298,12 @@ def write(rows, recs, originals, out, mix=None, meta=None, grid_steps=None):
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
     meta = dict(meta or {}, torch=torch.__version__, threads=torch.get_num_threads(), machine=platform.machine(),
-                images=list(NAMES))
+                images=list(NAMES), commit=_commit())
     (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows, "mixture": mix},
                                                  indent=1, default=_json_default))
     md = ["# Reconstruction benchmark", "", f"Command: `{meta.get('command', '')}`; wall time "
-          f"{meta.get('seconds', 0):.0f} s on {meta['threads']} thread(s), torch {meta['torch']}.",
+          f"{meta.get('seconds', 0):.0f} s on {meta['threads']} thread(s), torch {meta['torch']}, "
+          f"commit {meta['commit']}.",
           f"Batch of {meta.get('batch', '?')} held-out 16x16 photo patches; PSNR/SSIM in pixel space [-1, 1].",
           table(rows)]
     if mix:
@@ -306,6 +311,20 @@ def write(rows, recs, originals, out, mix=None, meta=None, grid_steps=None):
     (out / "results.md").write_text("\n".join(md))
     plot(rows, out / "psnr_vs_nfe.png")
     grid(recs, originals, out / "grid.png", steps=grid_steps or min(r["steps"] for r in rows))
+
+
+def _commit():
+    """The pack's git commit (``+dirty`` when its solvers differ from it), or None outside a checkout."""
+    import subprocess
+    root = pathlib.Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "solvers"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (head + ("+dirty" if dirty else "")) or None
 
 
 def _json_default(v):
