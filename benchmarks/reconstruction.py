@@ -1,12 +1,12 @@
 """Reconstruction benchmark: invert held-out photo patches with every method, sample back, score.
 
 For each space (EPS, flow), step count N and guidance scale w, every case (each
-registered method with its defaults, plus tight-tolerance and gamma = 1 variants of the
-exact ones) inverts the same batch ``x`` to ``x_N`` and samples back with the method's
+registered method with its defaults, AIDI-A as the paper runs it, and tight-tolerance
+and gamma = 1 variants of the exact ones) inverts the same batch ``x`` to ``x_N`` and samples back with the method's
 own sampler (``registry.reconstruct``). Scores, in the model's space (pixels in [-1, 1]):
 
 - ``PSNR = 10 log10(2^2 / mse)`` per patch, averaged; ``SSIM`` (scikit-image, data range
-  2, 7x7 window, channels last-axis-free) per patch, averaged; ``rel`` the worst
+  2, 7x7 window, channel axis 0) per patch, averaged; ``rel`` the worst
   ``||x_rec - x|| / ||x||``;
 - ``nfe``: denoiser calls of the inversion (``Inversion.nfe``; one guided call counts
   once, as in the host, though w != 1 runs the network on a batch of 2B);
