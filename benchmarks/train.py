@@ -1,7 +1,7 @@
 """Train the bundled TinyUNet denoisers (EPS and flow) on patches of real photographs.
 
     python benchmarks/train.py                 # both variants, the bundled settings
-    python benchmarks/train.py --variant flow --steps 200 --out /tmp/w
+    python benchmarks/train.py --variant flow --steps 200 --out trial-weights
 
 Deterministic: fixed seeds, one generator for the data and one for the noise,
 ``torch.use_deterministic_algorithms(True)`` and 2 threads, so a rerun with the same torch
