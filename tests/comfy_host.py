@@ -63,16 +63,20 @@ TYPES = {"eps": comfy.model_base.ModelType.EPS, "v": comfy.model_base.ModelType.
 
 
 def tiny_model(kind="eps", seed=0):
-    """A real host model with a tiny UNet; comfy.ops leaves weights uninitialised, so fill them."""
+    """A real host model with a tiny UNet (comfy.ops leaves weights uninitialised: ``patched`` fills them)."""
     config = comfy.supported_models.SD15(dict(UNET))
     if kind == "flow":
         config.sampling_settings["shift"] = 3.0
-    model = comfy.model_base.BaseModel(config, model_type=TYPES[kind], device=torch.device("cpu"))
+    return patched(comfy.model_base.BaseModel(config, model_type=TYPES[kind], device=torch.device("cpu")), seed, 0.05)
+
+
+def patched(model, seed, std):
+    """Fill the weights (zero biases, unit norms, Gaussian matrices) and wrap in the real patcher."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.diffusion_model.named_parameters():
             p.copy_(torch.zeros_like(p) if name.endswith("bias") else
-                    torch.ones_like(p) if p.ndim == 1 else torch.randn(p.shape, generator=g) * 0.05)
+                    torch.ones_like(p) if p.ndim == 1 else torch.randn(p.shape, generator=g) * std)
     model.eval()
     return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
                                             offload_device=comfy.model_management.unet_offload_device())
@@ -117,15 +121,7 @@ FLUX = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_di
 
 def tiny_flux(seed=0):
     """The host's Flux (joint [text, image] attention, flow sampling) with a tiny transformer."""
-    model = comfy.model_base.Flux(comfy.supported_models.Flux(dict(FLUX)), device=torch.device("cpu"))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.diffusion_model.named_parameters():
-            p.copy_(torch.zeros_like(p) if name.endswith("bias") else
-                    torch.ones_like(p) if p.ndim == 1 else torch.randn(p.shape, generator=g) * 0.2)
-    model.eval()
-    return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
-                                            offload_device=comfy.model_management.unet_offload_device())
+    return patched(comfy.model_base.Flux(comfy.supported_models.Flux(dict(FLUX)), device=torch.device("cpu")), seed, 0.2)
 
 
 def flux_prompt(seed, tokens=16):
