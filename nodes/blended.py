@@ -7,7 +7,7 @@ from comfy_api.latest import io
 
 from ..solvers import editing, sampler_for
 from . import edit
-from .host import RECORD, check_conditioning, fail, image_mask, negative_for, progress, resume, run_guider, to_model
+from .host import RECORD, image_mask, progress, resume, run_guider, to_model
 
 
 class BlendedGuidanceSampler(io.ComfyNode):
@@ -51,10 +51,6 @@ class BlendedGuidanceSampler(io.ComfyNode):
                 softness=0.0, dilation=1):
         node = "BlendedGuidanceSampler"
         samples, rec = resume(node, inverted, model)
-        if samples.ndim != 4:
-            fail(node, "inverted", "editing needs an image latent (B, C, H, W)")
-        check_conditioning(node, target, "target")
-        negative = negative_for(node, source, negative, "source")
         region = edit.Region(node, model, samples, clip, source_text, target_text, words, mask, mask_mode, threshold,
                              softness, dilation)
         w_inv = rec["cfg"] if cfg_inversion < 0 else cfg_inversion
@@ -64,8 +60,7 @@ class BlendedGuidanceSampler(io.ComfyNode):
         active = math.ceil(mask_steps * steps)
         two = local_blend or bool(region.tokens["source"])
         callback = progress(model, steps)
-        guider = edit.EditGuider(region.attach(model), region)
-        guider.set_prompts(source, target, negative)
+        guider = edit.guider(node, model, region, source, target, negative)
         sig = [float(s) for s in sigmas]
 
         def denoise(g, x, t, mo, seed):

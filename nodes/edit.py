@@ -17,7 +17,7 @@ import torch
 from comfy_api.latest import io
 
 from ..solvers import editing
-from .host import fail
+from .host import check_conditioning, fail, negative_for
 
 MODES = ["replace", "union", "intersect"]
 
@@ -61,6 +61,8 @@ class Region:
         self.node, self.mode = node, mask_mode
         self.unet = bool(attention_layers(model))
         self.threshold, self.softness, self.dilation = threshold, softness, dilation
+        if latent.ndim != 4:
+            fail(node, "inverted", "editing needs an image latent (B, C, H, W)")
         b, _, h, w = latent.shape
         self.size, self.batch = (h, w), b
         if mask_mode not in MODES:
@@ -241,6 +243,15 @@ def attention_layers(model):
             continue
         keys.append((block, 0 if block == "middle" else int(parts[1]), int(parts[parts.index("transformer_blocks") + 1])))
     return keys
+
+
+def guider(node, model, region, source, target, negative):
+    """The checked prompts in an ``EditGuider`` over ``model`` with ``region``'s capture attached."""
+    check_conditioning(node, target, "target")
+    negative = negative_for(node, source, negative, "source")
+    g = EditGuider(region.attach(model), region)
+    g.set_prompts(source, target, negative)
+    return g
 
 
 class EditGuider(comfy.samplers.CFGGuider):

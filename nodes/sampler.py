@@ -1,12 +1,11 @@
 """InversionSampler: the single-state methods as a SAMPLER for SamplerCustomAdvanced graphs."""
 
-import comfy.model_sampling
 import comfy.samplers
 from comfy_api.latest import io
 
 from ..solvers import METHODS, invert, sampler_for
 from . import settings
-from .host import fail
+from .host import fail, space_of
 
 SINGLE = [name for name, m in METHODS.items() if m.sampler == "euler"]
 FLIPPED_ZERO = 1e-4  # FlipSigmas replaces a leading 0 by this
@@ -14,7 +13,7 @@ FLIPPED_ZERO = 1e-4  # FlipSigmas replaces a leading 0 by this
 
 def _function(method, kwargs):
     def sample(model, x, sigmas, extra_args=None, callback=None, disable=None):
-        space = "flow" if isinstance(model.inner_model.inner_model.model_sampling, comfy.model_sampling.CONST) else "eps"
+        space = space_of(model.inner_model.model_patcher, "InversionSampler")  # model: the host's KSampler wrapper of the guider
         if sigmas[0] < sigmas[-1]:
             if space == "flow" and float(sigmas[-1]) >= 1:
                 raise ValueError("InversionSampler: inverting a flow model up to sigma = 1 through SamplerCustomAdvanced "

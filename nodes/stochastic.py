@@ -3,10 +3,9 @@
 import torch
 from comfy_api.latest import io
 
-from ..solvers import edit_friendly, editing
-from ..solvers.core import SolverError
+from ..solvers import SolverError, edit_friendly, editing
 from . import edit
-from .host import RECORD, check_conditioning, fail, image_mask, negative_for, progress, resume, run_guider, to_model
+from .host import RECORD, fail, image_mask, progress, resume, run_guider, to_model
 
 
 class StochasticEditSampler(io.ComfyNode):
@@ -50,16 +49,12 @@ class StochasticEditSampler(io.ComfyNode):
                 target_text="", words="", mask=None, mask_mode="union", threshold=0.3, softness=0.0, dilation=1):
         node = "StochasticEditSampler"
         samples, rec = resume(node, inverted, model)
-        if samples.ndim != 4:
-            fail(node, "inverted", "editing needs an image latent (B, C, H, W)")
         if rec["trajectory"] is None:
             fail(node, "inverted", "has no trajectory: set keep_trajectory on Invert")
         if not 0 <= eta <= 1:
             fail(node, "eta", f"expected a value in [0, 1], got {eta}")
         if count < 1:
             fail(node, "count", f"expected at least 1, got {count}")
-        check_conditioning(node, target, "target")
-        negative = negative_for(node, source, negative, "source")
         region = edit.Region(node, model, samples, clip, source_text, target_text, words, mask, mask_mode, threshold,
                              softness, dilation)
         w_inv, w_edit = rec["cfg"], rec["cfg"] if cfg < 0 else cfg
@@ -67,8 +62,7 @@ class StochasticEditSampler(io.ComfyNode):
         steps = len(sigmas) - 1
         b = samples.shape[0]
         callback = progress(model, 2 * steps)
-        guider = edit.EditGuider(region.attach(model), region)
-        guider.set_prompts(source, target, negative)
+        guider = edit.guider(node, model, region, source, target, negative)
         phase = {"name": "maps"}
 
         def denoise(g, x, t, mo, seed_):
