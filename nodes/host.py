@@ -15,8 +15,7 @@ import torch
 
 from ..solvers import FLOW, EPS, NonFiniteError, SolverError
 
-RECORD = "inversion"
-FORMAT = 1
+RECORD = "inversion"  # the LATENT key of the inversion record (nodes/record.py)
 
 # Most specific first: V_PREDICTION and X0 are subclasses of EPS.
 PREDICTIONS = ("V_PREDICTION_EDM", "EDM", "V_PREDICTION", "IMG_TO_IMG", "X0", "EPS", "CONST")
@@ -58,15 +57,34 @@ def check_latent(node: str, latent, model, what: str = "latent") -> torch.Tensor
     if not isinstance(latent, dict) or not isinstance(latent.get("samples"), torch.Tensor):
         fail(node, what, "expected a LATENT (a dict with a 'samples' tensor)")
     x = latent["samples"]
+    fmt = model.model.latent_format
+    # latent_dimensions: 2 for image models (B,C,H,W), 3 for video models (B,C,T,H,W).
+    dims = getattr(fmt, "latent_dimensions", 2) + 2
     if x.ndim not in (4, 5):
         fail(node, what, f"expected 4D (B,C,H,W) or 5D (B,C,T,H,W) samples, got shape {tuple(x.shape)}")
-    channels = getattr(model.model.latent_format, "latent_channels", x.shape[1])
+    if dims not in (4, 5):
+        fail(node, "model", f"its latents are {dims}D ({type(fmt).__name__}): only image (4D) and video (5D) "
+                            "models are supported")
+    if x.ndim != dims:
+        kind = "an image model's" if dims == 4 else "a video model's"
+        fail(node, what, f"has {x.ndim}D samples {tuple(x.shape)} but this is {kind} ({type(fmt).__name__}, "
+                         f"{dims}D latents): encode the input with the VAE that belongs to this model")
+    channels = getattr(fmt, "latent_channels", x.shape[1])
     if x.shape[1] != channels:
         fail(node, what, f"has {x.shape[1]} channels but this model's latents have {channels}: "
                          "encode the image with the VAE that belongs to this model")
+    if not x.is_floating_point():
+        fail(node, what, f"expected floating-point samples, got {x.dtype}")
     if not torch.isfinite(x).all():
         fail(node, what, "holds NaN or inf values")
     return x
+
+
+def no_noise_mask(node: str, latent: dict, what: str, why: str):
+    """Refuse a LATENT's noise_mask where the node would otherwise ignore it."""
+    if latent.get("noise_mask") is not None:
+        fail(node, what, f"carries a noise_mask (from SetLatentNoiseMask or VAEEncodeForInpaint), which {node} "
+                         f"does not use: {why}")
 
 
 def check_conditioning(node: str, cond, what: str):
@@ -136,13 +154,18 @@ def negative_for(node: str, positive, negative, what: str = "positive"):
 
 
 def run_guider(node: str, guider, samples: torch.Tensor, sigmas: torch.Tensor, job):
-    """Run ``job`` under ``guider``; returns (job's result, its output latent in VAE scale)."""
+    """Run ``job`` under ``guider``; returns (job's result, its output latent in VAE scale).
+
+    The one place solver errors get the node's name: callers let them through unchanged.
+    """
     run = _Run(job)
     try:
         with torch.no_grad():
             out = guider.sample(torch.zeros_like(samples), samples, run, sigmas.to(torch.float32), disable_pbar=True,
                                 seed=0)
     except (SolverError, NonFiniteError) as e:
+        if str(e).startswith(f"{node}: "):
+            raise
         raise type(e)(f"{node}: {e}") from e
     return run.result, out.to(comfy.model_management.intermediate_device())
 
@@ -167,34 +190,12 @@ def to_model(inner, t, like):
     return None if t is None else inner.process_latent_in(t.to(like.device, like.dtype))
 
 
-def record_of(node: str, latent: dict, model, what: str = "latent") -> dict:
-    """The inversion record a LATENT carries, checked against the model about to use it."""
-    rec = latent.get(RECORD) if isinstance(latent, dict) else None
-    if not isinstance(rec, dict) or rec.get("format") != FORMAT:
-        fail(node, what, "carries no inversion (it did not come from Invert, or a node on the way rebuilt "
-                         "the LATENT dict and dropped the record). Connect Invert's output directly; "
-                         "for a plain latent use KSampler.")
-    have = describe(model)
-    if have != rec["model"]:
-        fail(node, "model", f"the inversion was made with a {rec['model']['prediction']} model "
-                            f"({rec['model']['latent_format']} latents) but this model is {have['prediction']} "
-                            f"({have['latent_format']}): resume it with the model that inverted it")
-    return rec
-
-
-def samples_changed(latent: dict, rec: dict) -> bool:
-    a, b = latent["samples"], rec["samples"]
-    return a is not b and (a.shape != b.shape or not torch.equal(a, b))
-
-
 def resume(node: str, latent, model, what: str = "inverted"):
-    """An inverted LATENT's samples and record, checked against the model that resumes it."""
-    samples = check_latent(node, latent, model, what)
-    rec = record_of(node, latent, model, what)
-    if rec["pair"] is not None and samples_changed(latent, rec):
-        fail(node, what, f"its samples were changed after Invert, so the {rec['method']} pair no longer "
-                         "matches them; reconnect Invert's output directly")
-    return samples, rec
+    """An inverted LATENT's samples and its ``record.Record``, checked against the model that resumes it."""
+    from .record import Record  # record.py builds on this module
+
+    rec = Record.read(node, latent, what, model)
+    return latent["samples"], rec
 
 
 def image_mask(mask: torch.Tensor, model) -> torch.Tensor:

@@ -5,7 +5,8 @@ from comfy_api.latest import io
 
 from ..solvers import METHODS, invert
 from . import settings
-from .host import FORMAT, RECORD, check_latent, describe, fail, guided, progress, sigmas_for, space_of, to_vae
+from .host import check_latent, fail, guided, no_noise_mask, progress, sigmas_for, space_of, to_vae
+from .record import Record
 
 METHOD_HELP = " ".join(f"{name}: {m.summary}" for name, m in METHODS.items())
 
@@ -52,13 +53,20 @@ class Invert(io.ComfyNode):
                 negative=None, **widgets):
         node = "Invert"
         samples = check_latent(node, latent, model)
+        no_noise_mask(node, latent, "latent", "it inverts the whole latent. Encode the image with VAEEncode and "
+                                              "give the edit region to an editor's mask input")
         space = space_of(model, node)
         if method not in METHODS:
             fail(node, "method", f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
         if steps < 1:
             fail(node, "steps", f"expected at least 1, got {steps}")
+        if steps < 2 and METHODS[method].sampler == "bdia":
+            fail(node, "steps", "bdia needs at least 2 steps: with 1 its pair is the clean source, so Reconstruct "
+                                "and the editors would return the source unchanged (1-step bdia is ddim)")
         if not 0 < denoise <= 1:
             fail(node, "denoise", f"expected a value in (0, 1], got {denoise}")
+        if not 0 <= cfg <= 100:
+            fail(node, "cfg", f"expected a value from 0 to 100, got {cfg}")
         if scheduler not in comfy.samplers.KSampler.SCHEDULERS:
             fail(node, "scheduler", f"unknown scheduler {scheduler!r}")
         kwargs = settings.values(method, widgets)
@@ -67,17 +75,19 @@ class Invert(io.ComfyNode):
 
         def job(den, x, inner):
             inv = invert(method, den, x, sigmas, space=space, keep_trajectory=keep_trajectory, callback=callback, **kwargs)
-            traj = None if inv.trajectory is None else [to_vae(inner, t) for t in inv.trajectory]
-            return (inv, to_vae(inner, inv.pair), traj), inv.latent
+            pair = to_vae(inner, inv.pair)
+            traj = inv.trajectory
+            if traj is not None:
+                # In place, one latent at a time, so the solver's copy is freed as the LATENT's is made.
+                # The ends are the source and the output; BDIA's pair is the state before the last.
+                traj[0] = samples
+                for i in range(1, len(traj) - 1):
+                    traj[i] = pair if traj[i] is inv.pair else to_vae(inner, traj[i])
+            return (inv, pair), inv.latent
 
-        (inv, pair, traj), out = guided(node, model, positive, negative, cfg, samples, sigmas, job)
-        result = {k: v for k, v in latent.items() if k not in ("samples", "noise_mask", RECORD)}
-        result["samples"] = out
-        result[RECORD] = {
-            "format": FORMAT, "method": inv.method, "settings": inv.settings, "sampler": inv.sampler,
-            "space": inv.space, "sigmas": inv.sigmas.cpu(), "nfe": inv.nfe, "residuals": list(inv.residuals),
-            "unconverged": list(inv.unconverged), "pair": pair, "trajectory": traj, "source": samples,
-            "samples": out, "cfg": float(cfg), "steps": int(steps), "scheduler": scheduler,
-            "denoise": float(denoise), "model": describe(model),
-        }
-        return io.NodeOutput(result)
+        (inv, pair), out = guided(node, model, positive, negative, cfg, samples, sigmas, job)
+        if inv.trajectory is not None:
+            inv.trajectory[-1] = out
+        rec = Record.of(inv, pair=pair, trajectory=inv.trajectory, source=samples, samples=out, cfg=cfg, steps=steps,
+                        scheduler=scheduler, denoise=denoise, model=model)
+        return io.NodeOutput(rec.into(latent))

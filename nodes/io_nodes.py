@@ -12,50 +12,31 @@ import json
 import os
 
 import folder_paths
+import safetensors
 import safetensors.torch
 import torch
 from comfy.cli_args import args
 from comfy_api.latest import io, ui
 
-from ..solvers import SAMPLERS, SPACES
-from .host import FORMAT, RECORD, check_latent, fail, record_of
+from .host import RECORD, fail
+from .record import Record
 
 FILE_FORMAT = 1
 VERSION_KEY = "inversion_suite_format"
 CONTENT_KEY = "inversion_suite_latent"
 TENSOR, TUPLE = "__tensor__", "__tuple__"
 EXTENSION = ".safetensors"
-# What Invert writes and Reconstruct and the editors read.
-FIELDS = ("format", "method", "settings", "sampler", "space", "sigmas", "nfe", "residuals", "unconverged", "pair",
-          "trajectory", "source", "samples", "cfg", "steps", "scheduler", "denoise", "model")
-
+# The header (JSON: tensor table, the LATENT's structure, the workflow) is read whole before
+# anything is checked, so its size is bounded first; a real one is a few hundred KiB at most.
+MAX_HEADER = 8 * 2 ** 20
 
 PLAIN = "connect the output of Invert (for a plain latent use the core SaveLatent / LoadLatent nodes)"
 DAMAGED = "the file is damaged or was not written by SaveInversion"
 
 
-def check_record(node: str, latent, what: str, hint: str = PLAIN) -> dict:
-    """The record's shape, checked without a model: the fields Reconstruct relies on, typed."""
-    if not isinstance(latent, dict) or not isinstance(latent.get("samples"), torch.Tensor):
-        fail(node, what, "expected a LATENT (a dict with a 'samples' tensor)")
-    rec = latent.get(RECORD)
-    if not isinstance(rec, dict):
-        fail(node, what, f"carries no inversion record: {hint}")
-    if rec.get("format") != FORMAT:
-        fail(node, what, f"its inversion record has format {rec.get('format')!r}; this version reads {FORMAT}")
-    missing = [k for k in FIELDS if k not in rec]
-    if missing:
-        fail(node, what, f"its inversion record lacks {', '.join(missing)}: {hint}")
-    traj = rec["trajectory"]
-    ok = (all(isinstance(rec[k], torch.Tensor) for k in ("sigmas", "source", "samples"))
-          and (rec["pair"] is None or isinstance(rec["pair"], torch.Tensor))
-          and (traj is None or isinstance(traj, list) and all(isinstance(t, torch.Tensor) for t in traj))
-          and rec["sampler"] in SAMPLERS and rec["space"] in SPACES and isinstance(rec["settings"], dict)
-          and isinstance(rec["model"], dict) and {"prediction", "latent_format"} <= rec["model"].keys())
-    if not ok:
-        fail(node, what, "its inversion record is malformed (expected tensors for sigmas, source and samples, "
-                         f"a known sampler ({', '.join(SAMPLERS)}) and space ({', '.join(SPACES)}))")
-    return rec
+def check_record(node: str, latent, what: str, hint: str = PLAIN) -> Record:
+    """The record's shape, checked without a model (for SaveInversion)."""
+    return Record.read(node, latent, what, hint=hint)
 
 
 def encode(node: str, latent: dict):
@@ -89,11 +70,12 @@ def encode(node: str, latent: dict):
     return tensors, json.dumps(walk(latent, "latent"))
 
 
-def decode(content, tensors: dict):
+def decode(content, tensor):
+    """The LATENT from its JSON structure; ``tensor(key)`` gives each stored tensor (same key, same object)."""
     def walk(v):
         if isinstance(v, dict):
             if set(v) == {TENSOR}:
-                return tensors[v[TENSOR]]  # same key, same object
+                return tensor(v[TENSOR])
             if set(v) == {TUPLE}:
                 return tuple(walk(x) for x in v[TUPLE])
             return {k: walk(x) for k, x in v.items()}
@@ -103,26 +85,55 @@ def decode(content, tensors: dict):
     return walk(content)
 
 
+def nowhere(name) -> str:
+    # One wording for missing, outside the input folder and unreadable: a caller cannot probe which files exist.
+    return f"no readable inversion file {name!r} in the input folder (a {EXTENSION} file from SaveInversion)"
+
+
+def resolve(name):
+    """The real path of input file ``name``, or None unless it is a readable file inside the input folder.
+
+    Symlinks are followed before the check, so a link (or ``..``, or an absolute path) that
+    leads out of the folder is refused; subfolders are allowed.
+    """
+    if not isinstance(name, str) or not name.endswith((EXTENSION, ".latent")):  # .latent: to name SaveLatent's files
+        return None
+    try:
+        folder = os.path.realpath(folder_paths.get_input_directory())
+        path = os.path.realpath(os.path.join(folder, name))
+        inside = os.path.commonpath([folder, path]) == folder and path != folder
+        return path if inside and os.path.isfile(path) and os.access(path, os.R_OK) else None
+    except (OSError, ValueError):  # a NUL byte, a path on another drive
+        return None
+
+
+def header(f, size: int, bad: str, node: str, what: str) -> bytes:
+    """The safetensors header of an open file, its length bounded before it is read."""
+    n = int.from_bytes(f.read(8), "little") if size >= 8 else -1
+    if n < 2 or 8 + n > size:
+        fail(node, what, f"{bad}: its safetensors header is incomplete (expected a file from SaveInversion)")
+    if n > MAX_HEADER:
+        fail(node, what, f"{bad}: its header is {n} bytes, more than the {MAX_HEADER} an inversion file has")
+    return f.read(n)
+
+
 def read(node: str, what: str, name: str, path: str) -> dict:
     """The LATENT stored in ``path``, with a clear refusal for anything that is not one."""
+    bad = f"{name!r} is truncated or corrupt"
     try:
         with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        fail(node, what, f"cannot read {name!r}: {e}")
-    bad = f"{name!r} is truncated or corrupt"
-    size = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
-    if size < 2 or 8 + size > len(data):
-        fail(node, what, f"{bad}: its safetensors header is incomplete (expected a file from SaveInversion)")
+            raw = header(f, os.fstat(f.fileno()).st_size, bad, node, what)
+    except OSError:
+        fail(node, what, nowhere(name))
     try:
-        header = json.loads(data[8:8 + size])
-    except ValueError:
-        header = None
-    meta = (header.get("__metadata__") or {}) if isinstance(header, dict) else None
+        head = json.loads(raw)
+    except (ValueError, RecursionError):
+        head = None
+    meta = (head.get("__metadata__") or {}) if isinstance(head, dict) else None
     if not isinstance(meta, dict):
         fail(node, what, f"{bad}: its safetensors header is not valid")
     if VERSION_KEY not in meta:
-        if "latent_tensor" in header:
+        if "latent_tensor" in head:
             fail(node, what, f"{name!r} is a plain latent from the core SaveLatent node, not an inversion: load it "
                              "with LoadLatent and run Invert, or save Invert's output with SaveInversion")
         fail(node, what, f"{name!r} is not an inversion file (no '{VERSION_KEY}' in its metadata); "
@@ -137,10 +148,18 @@ def read(node: str, what: str, name: str, path: str) -> dict:
     if version < 1:
         fail(node, what, f"{bad}: format version {version} does not exist")
     try:
-        tensors = safetensors.torch.load(data)
-        latent = decode(json.loads(meta[CONTENT_KEY]), tensors)
+        with safetensors.safe_open(path, framework="pt") as f:
+            known, loaded = set(f.keys()), {}
+
+            def tensor(key):  # only the tensors the content names, each once
+                if key not in loaded:
+                    if key not in known:
+                        raise KeyError(f"no tensor {key!r}")
+                    loaded[key] = f.get_tensor(key)
+                return loaded[key]
+            latent = decode(json.loads(meta[CONTENT_KEY]), tensor)
     except Exception as e:  # safetensors raises its own error type for every kind of damage
-        fail(node, what, f"{bad}: {type(e).__name__}: {e}")
+        fail(node, what, f"{bad}: {type(e).__name__}: {str(e)[:200]}")
     return latent
 
 
@@ -169,6 +188,7 @@ class SaveInversion(io.ComfyNode):
                                         "'_.safetensors' are appended, as SaveLatent does."),
             ],
             outputs=[],
+            hidden=[io.Hidden.prompt, io.Hidden.extra_pnginfo],
             is_output_node=True,
         )
 
@@ -185,6 +205,12 @@ class SaveInversion(io.ComfyNode):
             meta["prompt"] = json.dumps(hidden.prompt)
             for k, v in (hidden.extra_pnginfo or {}).items():
                 meta.setdefault(k, json.dumps(v))
+        # What safetensors writes: the metadata plus about a hundred bytes per tensor entry.
+        size = sum(len(k) + len(v) for k, v in meta.items()) + 200 * (len(tensors) + 1)
+        if size > MAX_HEADER:
+            fail("SaveInversion", "latent", f"its file header would be about {size} bytes, more than LoadInversion "
+                                            f"reads ({MAX_HEADER}); with a very large workflow, run ComfyUI with "
+                                            "--disable-metadata")
         file = f"{name}_{counter:05}_{EXTENSION}"
         os.makedirs(folder, exist_ok=True)
         safetensors.torch.save_file(tensors, os.path.join(folder, file), metadata=meta)
@@ -215,26 +241,46 @@ class LoadInversion(io.ComfyNode):
     @classmethod
     def execute(cls, model, inversion):
         node = "LoadInversion"
-        path = folder_paths.get_annotated_filepath(inversion)
-        if not os.path.isfile(path):
-            fail(node, "inversion", f"file {inversion!r} not found in the input folder")
+        path = resolve(inversion)
+        if path is None:
+            fail(node, "inversion", nowhere(inversion))
         latent = read(node, "inversion", inversion, path)
-        check_record(node, latent, "inversion", DAMAGED)
-        check_latent(node, latent, model, "inversion")
-        record_of(node, latent, model, "inversion")  # the model check Reconstruct will make
+        Record.read(node, latent, "inversion", model, DAMAGED)  # every check Reconstruct and the editors make
+        check_extras(node, latent)
         return io.NodeOutput(latent)
 
     @classmethod
     def fingerprint_inputs(cls, inversion, model=None):
-        # Re-run when the file's bytes change, as LoadLatent does.
-        path = folder_paths.get_annotated_filepath(inversion)
-        if not os.path.isfile(path):
+        # Re-run when the file changes: its size, its time and its header (which names every tensor's
+        # offsets) are read, never the whole file.
+        path = resolve(inversion)
+        if path is None:
             return ""
-        with open(path, "rb") as f:
-            return hashlib.sha256(f.read()).hexdigest()
+        try:
+            with open(path, "rb") as f:
+                st = os.fstat(f.fileno())
+                n = int.from_bytes(f.read(8), "little")
+                head = f.read(min(max(n, 0), MAX_HEADER))
+        except OSError:
+            return ""
+        return f"{path}:{st.st_size}:{st.st_mtime_ns}:{hashlib.sha256(head).hexdigest()}"
 
     @classmethod
     def validate_inputs(cls, inversion):
-        if not folder_paths.exists_annotated_filepath(inversion):
-            return f"LoadInversion: input 'inversion': file {inversion!r} not found in the input folder"
+        # The host skips its own file-list check when this exists, so this check is the strict one.
+        if resolve(inversion) is None:
+            return f"LoadInversion: input 'inversion': {nowhere(inversion)}"
         return True
+
+
+def check_extras(node: str, latent: dict):
+    """The LATENT keys beside samples and the record that core nodes read."""
+    b = latent["samples"].shape[0]
+    index = latent.get("batch_index")
+    if index is not None and not (isinstance(index, list) and len(index) == b
+                                  and all(type(i) is int and i >= 0 for i in index)):
+        fail(node, "inversion", f"{DAMAGED}: 'batch_index' must be a list of {b} integers >= 0")
+    mask = latent.get("noise_mask")
+    if mask is not None and not (isinstance(mask, torch.Tensor) and mask.is_floating_point()
+                                 and 2 <= mask.ndim <= 5 and torch.isfinite(mask).all()):
+        fail(node, "inversion", f"{DAMAGED}: 'noise_mask' must be a finite floating-point mask tensor")

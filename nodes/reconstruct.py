@@ -3,7 +3,7 @@
 from comfy_api.latest import io
 
 from ..solvers import sampler_for
-from .host import RECORD, guided, progress, resume, to_model
+from .host import RECORD, guided, no_noise_mask, progress, resume, to_model
 
 
 class Reconstruct(io.ComfyNode):
@@ -22,7 +22,7 @@ class Reconstruct(io.ComfyNode):
                 io.Latent.Input("inverted", tooltip="The output of Invert."),
                 io.Conditioning.Input("positive", tooltip="The prompt to sample with; the source prompt reconstructs."),
                 io.Float.Input("cfg", default=-1.0, min=-1.0, max=100.0, step=0.1, round=0.01,
-                               tooltip="Guidance; -1 uses the cfg the inversion used (needed for an exact return)."),
+                               tooltip="Guidance; -1 (only -1) uses the cfg the inversion used, needed for an exact return."),
                 io.Conditioning.Input("negative", optional=True,
                                       tooltip="Negative prompt; unconnected, a zeroed positive (as ConditioningZeroOut)."),
             ],
@@ -33,15 +33,18 @@ class Reconstruct(io.ComfyNode):
     def execute(cls, model, inverted, positive, cfg, negative=None):
         node = "Reconstruct"
         samples, rec = resume(node, inverted, model)
-        fn, kwargs = sampler_for(rec["sampler"], rec["settings"])
-        sigmas = rec["sigmas"].flip(0)
+        no_noise_mask(node, inverted, "inverted", "it reconstructs the whole latent. Remove SetLatentNoiseMask "
+                                                  "between Invert and Reconstruct")
+        w = rec.cfg_for(node, "cfg", cfg)
+        fn, kwargs = sampler_for(rec.sampler, rec.settings)
+        sigmas = rec.sigmas.flip(0)
         callback = progress(model, len(sigmas) - 1)
 
         def job(den, x, inner):
-            pair = to_model(inner, rec["pair"], x)
-            return None, fn(den, x, sigmas, None, callback, space=rec["space"], pair=pair, **kwargs)
+            pair = to_model(inner, rec.pair, x)
+            return None, fn(den, x, sigmas, None, callback, space=rec.space, pair=pair, **kwargs)
 
-        _, out = guided(node, model, positive, negative, rec["cfg"] if cfg < 0 else cfg, samples, sigmas, job)
+        _, out = guided(node, model, positive, negative, w, samples, sigmas, job)
         result = {k: v for k, v in inverted.items() if k not in ("samples", RECORD)}
         result["samples"] = out
         return io.NodeOutput(result)

@@ -103,7 +103,7 @@ class Denoiser:
         out = out.to(x.dtype)
         if not torch.isfinite(out).all():
             raise NonFiniteError(
-                f"{self.method}: the denoiser returned non-finite values at step {self.step} "
+                f"{self.method}: the denoiser returned non-finite values at step {self.step + 1} "
                 f"(sigma = {float(sigma):.6g})"
             )
         self.last = out
@@ -115,7 +115,7 @@ class Denoiser:
 
 def check_finite(x: torch.Tensor, method: str, step: int) -> torch.Tensor:
     if not torch.isfinite(x).all():
-        raise NonFiniteError(f"{method}: the state became non-finite at step {step}")
+        raise NonFiniteError(f"{method}: the state became non-finite at step {step + 1}")
     return x
 
 

@@ -187,8 +187,8 @@ def test_missing_files_plain_latents_and_the_file_list():
     model = exact_model("eps", MIX)
     with pytest.raises(NodeInputError, match="SaveInversion: input 'latent': carries no inversion record"):
         SaveInversion.execute(latent={"samples": torch.zeros(1, 4, 8, 8)}, filename_prefix="x")
-    refused(model, "nowhere.safetensors", "not found")
-    assert "not found" in LoadInversion.validate_inputs(inversion="nowhere.safetensors")
+    refused(model, "nowhere.safetensors", "no readable inversion file")
+    assert "no readable inversion file" in LoadInversion.validate_inputs(inversion="nowhere.safetensors")
     name = save(inverted(model))
     assert LoadInversion.validate_inputs(inversion=name) is True
     open(path_in_input("notes.txt"), "w").write("x")

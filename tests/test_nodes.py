@@ -176,7 +176,7 @@ def test_reconstruct_refuses_plain_and_mismatched_latents():
 def test_non_finite_model_output_names_method_and_step():
     model = exact_model("eps", MIX)
     model.set_model_unet_function_wrapper(lambda apply_model, args: torch.full_like(args["input"], float("nan")))
-    with pytest.raises(FloatingPointError, match=r"Invert: aidi_anderson: .* step 0"):
+    with pytest.raises(FloatingPointError, match=r"Invert: aidi_anderson: .* step 1 "):
         invert(model, source(model), "eps", "aidi_anderson", steps=3)
 
 
