@@ -47,7 +47,7 @@ class Record:
     settings     that method's settings as used (exactly its keys in the registry)
     sampler      name in ``solvers.SAMPLERS`` that resumes it (the method's own)
     space        ``"eps"`` or ``"flow"``, the model's
-    sigmas       float64 schedule, ascending strictly from 0; index i is the state
+    sigmas       the schedule as the solver ran it, ascending strictly from 0; index i is the state
                  ``trajectory[i]``; ``steps + 1`` long, up to ``1 + steps * REFINE`` when refined
     nfe          model evaluations the inversion took
     residuals    per step, the largest final relative residual (iterative methods; else empty)

@@ -1,0 +1,548 @@
+"""The inversion record and LoadInversion against crafted input, inside the real ComfyUI host.
+
+Every field of a record is made wrong in every way it can be; each must be refused with
+the node and the input named before the model is called, whether the record arrives in
+a LATENT (Reconstruct) or in a file (LoadInversion). Files outside the input folder are
+refused with the wording of a missing one.
+"""
+
+import builtins
+import json
+import os
+import pathlib
+import shutil
+
+import comfy_host  # skips this module where no ComfyUI is found
+import pytest
+import safetensors
+import safetensors.torch
+import torch
+from comfy_host import exact_model, prompt, vae_scale
+
+import comfy.samplers
+import folder_paths
+import utils.extra_config  # noqa: F401  (before the host's nodes.py, as main.py does)
+import nodes as core  # the host's nodes.py
+from inversion_suite.benchmarks.analytic import Mixture
+from inversion_suite.nodes import io_nodes
+from inversion_suite.nodes.host import NodeInputError, run_guider
+from inversion_suite.nodes.invert import Invert
+from inversion_suite.nodes.io_nodes import LoadInversion, SaveInversion, encode
+from inversion_suite.nodes.reconstruct import Reconstruct
+from inversion_suite.nodes.record import FORMAT, REFINE, Record
+from inversion_suite.solvers import NonFiniteError, SolverError
+
+MIX = Mixture((4, 8, 8), components=3, seed=0)
+DATA = pathlib.Path(__file__).parent / "data"
+
+
+@pytest.fixture(autouse=True)
+def folders(tmp_path, monkeypatch):
+    out, inp = tmp_path / "output", tmp_path / "input"
+    out.mkdir()
+    inp.mkdir()
+    monkeypatch.setattr(folder_paths, "output_directory", str(out))
+    monkeypatch.setattr(folder_paths, "input_directory", str(inp))
+    return out, inp
+
+
+def counting(kind="eps"):
+    """The exact mixture model, with a count of every network evaluation."""
+    model = exact_model(kind, MIX)
+    calls = [0]
+    inner = model.model_options["model_function_wrapper"]
+
+    def wrapper(apply_model, args):
+        calls[0] += 1
+        return inner(apply_model, args)
+
+    model.set_model_unet_function_wrapper(wrapper)
+    return model, calls
+
+
+def invert(model, method="bdia", steps=3, **kw):
+    source = {"samples": vae_scale(model, MIX.sample(2, seed=4).float()), "batch_index": [3, 4]}
+    args = dict(model=model, latent=source, positive=prompt(1), method=method, steps=steps, scheduler="karras",
+                cfg=1.0, denoise=1.0, keep_trajectory=True)
+    return Invert.execute(**dict(args, **kw)).result[0]
+
+
+def reconstruct(model, latent, cfg=-1.0):
+    return Reconstruct.execute(model=model, inverted=latent, positive=prompt(1), cfg=cfg).result[0]
+
+
+def write(latent, name):
+    """A file as SaveInversion writes it, whatever the LATENT holds (SaveInversion itself would refuse)."""
+    tensors, content = encode("test", latent)
+    meta = {io_nodes.VERSION_KEY: str(io_nodes.FILE_FORMAT), io_nodes.CONTENT_KEY: content}
+    safetensors.torch.save_file(tensors, os.path.join(folder_paths.get_input_directory(), name), metadata=meta)
+    return name
+
+
+def load(model, name):
+    return LoadInversion.execute(model=model, inversion=name).result[0]
+
+
+# --- the crafted record ---------------------------------------------------------------------
+
+def cases(rec):
+    """(field, wrong value or MISSING, words the refusal must hold) for a 3-step, batch-2 BDIA record."""
+    x = rec["samples"]
+    sig = rec["sigmas"]
+    wide = torch.zeros(2, 4, 8, 9)
+    nan = torch.full_like(x, float("nan"))
+    out = []
+    for field in rec:
+        out.append((field, MISSING, [f"lacks {field}"] if field != "format" else ["format"]))
+    out += [
+        ("format", "1", ["format"]), ("format", 1.0, ["format"]), ("format", True, ["format"]),
+        ("format", 0, ["format"]), ("format", None, ["format"]), ("format", FORMAT + 1, ["newer", "update the pack"]),
+        ("method", 3, ["'method'"]), ("method", "nope", ["'method'", "'nope'"]), ("method", None, ["'method'"]),
+        ("method", "ddim", ["'sampler'"]),  # consistent fields: ddim resumes with euler
+        ("settings", [], ["'settings'"]), ("settings", {}, ["'settings'", "gamma"]),
+        ("settings", {"gamma": 0.94, "x": 1}, ["'settings'", "'x'"]), ("settings", {"gamma": "0.94"}, ["settings.gamma"]),
+        ("settings", {"gamma": 2.0}, ["settings.gamma", "0.5 to 1.0"]), ("settings", {"gamma": float("nan")}, ["settings.gamma"]),
+        ("settings", {"gamma": True}, ["settings.gamma"]), ("settings", {"gamma": None}, ["settings.gamma"]),
+        ("sampler", 1, ["'sampler'"]), ("sampler", "euler", ["'sampler'"]), ("sampler", "nope", ["'sampler'"]),
+        ("space", 1, ["'space'"]), ("space", "x", ["'space'"]), ("space", "flow", ["flow"]),
+        ("sigmas", sig.tolist(), ["'sigmas'", "1-D floating-point tensor"]),
+        ("sigmas", sig[None], ["'sigmas'", "1-D"]), ("sigmas", sig.long(), ["'sigmas'"]),
+        ("sigmas", torch.linspace(0, 10, 100_000, dtype=torch.float64), ["'sigmas'", "100000 values", f"* {REFINE}"]),
+        ("sigmas", sig[:3], ["'sigmas'", "3 values"]), ("sigmas", sig.flip(0), ["'sigmas'", "ascending"]),
+        ("sigmas", torch.cat([sig[:2], sig[1:2], sig[3:]]), ["'sigmas'", "ascending strictly"]),
+        ("sigmas", sig + 0.1, ["'sigmas'", "from 0"]), ("sigmas", torch.where(sig > 1, float("nan"), sig), ["'sigmas'", "finite"]),
+        ("sigmas", torch.cat([sig[:-1], sig[-1:] * 10]), ["'sigmas'", "sigma_max"]),
+        ("nfe", "3", ["'nfe'"]), ("nfe", -1, ["'nfe'"]), ("nfe", 3.5, ["'nfe'"]), ("nfe", True, ["'nfe'"]),
+        ("residuals", "x", ["'residuals'"]), ("residuals", [float("nan")], ["'residuals'"]),
+        ("residuals", [-1.0], ["'residuals'"]), ("residuals", [1.0] * 4, ["'residuals'", "at most 3"]),
+        ("residuals", ["a"], ["'residuals'"]), ("residuals", None, ["'residuals'"]),
+        ("unconverged", "x", ["'unconverged'"]), ("unconverged", [3], ["'unconverged'", "0 to 2"]),
+        ("unconverged", [1, 0], ["'unconverged'", "increasing"]), ("unconverged", [0.5], ["'unconverged'"]),
+        ("unconverged", [-1], ["'unconverged'"]), ("unconverged", [True], ["'unconverged'"]),
+        ("pair", None, ["'pair'", "pair of states"]), ("pair", "x", ["'pair'"]), ("pair", wide, ["'pair'", "(2, 4, 8, 8)"]),
+        ("pair", x[:1], ["'pair'"]), ("pair", x.long(), ["'pair'", "floating-point"]), ("pair", nan, ["'pair'", "NaN"]),
+        ("trajectory", "x", ["'trajectory'"]), ("trajectory", rec["trajectory"][:3], ["'trajectory'", "4 tensors"]),
+        ("trajectory", rec["trajectory"] * 25_000, ["'trajectory'", "100000 item(s)"]),
+        ("trajectory", tuple(rec["trajectory"]), ["'trajectory'"]),
+        ("trajectory", rec["trajectory"][:3] + [wide], ["'trajectory[3]'", "(2, 4, 8, 9)"]),
+        ("trajectory", rec["trajectory"][:3] + [None], ["'trajectory[3]'"]),
+        ("trajectory", rec["trajectory"][:3] + [nan], ["'trajectory[3]'", "NaN"]),
+        ("source", None, ["'source'"]), ("source", wide, ["'source'"]), ("source", nan, ["'source'"]),
+        ("source", x.to(torch.int32), ["'source'"]),
+        ("samples", None, ["'samples'"]), ("samples", wide, ["shape", "changed them after Invert"]),
+        ("samples", x * 1.01, ["changed after Invert", "pair no longer"]),
+        ("cfg", "1", ["'cfg'"]), ("cfg", None, ["'cfg'"]), ("cfg", -0.5, ["'cfg'"]), ("cfg", float("nan"), ["'cfg'"]),
+        ("cfg", 1000.0, ["'cfg'"]), ("cfg", True, ["'cfg'"]),
+        ("steps", "3", ["'steps'"]), ("steps", 0, ["'steps'"]), ("steps", 3.0, ["'steps'"]), ("steps", 2000, ["'steps'"]),
+        ("steps", True, ["'steps'"]), ("steps", 5, ["'sigmas'", "from steps + 1 = 6"]),
+        ("scheduler", 3, ["'scheduler'"]), ("scheduler", "", ["'scheduler'"]), ("scheduler", "x" * 1000, ["'scheduler'"]),
+        ("denoise", "1", ["'denoise'"]), ("denoise", 0.0, ["'denoise'"]), ("denoise", 1.5, ["'denoise'"]),
+        ("denoise", float("nan"), ["'denoise'"]),
+        ("model", "SD15", ["'model'"]), ("model", {}, ["'model'"]), ("model", {"prediction": 1, "latent_format": "SD15"}, ["'model'"]),
+        ("model", {"prediction": "CONST", "latent_format": "SD15"}, ["made with a CONST model", "this model is EPS"]),
+        ("model", {"prediction": "EPS", "latent_format": "SDXL"}, ["SDXL latents"]),
+    ]
+    return out
+
+
+MISSING = object()
+
+
+def corrupt(latent, field, value):
+    rec = dict(latent["inversion"])
+    if value is MISSING:
+        del rec[field]
+    else:
+        rec[field] = value
+    return dict(latent, inversion=rec)
+
+
+def test_every_wrong_field_is_refused_before_any_model_call():
+    model, calls = counting()
+    good = invert(model)
+    assert set(good["inversion"]) == {"format", *Record.__dataclass_fields__}
+    table = cases(good["inversion"])
+    fields = {f for f, _, _ in table}
+    assert fields == set(good["inversion"])  # every field is made wrong
+    calls[0] = 0
+    for i, (field, value, words) in enumerate(table):
+        bad = corrupt(good, field, value)
+        for where, run in (("Reconstruct", lambda: reconstruct(model, bad)),
+                           ("LoadInversion", lambda: load(model, write(bad, f"case{i}.safetensors")))):
+            with pytest.raises(NodeInputError) as e:
+                run()
+            message = str(e.value)
+            what = "inverted" if where == "Reconstruct" else "inversion"
+            assert (message.startswith(f"{where}: input '{what}': ")
+                    or message.startswith(f"{where}: input 'model': ") and field == "model"), (field, value, message)
+            for w in words:
+                assert w in message, (where, field, value, message)
+    assert calls[0] == 0
+    assert torch.allclose(reconstruct(model, good)["samples"], good["inversion"]["source"], atol=1e-5)  # the base is fine
+    assert calls[0] == 2  # BDIA resumes from its pair: steps - 1 calls
+
+
+@pytest.mark.parametrize("method", ("aidi_anderson", "edict"))
+def test_pair_rules_of_other_samplers(method):
+    model, calls = counting()
+    good = invert(model, method)
+    x = good["samples"]
+    bad = [("pair", x.clone(), "'pair' must be None")] if method == "aidi_anderson" else [("pair", None, "pair of states")]
+    bad += [("residuals", good["inversion"]["residuals"] + [0.1], "'residuals'")] if method == "aidi_anderson" else []
+    calls[0] = 0
+    for field, value, words in bad:
+        with pytest.raises(NodeInputError, match=f"Reconstruct: input 'inverted': .*{words}"):
+            reconstruct(model, corrupt(good, field, value))
+    assert calls[0] == 0
+    without = corrupt(good, "trajectory", None)  # keep_trajectory off is legitimate
+    assert Record.read("t", without, "inverted", model).trajectory is None
+
+
+def test_a_refined_schedule_up_to_the_stated_factor_is_accepted():
+    model, _ = counting()
+    good = invert(model, "aidi_anderson", steps=1)
+    top = float(good["inversion"]["sigmas"][-1])
+    for n, ok in ((1 + REFINE, True), (2 + REFINE, False)):
+        sig = torch.linspace(0, top, n, dtype=torch.float64)
+        rec = corrupt(corrupt(good, "sigmas", sig), "trajectory", None)
+        if ok:
+            assert Record.read("t", rec, "inverted", model).sigmas.numel() == n
+        else:
+            with pytest.raises(NodeInputError, match="'sigmas' must be from steps"):
+                Record.read("t", rec, "inverted", model)
+
+
+def test_a_record_that_is_not_a_dict_and_one_from_another_space():
+    model, calls = counting()
+    good = invert(model)
+    calls[0] = 0
+    for value in ("x", None, [1]):
+        with pytest.raises(NodeInputError, match="Reconstruct: input 'inverted': carries no inversion record"):
+            reconstruct(model, dict(good, inversion=value))
+    flow = exact_model("flow", MIX)
+    made = invert(flow, scheduler="simple")
+    assert calls[0] == 0
+    # A flow record relabelled as an EPS one: space and schedule (sigma up to 1) disagree with the model.
+    relabelled = corrupt(made, "model", {"prediction": "EPS", "latent_format": "SD15"})
+    with pytest.raises(NodeInputError, match="space 'flow' but this model samples in 'eps'"):
+        reconstruct(model, relabelled)
+    assert calls[0] == 0
+
+
+# --- the record type --------------------------------------------------------------------------
+
+def test_the_record_reads_back_what_invert_wrote_and_shares_its_tensors():
+    model, _ = counting()
+    out = invert(model)
+    rec = Record.read("t", out, "inverted", model)
+    assert rec.method == "bdia" and rec.sampler == "bdia" and rec.space == "eps" and rec.steps == 3
+    assert rec.settings == {"gamma": 0.94} and rec.cfg == 1.0 and rec.denoise == 1.0 and rec.scheduler == "karras"
+    assert rec.model == {"prediction": "EPS", "latent_format": "SD15"} and rec.nfe == 3
+    assert rec.sigmas.dtype == torch.float32 and rec.sigmas.numel() == 4  # as the solver used them
+    # One copy of each state: the ends are the source and the output, BDIA's pair is the state before the last.
+    assert rec.samples is out["samples"] and rec.trajectory[-1] is out["samples"]
+    assert rec.trajectory[0] is rec.source and rec.pair is rec.trajectory[-2]
+    assert rec.as_dict().keys() == out["inversion"].keys()
+    assert all(rec.as_dict()[k] is out["inversion"][k] for k in out["inversion"] if k != "format")
+    assert rec["cfg"] == rec.cfg  # the transitional reader
+    assert rec.cfg_for("N", "cfg", -1) == 1.0 and rec.cfg_for("N", "cfg", 0) == 0.0
+    for wrong in (-0.5, -1.5, float("nan")):
+        with pytest.raises(NodeInputError, match=r"N: input 'cfg': expected -1 \(the inversion's cfg, 1\)"):
+            rec.cfg_for("N", "cfg", wrong)
+
+
+@pytest.mark.parametrize("method", ("bdia", "aidi_anderson"))
+def test_files_written_before_the_record_type_still_load(method):
+    """tests/data holds files the previous SaveInversion wrote (format 1, Invert before this type)."""
+    model, _ = counting()
+    name = f"format1_{method}.safetensors"
+    shutil.copy(DATA / name, folder_paths.get_input_directory())
+    loaded = load(model, name)
+    rec = Record.read("t", loaded, "inverted", model)
+    assert rec.method == method and loaded["batch_index"] == [3, 4] and rec.samples is loaded["samples"]
+    fresh = invert(model, method, **({"iterations": 5} if method != "bdia" else {}))
+    for k, v in fresh["inversion"].items():  # the same inversion, made again today
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(v, loaded["inversion"][k]), k
+    assert torch.equal(reconstruct(model, loaded)["samples"], reconstruct(model, fresh)["samples"])
+
+
+# --- LoadInversion: where a file may come from ---------------------------------------------------
+
+def nowhere(name):
+    return f"LoadInversion: input 'inversion': {io_nodes.nowhere(name)}"
+
+
+def refused_as_missing(model, name):
+    with pytest.raises(NodeInputError) as e:
+        load(model, name)
+    assert str(e.value) == nowhere(name)
+    assert LoadInversion.validate_inputs(inversion=name) == nowhere(name)
+    assert LoadInversion.fingerprint_inputs(inversion=name) == ""
+
+
+def test_files_outside_the_input_folder_are_refused_like_missing_ones(tmp_path):
+    model, calls = counting()
+    inp = pathlib.Path(folder_paths.get_input_directory())
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    good = invert(model)
+    calls[0] = 0
+    write(good, "ok.safetensors")
+    shutil.move(inp / "ok.safetensors", outside / "secret.safetensors")
+    (inp / "sub").mkdir()
+    write(good, "sub/inner.safetensors")
+    os.symlink(outside / "secret.safetensors", inp / "link.safetensors")
+    os.symlink(outside, inp / "linkdir")
+    os.symlink(inp / "sub" / "inner.safetensors", inp / "inside_link.safetensors")
+    os.symlink(inp / "gone.safetensors", inp / "dangling.safetensors")
+    (inp / "dir.safetensors").mkdir()
+    os.mkfifo(inp / "fifo.safetensors")
+    for name in ("../outside/secret.safetensors", str(outside / "secret.safetensors"), "link.safetensors",
+                 "linkdir/secret.safetensors", "sub/../../outside/secret.safetensors", "nowhere.safetensors",
+                 "dangling.safetensors", "dir.safetensors", "fifo.safetensors", "sub/../ok.safetensors",
+                 "secret.txt", "a\0b.safetensors", "", ".safetensors", "sub/"):
+        refused_as_missing(model, name)
+    for name in ("sub/inner.safetensors", "inside_link.safetensors", "./sub/../sub/inner.safetensors"):
+        assert torch.equal(load(model, name)["samples"], good["samples"])
+        assert LoadInversion.validate_inputs(inversion=name) is True
+    assert calls[0] == 0
+
+
+class Reads:
+    """Counts the bytes LoadInversion's module reads through open()."""
+
+    def __init__(self, monkeypatch):
+        self.n = 0
+        outer = self
+
+        class Counted:
+            def __init__(self, f):
+                self.f = f
+
+            def read(self, *a):
+                data = self.f.read(*a)
+                outer.n += len(data)
+                return data
+
+            def __getattr__(self, k):
+                return getattr(self.f, k)
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *a):
+                return self.f.__exit__(*a)
+
+        monkeypatch.setattr(io_nodes, "open", lambda *a, **k: Counted(builtins.open(*a, **k)), raising=False)
+
+
+def test_a_huge_header_is_refused_before_it_is_read(monkeypatch):
+    model, _ = counting()
+    path = os.path.join(folder_paths.get_input_directory(), "huge.safetensors")
+    safetensors.torch.save_file({"x": torch.zeros(1)}, path, metadata={"pad": "x" * (io_nodes.MAX_HEADER + 10)})
+    reads = Reads(monkeypatch)
+    with pytest.raises(NodeInputError, match=r"'huge.safetensors' is truncated or corrupt: its header is \d+ bytes, more than"):
+        load(model, "huge.safetensors")
+    assert reads.n == 8
+    monkeypatch.setattr(io_nodes, "MAX_HEADER", 1000)
+    with pytest.raises(NodeInputError, match="SaveInversion: input 'latent': its file header would be about"):
+        SaveInversion.execute(latent=invert(model), filename_prefix="x")
+
+
+def test_the_change_check_reads_the_header_only(monkeypatch):
+    model, _ = counting()
+    name = write(invert(model), "a.safetensors")
+    path = os.path.join(folder_paths.get_input_directory(), name)
+    size = os.path.getsize(path)
+    head = 8 + int.from_bytes(open(path, "rb").read(8), "little")
+    reads = Reads(monkeypatch)
+    first = LoadInversion.fingerprint_inputs(inversion=name)
+    assert reads.n == head < size and first == LoadInversion.fingerprint_inputs(inversion=name)
+    st = os.stat(path)
+    data = bytearray(open(path, "rb").read())
+    data[-1] ^= 1  # a tensor byte: same size, new time
+    open(path, "wb").write(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1000))
+    second = LoadInversion.fingerprint_inputs(inversion=name)
+    assert second != first
+    with open(path, "ab") as f:
+        f.write(b" ")
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1000))
+    assert LoadInversion.fingerprint_inputs(inversion=name) not in (first, second)
+
+
+def test_loaded_extras_are_checked():
+    model, _ = counting()
+    good = invert(model)
+    for key, value, words in (("batch_index", [1], "'batch_index'"), ("batch_index", "x", "'batch_index'"),
+                              ("noise_mask", "x", "'noise_mask'"), ("noise_mask", torch.full((1, 8, 8), float("nan")), "'noise_mask'")):
+        with pytest.raises(NodeInputError, match=f"LoadInversion: input 'inversion': .*{words}"):
+            load(model, write(dict(good, **{key: value}), f"{key}.safetensors"))
+
+
+def test_broken_json_and_tensor_tables_are_refused():
+    model, _ = counting()
+    good = invert(model)
+    tensors, content = encode("t", good)
+    inp = folder_paths.get_input_directory()
+    variants = {"deep": "[" * 100_000 + "]" * 100_000, "nojson": "{", "unknown": content.replace('"t0"', '"t99"'),
+                "listkey": content.replace('"t0"', '["t0"]', 1)}
+    for name, text in variants.items():
+        meta = {io_nodes.VERSION_KEY: "1", io_nodes.CONTENT_KEY: text}
+        safetensors.torch.save_file(tensors, os.path.join(inp, f"{name}.safetensors"), metadata=meta)
+        with pytest.raises(NodeInputError, match=f"LoadInversion: input 'inversion': '{name}.safetensors' is "
+                                                 "(truncated or corrupt|damaged)"):
+            load(model, f"{name}.safetensors")
+
+
+# --- the other holes --------------------------------------------------------------------------
+
+def test_bdia_with_one_step_is_refused():
+    model, calls = counting()
+    with pytest.raises(NodeInputError, match="Invert: input 'steps': bdia needs at least 2 steps"):
+        invert(model, "bdia", steps=1)
+    two = invert(model, "bdia", steps=2)
+    calls[0] = 0
+    sig = two["inversion"]["sigmas"]
+    one = corrupt(corrupt(corrupt(two, "sigmas", sig[::2]), "steps", 1), "trajectory", None)
+    with pytest.raises(NodeInputError, match="Reconstruct: input 'inverted': is a BDIA inversion of 1 step"):
+        reconstruct(model, one)
+    assert calls[0] == 0
+
+
+def test_noise_masks_are_refused_not_ignored():
+    model, calls = counting()
+    source = {"samples": vae_scale(model, MIX.sample(1, seed=4).float())}
+    masked = core.SetLatentNoiseMask().set_mask(source, torch.ones(1, 64, 64))[0]
+    with pytest.raises(NodeInputError, match="Invert: input 'latent': carries a noise_mask .* does not use"):
+        Invert.execute(model=model, latent=masked, positive=prompt(1), method="ddim", steps=3, scheduler="karras",
+                       cfg=1.0, denoise=1.0, keep_trajectory=False)
+    good = invert(model)
+    calls[0] = 0
+    after = core.SetLatentNoiseMask().set_mask(good, torch.ones(1, 64, 64))[0]
+    assert "inversion" in after
+    with pytest.raises(NodeInputError, match="Reconstruct: input 'inverted': carries a noise_mask"):
+        reconstruct(model, after)
+    assert calls[0] == 0
+
+
+def test_cfg_minus_one_is_the_only_sentinel():
+    model, calls = counting()
+    good = Invert.execute(model=model, latent={"samples": vae_scale(model, MIX.sample(1, seed=4).float())},
+                          positive=prompt(1), negative=prompt(0), method="bdia", steps=4, scheduler="karras", cfg=2.0,
+                          denoise=1.0, keep_trajectory=False).result[0]
+    calls[0] = 0
+    for cfg in (-0.5, -0.01, -2.0):
+        with pytest.raises(NodeInputError, match=r"Reconstruct: input 'cfg': expected -1 \(the inversion's cfg, 2\)"):
+            reconstruct(model, good, cfg)
+    with pytest.raises(NodeInputError, match="Invert: input 'cfg'"):
+        invert(model, cfg=-0.5)
+    assert calls[0] == 0
+    run = lambda cfg: Reconstruct.execute(model=model, inverted=good, positive=prompt(1), negative=prompt(0),
+                                          cfg=cfg).result[0]["samples"]
+    assert torch.equal(run(-1.0), run(2.0)) and not torch.equal(run(-1.0), run(1.0))
+
+
+def video_model(calls):
+    """The exact mixture behind a model whose latent format is a video one (Wan 2.1: 16 channels, 5D)."""
+    import comfy.latent_formats
+
+    mix = Mixture((16, 2, 8, 8), components=2, seed=1)
+    model = exact_model("flow", mix)
+    model.model.latent_format = comfy.latent_formats.Wan21()
+    inner = model.model_options["model_function_wrapper"]
+
+    def wrapper(apply_model, args):
+        calls[0] += 1
+        return inner(apply_model, args)
+
+    model.set_model_unet_function_wrapper(wrapper)
+    return model, mix
+
+
+def test_latents_of_the_wrong_dimensionality_are_refused_before_any_call():
+    model, calls = counting()
+    five = {"samples": torch.zeros(1, 4, 2, 8, 8)}
+    with pytest.raises(NodeInputError, match=r"Invert: input 'latent': has 5D samples .* an image model's \(SD15"):
+        Invert.execute(model=model, latent=five, positive=prompt(1), method="ddim", steps=3, scheduler="karras",
+                       cfg=1.0, denoise=1.0, keep_trajectory=False)
+    video, mix = video_model(calls)
+    with pytest.raises(NodeInputError, match=r"Invert: input 'latent': has 4D samples .* a video model's \(Wan21"):
+        Invert.execute(model=video, latent={"samples": torch.zeros(1, 16, 8, 8)}, positive=prompt(1), method="ddim",
+                       steps=3, scheduler="simple", cfg=1.0, denoise=1.0, keep_trajectory=False)
+    assert calls[0] == 0
+    # and a video latent on the video model runs, and returns
+    src = {"samples": vae_scale(video, mix.sample(1, seed=2).float())}
+    out = Invert.execute(model=video, latent=src, positive=prompt(1), method="bdia", steps=4, scheduler="simple",
+                         cfg=1.0, denoise=1.0, keep_trajectory=True).result[0]
+    back = Reconstruct.execute(model=video, inverted=out, positive=prompt(1), cfg=-1.0).result[0]["samples"]
+    assert back.shape == (1, 16, 2, 8, 8) and ((back - src["samples"]).norm() / src["samples"].norm()) < 1e-5
+
+
+def test_solver_errors_carry_one_prefix_and_are_not_input_errors():
+    model, _ = counting()
+    good = invert(model)
+    model.set_model_unet_function_wrapper(lambda apply_model, args: args["input"] * float("nan"))
+    with pytest.raises(NonFiniteError) as e:  # step 1 comes from BDIA's pair: step 2 is the first call
+        reconstruct(model, good)
+    assert str(e.value) == "Reconstruct: bdia: the denoiser returned non-finite values at step 2 (sigma = 1.2741)"
+
+    def job(den, x, inner):
+        raise SolverError("Reconstruct: already named")
+    with pytest.raises(SolverError) as e:
+        guider = comfy.samplers.CFGGuider(model)
+        guider.set_conds(prompt(1), prompt(0))
+        guider.set_cfg(1.0)
+        run_guider("Reconstruct", guider, good["samples"], good["inversion"]["sigmas"].flip(0), job)
+    assert str(e.value) == "Reconstruct: already named"
+
+
+def test_save_inversion_declares_the_workflow_and_stores_it(monkeypatch):
+    import asyncio
+
+    import execution
+
+    assert {"prompt", "extra_pnginfo"} <= set(SaveInversion.INPUT_TYPES()["hidden"])
+    model, _ = counting()
+    made = invert(model)
+
+    class Made:  # hands the inverted LATENT to the graph
+        CATEGORY, RETURN_TYPES, FUNCTION = "test", ("LATENT",), "run"
+
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {}}
+
+        def run(self):
+            return (made,)
+
+    monkeypatch.setitem(core.NODE_CLASS_MAPPINGS, "TestMade", Made)
+    monkeypatch.setitem(core.NODE_CLASS_MAPPINGS, "InversionSuite_SaveInversion", SaveInversion)
+    graph = {"1": {"class_type": "TestMade", "inputs": {}},
+             "2": {"class_type": "InversionSuite_SaveInversion", "inputs": {"latent": ["1", 0], "filename_prefix": "wf"}}}
+    workflow = {"nodes": [{"id": 1}, {"id": 2}], "links": []}
+
+    class Server:
+        client_id = None
+        last_node_id = None
+
+        def send_sync(self, *args, **kwargs):
+            pass
+
+    async def run():
+        ok, err, outputs, node_errors = await execution.validate_prompt("r", graph, None)
+        assert ok, (err, node_errors)
+        kw = {"cache_type": execution.CacheType.CLASSIC}
+        if "cache_args" in execution.PromptExecutor.__init__.__code__.co_varnames:
+            kw["cache_args"] = {"lru": 0, "ram": 0, "ram_inactive": 0}
+        ex = execution.PromptExecutor(Server(), **kw)
+        await ex.execute_async(graph, "r", extra_data={"extra_pnginfo": {"workflow": workflow}}, execute_outputs=outputs)
+        return ex
+    ex = asyncio.run(run())
+    assert ex.success, ex.status_messages
+    saved = ex.history_result["outputs"]["2"]["latents"][0]
+    path = os.path.join(folder_paths.get_output_directory(), saved["subfolder"], saved["filename"])
+    with safetensors.safe_open(path, framework="pt") as f:
+        meta = f.metadata()
+    assert json.loads(meta["prompt"]) == graph and json.loads(meta["workflow"]) == workflow
