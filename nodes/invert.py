@@ -39,7 +39,7 @@ class Invert(io.ComfyNode):
                                tooltip="How far to invert: 1 reaches pure noise, lower stops part-way and keeps "
                                        "more of the image in edits (as KSampler's denoise)."),
                 io.Boolean.Input("keep_trajectory", default=True,
-                                 tooltip="Keep the latent at every step (steps + 1 latents of memory). "
+                                 tooltip="Keep the latent at every step (one latent of memory per step). "
                                          "StochasticEditSampler needs it."),
                 io.Conditioning.Input("negative", optional=True,
                                       tooltip="Negative prompt; unconnected, a zeroed positive (as ConditioningZeroOut)."),
