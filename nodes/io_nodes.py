@@ -18,7 +18,7 @@ import torch
 from comfy.cli_args import args
 from comfy_api.latest import io, ui
 
-from .host import RECORD, fail
+from .host import fail
 from .record import Record
 
 FILE_FORMAT = 1
