@@ -127,6 +127,7 @@ def cases(rec):
         ("trajectory", rec["trajectory"][:3] + [wide], ["'trajectory[3]'", "(2, 4, 8, 9)"]),
         ("trajectory", rec["trajectory"][:3] + [None], ["'trajectory[3]'"]),
         ("trajectory", rec["trajectory"][:3] + [nan], ["'trajectory[3]'", "NaN"]),
+        ("trajectory", rec["trajectory"][:3] + [x.long()], ["'trajectory[3]'", "floating-point"]),
         ("source", None, ["'source'"]), ("source", wide, ["'source'"]), ("source", nan, ["'source'"]),
         ("source", x.to(torch.int32), ["'source'"]),
         ("samples", None, ["'samples'"]), ("samples", wide, ["shape", "changed them after Invert"]),
@@ -137,7 +138,7 @@ def cases(rec):
         ("steps", True, ["'steps'"]), ("steps", 5, ["'sigmas'", "from steps + 1 = 6"]),
         ("scheduler", 3, ["'scheduler'"]), ("scheduler", "", ["'scheduler'"]), ("scheduler", "x" * 1000, ["'scheduler'"]),
         ("denoise", "1", ["'denoise'"]), ("denoise", 0.0, ["'denoise'"]), ("denoise", 1.5, ["'denoise'"]),
-        ("denoise", float("nan"), ["'denoise'"]),
+        ("denoise", float("nan"), ["'denoise'"]), ("denoise", None, ["'denoise'"]),
         ("model", "SD15", ["'model'"]), ("model", {}, ["'model'"]), ("model", {"prediction": 1, "latent_format": "SD15"}, ["'model'"]),
         ("model", {"prediction": "CONST", "latent_format": "SD15"}, ["made with a CONST model", "this model is EPS"]),
         ("model", {"prediction": "EPS", "latent_format": "SDXL"}, ["SDXL latents"]),
@@ -196,6 +197,42 @@ def test_pair_rules_of_other_samplers(method):
     assert calls[0] == 0
     without = corrupt(good, "trajectory", None)  # keep_trajectory off is legitimate
     assert Record.read("t", without, "inverted", model).trajectory is None
+
+
+SETTINGS = {  # method: (setting, wrong value, words)
+    "aidi_anderson": [("iterations", "5", "an integer"), ("iterations", 2.5, "an integer"), ("tol", -1.0, "a number"),
+                      ("guess", "x", "one of ddim, extrapolate"), ("m", None, "an integer"), ("lam", float("inf"), "a number")],
+    "renoise": [("window", [3], "2 integers"), ("window", "3,5", "2 integers"), ("window", [3, -5], "2 integers"),
+                ("first_window", [0.5, 5], "2 integers")],
+    "easyinv": [("eta", "0.5", "a number"), ("start", True, "a number")],
+    "edict": [("p", 0.1, "a number from 0.5 to 1.0"), ("p", "0.93", "a number from 0.5 to 1.0")],
+}
+
+
+@pytest.mark.parametrize("method", list(SETTINGS))
+def test_wrong_settings_of_every_kind_are_refused(method):
+    model, calls = counting()
+    good = invert(model, method, keep_trajectory=False)
+    calls[0] = 0
+    for key, value, words in SETTINGS[method]:
+        bad = corrupt(good, "settings", dict(good["inversion"]["settings"], **{key: value}))
+        with pytest.raises(NodeInputError, match=f"Reconstruct: input 'inverted': .*'settings.{key}' must be {words}"):
+            reconstruct(model, bad)
+    assert calls[0] == 0
+
+
+def test_a_file_whose_latent_is_wrong_is_refused():
+    model, calls = counting()
+    good = invert(model)
+    calls[0] = 0
+    x = good["samples"]
+    for i, (samples, words) in enumerate(((None, "expected a LATENT"), (x[0], "4D"), (x[:, :, None], "5D samples"),
+                                          (x[:, :3], "channels"), (x.long(), "floating-point"),
+                                          (x * float("nan"), "NaN"))):
+        latent = dict(good, samples=samples) if samples is not None else {"inversion": good["inversion"]}
+        with pytest.raises(NodeInputError, match=f"LoadInversion: input 'inversion': .*{words}"):
+            load(model, write(latent, f"latent{i}.safetensors"))
+    assert calls[0] == 0
 
 
 def test_a_refined_schedule_up_to_the_stated_factor_is_accepted():
