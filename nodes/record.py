@@ -39,6 +39,15 @@ def _real(v) -> bool:
     return type(v) in (int, float) and math.isfinite(v)
 
 
+def _check_tensor(bad, name, t, shape):
+    if not isinstance(t, torch.Tensor):
+        bad(name, f"a tensor of the samples' shape {shape}", type(t).__name__)
+    if tuple(t.shape) != shape or not t.is_floating_point():
+        bad(name, f"a floating-point tensor of the samples' shape {shape}", f"{tuple(t.shape)} {t.dtype}")
+    if not torch.isfinite(t).all():
+        bad(name, "finite", "NaN or inf values")
+
+
 @dataclass(frozen=True)
 class Record:
     """One inversion, as Invert made it. Tensors are in VAE scale, as a LATENT holds them.
@@ -137,103 +146,39 @@ class Record:
     # --- checks ---------------------------------------------------------------------------------
 
     def check(self, node: str, what: str, samples: torch.Tensor):
-        """Every field's type, shape, length and value, without a model."""
+        """Every field's type, shape, length and value, without a model; ``samples``: the LATENT's."""
         def bad(field, expected, got=None):
             shown = "" if got is None else f", got {got}"
             fail(node, what, f"its inversion record is malformed: '{field}' must be {expected}{shown}")
 
-        def kind(v):
-            return type(v).__name__
-
-        m = METHODS.get(self.method) if isinstance(self.method, str) else None
-        if m is None:
-            bad("method", f"one of {', '.join(METHODS)}", repr(self.method) if isinstance(self.method, str) else kind(self.method))
-        if self.sampler != m.sampler:
-            bad("sampler", f"{m.sampler!r} (the sampler of {self.method})", repr(self.sampler))
-        if not isinstance(self.space, str) or self.space not in SPACES:
-            bad("space", f"one of {', '.join(SPACES)}", repr(self.space))
-        self._check_settings(m, bad, kind)
-
-        if type(self.steps) is not int or not 1 <= self.steps <= MAX_STEPS:
-            bad("steps", f"an integer from 1 to {MAX_STEPS}", repr(self.steps))
-        for name in ("cfg", "denoise"):
-            if not _real(getattr(self, name)):
-                bad(name, "a finite number", repr(getattr(self, name)))
-        if not 0 <= self.cfg <= 100:
-            bad("cfg", "from 0 to 100", self.cfg)
-        if not 0 < self.denoise <= 1:
-            bad("denoise", "in (0, 1]", self.denoise)
-        if not isinstance(self.scheduler, str) or not 0 < len(self.scheduler) <= 100:
-            bad("scheduler", "a scheduler name", repr(self.scheduler)[:100])
-        if type(self.nfe) is not int or self.nfe < 0:
-            bad("nfe", "a count (an integer >= 0)", repr(self.nfe))
-        if not (isinstance(self.model, dict) and set(self.model) == {"prediction", "latent_format"}
-                and all(isinstance(v, str) for v in self.model.values())):
-            bad("model", "{'prediction': str, 'latent_format': str}", repr(self.model)[:200])
-
-        s = self.sigmas
-        if not isinstance(s, torch.Tensor) or s.ndim != 1 or not s.is_floating_point():
-            bad("sigmas", "a 1-D floating-point tensor",
-                f"{kind(s)} {tuple(s.shape)} {s.dtype}" if isinstance(s, torch.Tensor) else kind(s))
-        n = s.numel() - 1  # steps in the schedule
-        if not self.steps + 1 <= s.numel() <= 1 + self.steps * REFINE:
-            bad("sigmas", f"from steps + 1 = {self.steps + 1} to 1 + steps * {REFINE} = {1 + self.steps * REFINE} "
-                          "long", f"{s.numel()} values")
-        if not torch.isfinite(s).all() or s[0] != 0 or not (s[1:] > s[:-1]).all():
-            bad("sigmas", "finite, ascending strictly from 0")
-        if self.space == FLOW and s[-1] > 1:
-            bad("sigmas", "at most 1 in flow space", f"{float(s[-1]):g}")
+        m = self._check_names(bad)
+        self._check_settings(m, bad)
+        self._check_numbers(bad)
+        n = self._check_schedule(bad)
         if m.sampler == "bdia" and n < 2:
             fail(node, what, "is a BDIA inversion of 1 step: its pair is the clean source, so resuming it would "
                              "return the source unchanged. Invert with at least 2 steps")
+        self._check_tensors(node, what, m, bad, samples)
 
-        if not (isinstance(self.residuals, list) and len(self.residuals) <= n
-                and all(_real(r) and r >= 0 for r in self.residuals)):
-            bad("residuals", f"a list of at most {n} numbers >= 0",
-                kind(self.residuals) if not isinstance(self.residuals, list) else f"{len(self.residuals)} item(s)")
-        u = self.unconverged
-        if not (isinstance(u, list) and all(type(i) is int and 0 <= i < n for i in u)
-                and all(a < b for a, b in zip(u, u[1:]))):
-            bad("unconverged", f"a list of increasing step indices from 0 to {n - 1}",
-                repr(u)[:100] if isinstance(u, list) else kind(u))
+    def _check_names(self, bad):
+        m = METHODS.get(self.method) if isinstance(self.method, str) else None
+        if m is None:
+            bad("method", f"one of {', '.join(METHODS)}", repr(self.method)[:100])
+        if self.sampler != m.sampler:
+            bad("sampler", f"{m.sampler!r} (the sampler of {self.method})", repr(self.sampler)[:100])
+        if not isinstance(self.space, str) or self.space not in SPACES:
+            bad("space", f"one of {', '.join(SPACES)}", repr(self.space)[:100])
+        if not isinstance(self.scheduler, str) or not 0 < len(self.scheduler) <= 100:
+            bad("scheduler", "a scheduler name", repr(self.scheduler)[:100])
+        if not (isinstance(self.model, dict) and set(self.model) == {"prediction", "latent_format"}
+                and all(isinstance(v, str) for v in self.model.values())):
+            bad("model", "{'prediction': str, 'latent_format': str}", repr(self.model)[:200])
+        return m
 
-        shape = tuple(samples.shape)
-        if isinstance(self.samples, torch.Tensor) and tuple(self.samples.shape) != shape:
-            fail(node, what, f"its samples have shape {shape} but the inversion's have {tuple(self.samples.shape)}: "
-                             "a node changed them after Invert; reconnect Invert's output directly")
-        for name in ("samples", "source", "pair"):
-            t = getattr(self, name)
-            if t is None and name == "pair":
-                if m.sampler in ("bdia", "edict"):
-                    bad("pair", f"a tensor: {self.method} resumes from a pair of states", "None")
-                continue
-            self._check_tensor(bad, name, t, shape)
-        if self.pair is not None and m.sampler == "euler":
-            bad("pair", f"None for {self.method}", "a tensor")
-        t = self.trajectory
-        if t is not None:
-            if not isinstance(t, list) or len(t) != s.numel():
-                bad("trajectory", f"None or a list of {s.numel()} tensors (one per sigma)",
-                    f"{len(t)} item(s)" if isinstance(t, list) else kind(t))
-            for i, x in enumerate(t):
-                self._check_tensor(bad, f"trajectory[{i}]", x, shape)
-        if self.pair is not None and samples is not self.samples and not torch.equal(samples, self.samples):
-            fail(node, what, f"its samples were changed after Invert, so the {self.method} pair no longer "
-                             "matches them; reconnect Invert's output directly")
-
-    @staticmethod
-    def _check_tensor(bad, name, t, shape):
-        if not isinstance(t, torch.Tensor):
-            bad(name, f"a tensor of the samples' shape {shape}", type(t).__name__)
-        if tuple(t.shape) != shape or not t.is_floating_point():
-            bad(name, f"a floating-point tensor of the samples' shape {shape}", f"{tuple(t.shape)} {t.dtype}")
-        if not torch.isfinite(t).all():
-            bad(name, "finite", "NaN or inf values")
-
-    def _check_settings(self, m, bad, kind):
+    def _check_settings(self, m, bad):
         s = self.settings
         if not isinstance(s, dict):
-            bad("settings", f"a dict of {self.method}'s settings", kind(s))
+            bad("settings", f"a dict of {self.method}'s settings", type(s).__name__)
         if set(s) != set(m.settings):
             bad("settings", f"exactly {self.method}'s settings ({', '.join(m.settings) or 'none'})",
                 ", ".join(map(repr, s))[:200] or "none")
@@ -254,6 +199,63 @@ class Record:
                 want = f"{'an integer' if integer else 'a number'} >= 0"
             if not ok:
                 bad(f"settings.{key}", want, repr(v)[:100])
+
+    def _check_numbers(self, bad):
+        if type(self.steps) is not int or not 1 <= self.steps <= MAX_STEPS:
+            bad("steps", f"an integer from 1 to {MAX_STEPS}", repr(self.steps)[:100])
+        if type(self.nfe) is not int or self.nfe < 0:
+            bad("nfe", "a count (an integer >= 0)", repr(self.nfe)[:100])
+        if not _real(self.cfg) or not 0 <= self.cfg <= 100:
+            bad("cfg", "a number from 0 to 100", repr(self.cfg)[:100])
+        if not _real(self.denoise) or not 0 < self.denoise <= 1:
+            bad("denoise", "a number in (0, 1]", repr(self.denoise)[:100])
+
+    def _check_schedule(self, bad) -> int:
+        """The sigmas, residuals and unconverged steps; returns the schedule's number of steps."""
+        s = self.sigmas
+        if not isinstance(s, torch.Tensor) or s.ndim != 1 or not s.is_floating_point():
+            bad("sigmas", "a 1-D floating-point tensor",
+                f"{tuple(s.shape)} {s.dtype}" if isinstance(s, torch.Tensor) else type(s).__name__)
+        if not self.steps + 1 <= s.numel() <= 1 + self.steps * REFINE:
+            bad("sigmas", f"from steps + 1 = {self.steps + 1} to 1 + steps * {REFINE} = {1 + self.steps * REFINE} "
+                          "long", f"{s.numel()} values")
+        if not torch.isfinite(s).all() or s[0] != 0 or not (s[1:] > s[:-1]).all():
+            bad("sigmas", "finite, ascending strictly from 0")
+        if self.space == FLOW and s[-1] > 1:
+            bad("sigmas", "at most 1 in flow space", f"{float(s[-1]):g}")
+        n = s.numel() - 1
+        r = self.residuals
+        if not (isinstance(r, list) and len(r) <= n and all(_real(v) and v >= 0 for v in r)):
+            bad("residuals", f"a list of at most {n} numbers >= 0",
+                f"{len(r)} item(s)" if isinstance(r, list) else type(r).__name__)
+        u = self.unconverged
+        if not (isinstance(u, list) and all(type(i) is int and 0 <= i < n for i in u)
+                and all(a < b for a, b in zip(u, u[1:]))):
+            bad("unconverged", f"a list of increasing step indices from 0 to {n - 1}",
+                repr(u)[:100] if isinstance(u, list) else type(u).__name__)
+        return n
+
+    def _check_tensors(self, node, what, m, bad, samples):
+        shape = tuple(samples.shape)
+        if isinstance(self.samples, torch.Tensor) and tuple(self.samples.shape) != shape:
+            fail(node, what, f"its samples have shape {shape} but the inversion's have {tuple(self.samples.shape)}: "
+                             "a node changed them after Invert; reconnect Invert's output directly")
+        two = m.sampler in ("bdia", "edict")
+        if (self.pair is None) == two:
+            bad("pair", f"a tensor: {self.method} resumes from a pair of states" if two else f"None for {self.method}",
+                "None" if two else type(self.pair).__name__)
+        for name in ("samples", "source") + (("pair",) if two else ()):
+            _check_tensor(bad, name, getattr(self, name), shape)
+        t = self.trajectory
+        if t is not None:
+            if not isinstance(t, list) or len(t) != self.sigmas.numel():
+                bad("trajectory", f"None or a list of {self.sigmas.numel()} tensors (one per sigma)",
+                    f"{len(t)} item(s)" if isinstance(t, list) else type(t).__name__)
+            for i, x in enumerate(t):
+                _check_tensor(bad, f"trajectory[{i}]", x, shape)
+        if two and samples is not self.samples and not torch.equal(samples, self.samples):
+            fail(node, what, f"its samples were changed after Invert, so the {self.method} pair no longer "
+                             "matches them; reconnect Invert's output directly")
 
     def check_model(self, node: str, what: str, model):
         """The model that resumes the inversion must be the kind that made it."""
