@@ -226,7 +226,8 @@ class LoadInversion(io.ComfyNode):
             category="sampling/inversion",
             description="Loads an inversion saved by SaveInversion from the input folder and checks it against "
                         "the model: the LATENT comes back bit for bit, ready for Reconstruct and the editors. "
-                        "Refuses plain latents, damaged files, files from a newer version and inversions made "
+                        "Refuses, before any model call, files outside the input folder (links followed), plain "
+                        "latents, damaged files or records, files from a newer version and inversions made "
                         "with a different kind of model.",
             inputs=[
                 io.Model.Input("model", tooltip="The model the inversion will be used with; it must be the kind "

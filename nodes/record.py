@@ -7,7 +7,7 @@ cache it and SaveInversion writes it as it is. Nodes never read that dict: they 
 given a model, against that model, before any model evaluation, and use attributes::
 
     samples, rec = host.resume(node, latent, model)   # rec is a Record
-    sampler, kwargs = sampler_for(rec.sampler, rec.settings)
+    fn, kwargs = sampler_for(rec.sampler, rec.settings)
     down = rec.sigmas.flip(0)                          # the sampling schedule
     cfg = rec.cfg_for(node, "cfg", cfg)                # -1 is the inversion's own cfg
 
@@ -19,7 +19,7 @@ field added later gets a default (so older records still read) and a check in
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from typing import Optional
 
 import torch
@@ -133,11 +133,12 @@ class Record:
         if version > FORMAT:
             fail(node, what, f"its inversion record has format {version}, newer than this Inversion Suite reads "
                              f"(up to {FORMAT}): update the pack")
-        names = [f.name for f in fields(cls)]
-        missing = [k for k in names if k not in d]
+        # A field with a default was added after format 1 began: older records read without it.
+        missing = [f.name for f in fields(cls) if f.name not in d
+                   and f.default is MISSING and f.default_factory is MISSING]
         if missing:
             fail(node, what, f"its inversion record lacks {', '.join(missing)}: {hint}")
-        rec = cls(**{k: d[k] for k in names})
+        rec = cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
         rec.check(node, what, latent["samples"])
         if model is not None:
             rec.check_model(node, what, model)

@@ -304,6 +304,22 @@ def test_files_written_before_the_record_type_still_load(method):
     assert torch.equal(reconstruct(model, loaded)["samples"], reconstruct(model, fresh)["samples"])
 
 
+def test_a_field_added_later_with_a_default_reads_older_records():
+    from dataclasses import dataclass, field
+
+    @dataclass(frozen=True)
+    class Later(Record):
+        refined: list = field(default_factory=list)
+
+    model, _ = counting()
+    shutil.copy(DATA / "format1_bdia.safetensors", folder_paths.get_input_directory())
+    old = load(model, "format1_bdia.safetensors")
+    assert Later.read("t", old, "inverted", model).refined == []
+    assert Later.read("t", corrupt(old, "refined", [1]), "inverted", model).refined == [1]
+    with pytest.raises(NodeInputError, match="t: input 'inverted': its inversion record lacks cfg"):
+        Later.read("t", corrupt(old, "cfg", MISSING), "inverted", model)
+
+
 # --- LoadInversion: where a file may come from ---------------------------------------------------
 
 def nowhere(name):
