@@ -34,11 +34,6 @@ PLAIN = "connect the output of Invert (for a plain latent use the core SaveLaten
 DAMAGED = "the file is damaged or was not written by SaveInversion"
 
 
-def check_record(node: str, latent, what: str, hint: str = PLAIN) -> Record:
-    """The record's shape, checked without a model (for SaveInversion)."""
-    return Record.read(node, latent, what, hint=hint)
-
-
 def encode(node: str, latent: dict):
     """(tensors by key, JSON text) for a LATENT; refuses values JSON and safetensors cannot hold."""
     tensors, keys, storages = {}, {}, set()
@@ -194,7 +189,7 @@ class SaveInversion(io.ComfyNode):
 
     @classmethod
     def execute(cls, latent, filename_prefix):
-        check_record("SaveInversion", latent, "latent")
+        Record.read("SaveInversion", latent, "latent", hint=PLAIN)  # every field, without a model
         tensors, content = encode("SaveInversion", latent)
         folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(
             filename_prefix, folder_paths.get_output_directory())
