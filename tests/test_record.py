@@ -281,6 +281,12 @@ def test_the_record_reads_back_what_invert_wrote_and_shares_its_tensors():
     assert rec.trajectory[0] is rec.source and rec.pair is rec.trajectory[-2]
     assert rec.as_dict().keys() == out["inversion"].keys()
     assert all(rec.as_dict()[k] is out["inversion"][k] for k in out["inversion"] if k != "format")
+    saved = SaveInversion.execute(latent=out, filename_prefix="same").ui["latents"][0]
+    shutil.copy(os.path.join(folder_paths.get_output_directory(), saved["filename"]), folder_paths.get_input_directory())
+    with safetensors.safe_open(os.path.join(folder_paths.get_input_directory(), saved["filename"]), framework="pt") as f:
+        assert len(f.keys()) == 5  # sigmas, source, the two states between, samples: each stored once
+    back = Record.read("t", load(model, saved["filename"]), "inverted", model)
+    assert back.trajectory[0] is back.source and back.trajectory[-1] is back.samples and back.pair is back.trajectory[-2]
     assert rec["cfg"] == rec.cfg  # the transitional reader
     assert rec.cfg_for("N", "cfg", -1) == 1.0 and rec.cfg_for("N", "cfg", 0) == 0.0
     for wrong in (-0.5, -1.5, float("nan")):
