@@ -75,6 +75,8 @@ def check_latent(node: str, latent, model, what: str = "latent") -> torch.Tensor
                          "encode the image with the VAE that belongs to this model")
     if not x.is_floating_point():
         fail(node, what, f"expected floating-point samples, got {x.dtype}")
+    if x.numel() == 0:
+        fail(node, what, f"is empty (shape {tuple(x.shape)})")
     if not torch.isfinite(x).all():
         fail(node, what, "holds NaN or inf values")
     return x

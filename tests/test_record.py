@@ -228,7 +228,7 @@ def test_a_file_whose_latent_is_wrong_is_refused():
     x = good["samples"]
     for i, (samples, words) in enumerate(((None, "expected a LATENT"), (x[0], "4D"), (x[:, :, None], "5D samples"),
                                           (x[:, :3], "channels"), (x.long(), "floating-point"),
-                                          (x * float("nan"), "NaN"))):
+                                          (x * float("nan"), "NaN"), (x[:0], "is empty"))):
         latent = dict(good, samples=samples) if samples is not None else {"inversion": good["inversion"]}
         with pytest.raises(NodeInputError, match=f"LoadInversion: input 'inversion': .*{words}"):
             load(model, write(latent, f"latent{i}.safetensors"))
@@ -605,3 +605,29 @@ def test_save_inversion_declares_the_workflow_and_stores_it(monkeypatch):
     with safetensors.safe_open(path, framework="pt") as f:
         meta = f.metadata()
     assert json.loads(meta["prompt"]) == graph and json.loads(meta["workflow"]) == workflow
+
+
+def test_damaged_bytes_give_a_refusal_or_a_valid_record_never_a_raw_error():
+    """Flip, drop or overwrite bytes of a real file, header and data alike (seeded)."""
+    model, calls = counting()
+    name = write(invert(model), "good.safetensors")
+    data = open(os.path.join(folder_paths.get_input_directory(), name), "rb").read()
+    head = 8 + int.from_bytes(data[:8], "little")
+    g = torch.Generator().manual_seed(0)
+    calls[0] = 0
+    refused = 0
+    for i in range(300):
+        b = bytearray(data)
+        at = int(torch.randint(head if i % 2 else len(b), (1,), generator=g))  # odd: inside the header
+        if i % 5 == 0:
+            b = b[:at]
+        else:
+            b[at] = int(torch.randint(256, (1,), generator=g))
+        path = os.path.join(folder_paths.get_input_directory(), "damaged.safetensors")
+        open(path, "wb").write(bytes(b))
+        try:
+            Record.read("t", load(model, "damaged.safetensors"), "inverted", model)
+        except NodeInputError as e:
+            assert str(e).startswith("LoadInversion: input '"), str(e)
+            refused += 1
+    assert calls[0] == 0 and refused > 150
