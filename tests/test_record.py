@@ -562,6 +562,10 @@ def test_save_inversion_declares_the_workflow_and_stores_it(monkeypatch):
 
     import execution
 
+    from comfy_api.latest import io
+
+    # Declared, not left to the host (both hosts also add them to any output node today).
+    assert SaveInversion.define_schema().hidden == [io.Hidden.prompt, io.Hidden.extra_pnginfo]
     assert {"prompt", "extra_pnginfo"} <= set(SaveInversion.INPUT_TYPES()["hidden"])
     model, _ = counting()
     made = invert(model)
