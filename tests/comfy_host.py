@@ -119,9 +119,34 @@ FLUX = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_di
         "axes_dim": [8, 12, 12], "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": False}
 
 
+def flux_config(**extra):
+    """FLUX plus the fields this host's ``FluxParams`` requires (``txt_ids_dims`` since ComfyUI 0.4: none for Flux.1)."""
+    import dataclasses
+
+    import comfy.ldm.flux.model
+
+    config = dict(FLUX, **extra)
+    fields = {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}
+    if "txt_ids_dims" in fields:
+        config.setdefault("txt_ids_dims", [])
+    return config
+
+
 def tiny_flux(seed=0):
     """The host's Flux (joint [text, image] attention, flow sampling) with a tiny transformer."""
-    return patched(comfy.model_base.Flux(comfy.supported_models.Flux(dict(FLUX)), device=torch.device("cpu")), seed, 0.2)
+    return patched(comfy.model_base.Flux(comfy.supported_models.Flux(flux_config()), device=torch.device("cpu")), seed, 0.2)
+
+
+def executor(server):
+    """The host's ``PromptExecutor`` with the classic cache (newer hosts also need ``cache_args``)."""
+    import inspect
+
+    import execution
+
+    kwargs = {"cache_type": execution.CacheType.CLASSIC}
+    if "cache_args" in inspect.signature(execution.PromptExecutor).parameters:
+        kwargs["cache_args"] = {"lru": 0, "ram": 0, "ram_inactive": 0}  # what --cache-classic passes
+    return execution.PromptExecutor(server, **kwargs)
 
 
 def flux_prompt(seed, tokens=16):
