@@ -106,6 +106,39 @@ def test_each_family_runs_on_its_own_host_classes():
         assert type(model.model).__name__ == MODEL_CLASS[name]
         want = "EPS" if name == "sdxl" else "CONST"
         assert isinstance(model.get_model_object("model_sampling"), getattr(comfy.model_sampling, want))
+        # UNet cross-attention (attn2 patches) on SDXL only; the DiTs go through the attention override.
+        assert bool(edit.attention_layers(model)) == (name == "sdxl")
+
+
+def denoised(model, name, cond, sigma_index=2):
+    """The host's guided x0 prediction for one prompt (cfg 1) on a fixed latent."""
+    ms = model.get_model_object("model_sampling")
+    sigma = comfy.samplers.calculate_sigmas(ms, FAMILIES[name][3], 4).cpu()[sigma_index:sigma_index + 1]
+    g = comfy.samplers.CFGGuider(model)
+    g.set_conds(cond, cond)
+    g.set_cfg(1.0)
+    seen = {}
+
+    class Once(comfy.samplers.Sampler):
+        def sample(self, wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
+                   disable_pbar=False):
+            seen["x0"] = wrap(latent_image, sigmas[:1], **extra_args)
+            return latent_image
+
+    x = source(name)["samples"]
+    g.sample(torch.zeros_like(x), x, Once(), torch.cat([sigma, sigma.new_zeros(1)]), disable_pbar=True, seed=0)
+    return seen["x0"]
+
+
+@pytest.mark.parametrize("name", ["sdxl", "sd3.5", "flux"])
+def test_the_pooled_vector_reaches_the_network(name):
+    """SDXL's ADM input y = [pooled, size embeddings] and SD3/Flux's pooled vector are live conditioning."""
+    model = family(name)
+    cond = FAMILIES[name][2](1)
+    other = [[cond[0][0], {**cond[0][1], "pooled_output": cond[0][1]["pooled_output"] + 1}]]
+    a, b = denoised(model, name, cond), denoised(model, name, other)
+    assert torch.isfinite(a).all() and rel(b, a) > 1e-4  # float rounding is about 1e-7
+    assert torch.equal(a, denoised(model, name, cond))  # deterministic, as exact inversion needs
 
 
 @pytest.mark.parametrize("method", list(METHODS))
