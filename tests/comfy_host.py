@@ -198,6 +198,12 @@ def tiny_wan(seed=0, std=0.05):
     return patched(comfy.model_base.WAN21(config, device=torch.device("cpu")), seed, std)
 
 
+def tiny_wan22(seed=0, std=0.05):
+    """Wan 2.2 TI2V-5B's layout on model_base.WAN22: 48-channel latents of the Wan 2.2 VAE, 5D."""
+    config = comfy.supported_models.WAN22_T2V(dict(WAN_DIT, in_dim=48, out_dim=48))
+    return patched(comfy.model_base.WAN22(config, image_to_video=True, device=torch.device("cpu")), seed, std)
+
+
 def tiny_qwen(seed=0, std=0.05):
     """Qwen-Image on model_base.QwenImage (joint [text, image] attention, flow); None where the host lacks it."""
     if not hasattr(comfy.supported_models, "QwenImage"):

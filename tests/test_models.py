@@ -14,7 +14,7 @@ import math
 import comfy_host  # skips this module where no ComfyUI is found
 import pytest
 import torch
-from comfy_host import flux_prompt, text_prompt, tiny_flux, tiny_qwen, tiny_sd3, tiny_sdxl, tiny_wan
+from comfy_host import flux_prompt, text_prompt, tiny_flux, tiny_qwen, tiny_sd3, tiny_sdxl, tiny_wan, tiny_wan22
 
 import comfy.model_base
 import comfy.model_sampling
@@ -49,10 +49,11 @@ FAMILIES = {
     "flux": (lambda std=0.05: tiny_flux(std=std), (1, 16, 8, 8), lambda s: flux_prompt(s, tokens=32), "simple",
              lambda: comfy.text_encoders.flux.FluxTokenizer),
     "wan2.1": (tiny_wan, (1, 16, 3, 8, 8), lambda s: text_prompt(s, pooled=False), "simple", None),
+    "wan2.2": (tiny_wan22, (1, 48, 2, 8, 8), lambda s: text_prompt(s, pooled=False), "simple", None),
     "qwen-image": (tiny_qwen, (1, 16, 1, 8, 8), lambda s: text_prompt(s, tokens=32, pooled=False), "simple",
                    _qwen_tokenizer),
 }
-MODEL_CLASS = {"sdxl": "SDXL", "sd3.5": "SD3", "flux": "Flux", "wan2.1": "WAN21", "qwen-image": "QwenImage"}
+MODEL_CLASS = {"sdxl": "SDXL", "sd3.5": "SD3", "flux": "Flux", "wan2.1": "WAN21", "wan2.2": "WAN22", "qwen-image": "QwenImage"}
 STEPS = 6
 TIGHT = {"aidi_anderson": dict(tol=1e-6, iterations=60), "fixed_point": dict(tol=1e-6, iterations=200),
          "aidi_empirical": dict(tol=1e-6, iterations=200), "renoise": dict(iterations=20)}
