@@ -30,7 +30,7 @@ from inversion_suite.nodes.blended import BlendedGuidanceSampler
 from inversion_suite.nodes.host import NodeInputError
 from inversion_suite.nodes.invert import Invert
 from inversion_suite.nodes.reconstruct import Reconstruct
-from inversion_suite.nodes.sampler import InversionSampler
+from inversion_suite.nodes.sampler import SINGLE, InversionSampler
 from inversion_suite.solvers import METHODS
 
 
@@ -257,7 +257,7 @@ def test_every_sampler_callback_carries_a_denoised_tensor(name):
     sigmas = comfy.samplers.calculate_sigmas(ms, FAMILIES[name][3], 4).cpu()
     if name == "flux":
         sigmas = sigmas[1:]
-    for method in ("naive_unsample", "ddim", "aidi_anderson"):
+    for method in SINGLE:  # every method InversionSampler offers, each direction
         seen = []
         sampler = InversionSampler.execute(method=method).result[0]
         for sig in (flipped(sigmas), sigmas):
