@@ -17,8 +17,16 @@ from ..solvers import FLOW, EPS, NonFiniteError, SolverError
 
 RECORD = "inversion"  # the LATENT key of the inversion record (nodes/record.py)
 
-# Most specific first: V_PREDICTION and X0 are subclasses of EPS.
-PREDICTIONS = ("V_PREDICTION_EDM", "EDM", "V_PREDICTION", "IMG_TO_IMG", "X0", "EPS", "CONST")
+# Most specific first: V_PREDICTION and X0 are subclasses of EPS, IMG_TO_IMG_FLOW of CONST.
+PREDICTIONS = ("IMG_TO_IMG_FLOW", "V_PREDICTION_DDPM", "V_PREDICTION_EDM", "EDM", "V_PREDICTION", "IMG_TO_IMG",
+               "X0", "EPS", "CONST")
+# Types a host may name whose state is not x = x0 + sigma * eps nor flow's x = (1 - sigma) x0 + sigma * eps.
+REFUSED = {
+    "IMG_TO_IMG_FLOW": "its denoised output is the raw network output and it maps the latent to 1 - latent, "
+                       "so it is an image-to-image mapping, not flow-matching sampling",
+    "V_PREDICTION_DDPM": "the network reads the sampler's state unscaled as the DDPM state sqrt(a) x0 + "
+                         "sqrt(1 - a) eps (CogVideoX), not x = x0 + sigma * eps",
+}
 
 
 class NodeInputError(ValueError):
@@ -41,11 +49,14 @@ def prediction(model) -> str:
 def space_of(model, node: str) -> str:
     """EPS, v-prediction and EDM models share x = x0 + sigma * eps; CONST is flow."""
     p = prediction(model)
+    expected = "EPS, V_PREDICTION, EDM, X0 or flow (CONST) model sampling expected"
+    if p in REFUSED:
+        fail(node, "model", f"model sampling type {p} is not supported: {REFUSED[p]}; {expected}")
     if p == "CONST":
         return FLOW
     if p in PREDICTIONS:
         return EPS
-    fail(node, "model", f"model sampling type {p} is not supported (EPS, V_PREDICTION, EDM, X0 or flow/CONST expected)")
+    fail(node, "model", f"model sampling type {p} is not supported; {expected}")
 
 
 def describe(model) -> dict:

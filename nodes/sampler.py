@@ -3,24 +3,44 @@
 import comfy.samplers
 from comfy_api.latest import io
 
-from ..solvers import METHODS, invert, sampler_for
+from ..solvers import FLOW, METHODS, invert, sampler_for
 from . import settings
 from .host import fail, space_of
 
+NODE = "InversionSampler"
 SINGLE = [name for name, m in METHODS.items() if m.sampler == "euler"]
 FLIPPED_ZERO = 1e-4  # FlipSigmas replaces a leading 0 by this
 
 
+def _with_denoised(callback):
+    """The host's KSAMPLER callback reads ``denoised`` on the first step (ComfyUI 0.33): never hand it None."""
+    if callback is None:
+        return None
+
+    def call(d):
+        callback(d if d.get("denoised") is not None else {**d, "denoised": d["x"]})
+    return call
+
+
 def _function(method, kwargs):
     def sample(model, x, sigmas, extra_args=None, callback=None, disable=None):
-        space = space_of(model.inner_model.model_patcher, "InversionSampler")  # model: the host's KSampler wrapper of the guider
+        space = space_of(model.inner_model.model_patcher, NODE)  # model: the host's KSampler wrapper of the guider
+        callback = _with_denoised(callback)
         if sigmas[0] < sigmas[-1]:
-            if space == "flow" and float(sigmas[-1]) >= 1:
-                raise ValueError("InversionSampler: inverting a flow model up to sigma = 1 through SamplerCustomAdvanced "
-                                 "ends in a division by 1 - sigma in the host; use the Invert node")
+            # KSAMPLER hands flow models (1 - s0) * latent (+ s0 * noise) and divides the result
+            # by 1 - s_N: a LATENT at sigma s holds x_s / (1 - s), so a state at s = 1 has none.
+            if space == FLOW and float(sigmas[-1]) >= 1:
+                fail(NODE, "sigmas", "for a flow model (SD3, Flux) the inversion must end below sigma = 1, where the "
+                                     "host's LATENT cannot hold the state (it divides by 1 - sigma): stop one notch "
+                                     "below 1 (SplitSigmas at step 1 on the schedule, then FlipSigmas), or use the "
+                                     "Invert node")
             sig = sigmas.clone()
             if float(sig[0]) <= FLIPPED_ZERO:
+                if space == FLOW:
+                    x = x / (1 - float(sig[0]))  # the latent itself: the state at sigma 0
                 sig[0] = 0
+            # The state x_N is returned as is: the host's division makes it the LATENT x_N / (1 - s_N),
+            # which KSAMPLER (any sampler, DisableNoise) turns back into x_N at s_N.
             return invert(method, model, x, sig, extra_args, callback, space=space, **kwargs).latent
         fn, kw = sampler_for(METHODS[method].sampler, kwargs)
         return fn(model, x, sigmas, extra_args, callback, space=space, **kw)
@@ -36,9 +56,10 @@ class InversionSampler(io.ComfyNode):
             category="sampling/inversion",
             description="A SAMPLER for SamplerCustomAdvanced: with ascending sigmas (FlipSigmas) it inverts with the "
                         "chosen method, with descending sigmas it samples deterministically (Euler/DDIM). Use "
-                        "DisableNoise. EPS and v-prediction models only: for flow models (SD3, Flux) the host "
-                        "divides by 1 - sigma at sigma = 1, so use the Invert node there. BDIA and EDICT need "
-                        "their pair of states and are only in Invert/Reconstruct.",
+                        "DisableNoise. Flow models (SD3, Flux): the host divides the result by 1 - sigma, so end the "
+                        "inversion one notch below sigma = 1 (SplitSigmas at step 1, then FlipSigmas) and resume "
+                        "from that sigma. BDIA and EDICT need their pair of states and are only in "
+                        "Invert/Reconstruct.",
             inputs=[io.Combo.Input("method", options=SINGLE, default="aidi_anderson",
                                    tooltip=" ".join(f"{n}: {METHODS[n].summary}" for n in SINGLE)),
                     *settings.inputs(SINGLE)],
@@ -48,5 +69,5 @@ class InversionSampler(io.ComfyNode):
     @classmethod
     def execute(cls, method, **widgets):
         if method not in SINGLE:
-            fail("InversionSampler", "method", f"expected one of {', '.join(SINGLE)}, got {method!r}")
+            fail(NODE, "method", f"expected one of {', '.join(SINGLE)}, got {method!r}")
         return io.NodeOutput(comfy.samplers.KSAMPLER(_function(method, settings.values(method, widgets))))

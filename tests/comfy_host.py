@@ -119,11 +119,101 @@ FLUX = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_di
         "axes_dim": [8, 12, 12], "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": False}
 
 
-def tiny_flux(seed=0):
+def flux_config(**extra):
+    """FLUX plus the fields this host's ``FluxParams`` requires (``txt_ids_dims`` since ComfyUI 0.4: none for Flux.1)."""
+    import dataclasses
+
+    import comfy.ldm.flux.model
+
+    config = dict(FLUX, **extra)
+    fields = {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}
+    if "txt_ids_dims" in fields:
+        config.setdefault("txt_ids_dims", [])
+    return config
+
+
+def tiny_flux(seed=0, std=0.2):
     """The host's Flux (joint [text, image] attention, flow sampling) with a tiny transformer."""
-    return patched(comfy.model_base.Flux(comfy.supported_models.Flux(dict(FLUX)), device=torch.device("cpu")), seed, 0.2)
+    return patched(comfy.model_base.Flux(comfy.supported_models.Flux(flux_config()), device=torch.device("cpu")), seed, std)
+
+
+def executor(server):
+    """The host's ``PromptExecutor`` with the classic cache (newer hosts also need ``cache_args``)."""
+    import inspect
+
+    import execution
+
+    kwargs = {"cache_type": execution.CacheType.CLASSIC}
+    if "cache_args" in inspect.signature(execution.PromptExecutor).parameters:
+        kwargs["cache_args"] = {"lru": 0, "ram": 0, "ram_inactive": 0}  # what --cache-classic passes
+    return execution.PromptExecutor(server, **kwargs)
 
 
 def flux_prompt(seed, tokens=16):
     g = torch.Generator().manual_seed(seed)
     return [[torch.randn(1, tokens, CONTEXT, generator=g), {"pooled_output": torch.randn(1, CONTEXT, generator=g)}]]
+
+
+# ---------------------------------------------------------------- every family on its own model class
+# Tiny configurations of each family's real host classes (supported_models config, model_base
+# class, network): conditioning, attention layout, latent format and model sampling are the host's.
+POOLED = 16  # a tiny pooled text embedding (SDXL/SD3/Flux vectors)
+SDXL_UNET = dict(UNET, use_linear_in_transformer=True, transformer_depth=[0, 1], transformer_depth_output=[0, 0, 1, 1],
+                 num_head_channels=16, num_classes="sequential", adm_in_channels=POOLED + 6 * 256)  # pooled + 6 size embeddings of 256
+SD3_DIT = {"in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": 2, "input_size": None,
+           "pos_embed_scaling_factor": None, "pos_embed_max_size": 16, "num_patches": 256, "adm_in_channels": POOLED,
+           "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": CONTEXT, "out_features": 128}},
+           "qk_norm": "rms", "x_block_self_attn_layers": [0]}  # SD3.5 medium's layout: qk RMS norm, x-block self-attention
+WAN_DIT = {"image_model": "wan2.1", "model_type": "t2v", "patch_size": (1, 2, 2), "in_dim": 16, "out_dim": 16, "dim": 32,
+           "ffn_dim": 64, "freq_dim": 32, "text_dim": CONTEXT, "num_heads": 2, "num_layers": 1, "text_len": 16}
+QWEN_DIT = {"image_model": "qwen_image", "patch_size": 2, "in_channels": 64, "out_channels": 16, "num_layers": 1,
+            "attention_head_dim": 16, "num_attention_heads": 2, "joint_attention_dim": CONTEXT, "axes_dims_rope": (4, 6, 6)}
+
+
+def tiny_sdxl(seed=0, std=0.05, out_scale=1.0):
+    """SDXL's own classes: a linear-projection UNet with ADM conditioning y = [pooled, size embeddings]."""
+    config = comfy.supported_models.SDXL(dict(SDXL_UNET))
+    m = patched(comfy.model_base.SDXL(config, device=torch.device("cpu")), seed, std)
+    with torch.no_grad():  # a gentler output layer: GroupNorm makes a random UNet's eps too steep in x to invert
+        m.model.diffusion_model.out[-1].weight.mul_(out_scale)
+    return m
+
+
+def tiny_sd3(seed=0, std=0.05):
+    """SD3.5-medium-style MMDiT (joint [context, image] attention plus x-block self-attention) on model_base.SD3."""
+    import comfy.ldm.modules.diffusionmodules.mmdit as mmdit
+
+    config = comfy.supported_models.SD3(dict(SD3_DIT))
+    model = comfy.model_base.SD3(config, device=torch.device("cpu"))
+    net = model.diffusion_model.diffusion_model if hasattr(model.diffusion_model, "diffusion_model") else model.diffusion_model
+    side = SD3_DIT["pos_embed_max_size"]  # its fixed 2D sin-cos table, a buffer a checkpoint would fill
+    with torch.no_grad():
+        net.pos_embed.copy_(torch.from_numpy(mmdit.get_2d_sincos_pos_embed(net.pos_embed.shape[-1], side)).float()[None])
+    return patched(model, seed, std)
+
+
+def tiny_wan(seed=0, std=0.05):
+    """Wan 2.1 text-to-video on model_base.WAN21: 5D latents (B, 16, T, H, W), text cross-attention."""
+    config = comfy.supported_models.WAN21_T2V(dict(WAN_DIT))
+    return patched(comfy.model_base.WAN21(config, device=torch.device("cpu")), seed, std)
+
+
+def tiny_wan22(seed=0, std=0.05):
+    """Wan 2.2 TI2V-5B's layout on model_base.WAN22: 48-channel latents of the Wan 2.2 VAE, 5D."""
+    config = comfy.supported_models.WAN22_T2V(dict(WAN_DIT, in_dim=48, out_dim=48))
+    return patched(comfy.model_base.WAN22(config, image_to_video=True, device=torch.device("cpu")), seed, std)
+
+
+def tiny_qwen(seed=0, std=0.05):
+    """Qwen-Image on model_base.QwenImage (joint [text, image] attention, flow); None where the host lacks it."""
+    if not hasattr(comfy.supported_models, "QwenImage"):
+        return None
+    config = comfy.supported_models.QwenImage(dict(QWEN_DIT))
+    return patched(comfy.model_base.QwenImage(config, device=torch.device("cpu")), seed, std)
+
+
+def text_prompt(seed, tokens=16, pooled=True, width=CONTEXT):
+    """A random CONDITIONING of ``tokens`` context vectors (and a pooled vector where the family reads one)."""
+    g = torch.Generator().manual_seed(seed)
+    extra = {"pooled_output": torch.randn(1, POOLED, generator=g)} if pooled else {}
+    return [[torch.randn(1, tokens, width, generator=g), extra]]

@@ -267,7 +267,7 @@ def test_report_shows_its_text_when_the_host_runs_it(monkeypatch):
     async def run():
         ok, err, outputs, node_errors = await execution.validate_prompt("r", graph, None)
         assert ok, (err, node_errors)
-        ex = execution.PromptExecutor(Server(), cache_type=execution.CacheType.CLASSIC)
+        ex = comfy_host.executor(Server())
         await ex.execute_async(graph, "r", extra_data={}, execute_outputs=outputs)
         return ex
     ex = asyncio.run(run())
