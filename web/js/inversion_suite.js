@@ -7,8 +7,8 @@
 //    so widgets_values stay positional and saved workflows load unchanged.
 // 2. Load Inversion: the host has no upload button for non-image files; this adds one that
 //    sends a .safetensors file to the input folder through the host's /upload/image route.
-import { app } from "../../scripts/app.js";
-import { api } from "../../scripts/api.js";
+import { app } from "../../../scripts/app.js";
+import { api } from "../../../scripts/api.js";
 
 const USERS = "inversion_methods";
 const LOAD = "InversionSuite_LoadInversion";
