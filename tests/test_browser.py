@@ -220,7 +220,8 @@ def test_workflow_loads_unchanged_and_its_prompt_validates(path, browser, server
     for node in wf["nodes"]:
         assert node["id"] in after, f"node {node['id']} ({node['type']}) dropped on load"
         assert after[node["id"]]["type"] == node["type"]
-        assert after[node["id"]]["widgets_values"] == node.get("widgets_values"), \
+        # (the newer frontend writes no widgets_values for a node without widgets)
+        assert (after[node["id"]]["widgets_values"] or []) == (node.get("widgets_values") or []), \
             f"node {node['id']} ({node['type']}): widget values changed on load"
     assert got["status"] == 200, got["answer"]
     assert got["answer"].get("node_errors") == {} and not got["answer"].get("error"), got["answer"]
