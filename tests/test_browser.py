@@ -14,7 +14,6 @@ Inversion has its upload button.
 (``docs/screenshots/``) and the template browser's thumbnails (``workflows/<name>.jpg``).
 """
 
-import base64
 import io
 import json
 import os
@@ -51,7 +50,7 @@ BASE_WIDGETS = {"InversionSuite_Invert": ["method", "steps", "scheduler", "cfg",
                 "InversionSuite_InversionSampler": ["method"]}
 CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--disable-dev-shm-usage", "--window-size=1400,900",
+                "--disable-dev-shm-usage", "--window-size=2000,1300",
                 "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"]  # loopback only
 
 
@@ -113,7 +112,9 @@ def server(tmp_path_factory):
     # A returning user: no first-run template dialog over the canvas.
     (dirs["user"] / "default").mkdir()
     (dirs["user"] / "default" / "comfy.settings.json").write_text(json.dumps({
-        "Comfy.TutorialCompleted": True, "Comfy.Validation.Workflows": True}))
+        "Comfy.TutorialCompleted": True, "Comfy.Validation.Workflows": True,
+        "Comfy.Minimap.Visible": False, "Comfy.Graph.CanvasMenu": False,
+        "LiteGraph.Canvas.MinFontSizeForLOD": 1}))  # text drawn at the screenshots' zoom
     port = free_port()
     log_path = tmp / "server.log"
     cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
@@ -345,35 +346,47 @@ return {status: resp.status, saved: saved, options: info.InversionSuite_LoadInve
 # ---------------------------------------------------------------- screenshots (opt-in)
 
 FIT = """
-const pad = 40;
-const nodes = app.graph._nodes.filter(n => !A[0] || n.type === A[0]);
+// Fit the nodes (all, or those of type A[0]) into the free part of the window and return that
+// part's rectangle in CSS pixels: DOM widgets (prompts, notes) are only in a window screenshot.
+const [type, margin] = A;
+const nodes = app.graph._nodes.filter(n => !type || n.type === type);
 let x0 = Infinity, y0 = Infinity, x1 = -Infinity, y1 = -Infinity;
 for (const n of nodes) {
   const b = n.getBounding ? n.getBounding() : [n.pos[0], n.pos[1] - 30, n.size[0], n.size[1] + 30];
   x0 = Math.min(x0, b[0]); y0 = Math.min(y0, b[1]); x1 = Math.max(x1, b[0] + b[2]); y1 = Math.max(y1, b[1] + b[3]);
 }
-const c = app.canvas.canvas;
-const scale = Math.min(c.width / (x1 - x0 + 2 * pad), c.height / (y1 - y0 + 2 * pad), 1.5);
-app.canvas.ds.scale = scale;
-app.canvas.ds.offset[0] = -x0 + pad;
-app.canvas.ds.offset[1] = -y0 + pad;
+if (!type) {
+  for (const g of app.graph._groups ?? app.graph.groups ?? []) {
+    const b = g._bounding ?? [g.pos[0], g.pos[1], g.size[0], g.size[1]];
+    x0 = Math.min(x0, b[0]); y0 = Math.min(y0, b[1]); x1 = Math.max(x1, b[0] + b[2]); y1 = Math.max(y1, b[1] + b[3]);
+  }
+}
+const pad = 16;
+x0 -= pad; y0 -= pad; x1 += pad; y1 += pad;
+const r = app.canvas.canvas.getBoundingClientRect();
+const [left, top, right, bottom] = margin;
+const W = r.width - left - right, H = r.height - top - bottom;
+const scale = Math.min(W / (x1 - x0), H / (y1 - y0), 1.4);
+app.canvas.show_info = false;
 app.canvas.deselectAll?.();
+app.canvas.ds.scale = scale;
+app.canvas.ds.offset[0] = left / scale - x0;
+app.canvas.ds.offset[1] = top / scale - y0;
 app.canvas.setDirty(true, true);
 app.canvas.draw(true, true);
-await new Promise(r => setTimeout(r, 200));
+await new Promise(res => setTimeout(res, 600));
 app.canvas.draw(true, true);
-const w = Math.min(c.width, Math.ceil((x1 - x0 + 2 * pad) * scale)), h = Math.min(c.height, Math.ceil((y1 - y0 + 2 * pad) * scale));
-const out = document.createElement('canvas');
-out.width = w; out.height = h;
-out.getContext('2d').drawImage(c, 0, 0, w, h, 0, 0, w, h);
-return out.toDataURL('image/png');
+return [r.left + left, r.top + top, Math.ceil((x1 - x0) * scale), Math.ceil((y1 - y0) * scale)];
 """
+MARGIN = [64, 96, 24, 24]  # left, top, right, bottom: the frontend's side bar and menus
 
 
-def _image(data_url):
+def _window(driver, rect):
     from PIL import Image
 
-    return Image.open(io.BytesIO(base64.b64decode(data_url.split(",", 1)[1]))).convert("RGB")
+    img = Image.open(io.BytesIO(driver.get_screenshot_as_png())).convert("RGB")
+    x, y, w, h = rect
+    return img.crop((int(x), int(y), int(x + w), int(y + h)))
 
 
 def _save_png(img, path, width):
@@ -384,7 +397,7 @@ def _save_png(img, path, width):
 
 
 def shoot_graph(driver, name):
-    img = _image(run(driver, FIT, None))
+    img = _window(driver, run(driver, FIT, None, MARGIN))
     _save_png(img, SHOTS / f"{name}.png", 900)
     thumb = img.copy()
     thumb.thumbnail((512, 384))
@@ -400,4 +413,4 @@ app.graph.add(node);
 const m = node.widgets.find(w => w.name === 'method');
 m.value = A[1]; m.callback?.(A[1]);
 """, node_type, method)
-    _save_png(_image(run(driver, FIT, node_type)), SHOTS / f"invert_{method}.png", 420)
+    _save_png(_window(driver, run(driver, FIT, node_type, MARGIN)), SHOTS / f"invert_{method}.png", 360)

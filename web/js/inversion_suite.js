@@ -29,7 +29,7 @@ function linked(node, name) {
   return (node.inputs ?? []).some((s) => (s.widget?.name ?? s.name) === name && s.link != null);
 }
 
-function showMethodSettings(node, users) {
+function showMethodSettings(node, users, fit = false) {
   const method = node.widgets?.find((w) => w.name === "method")?.value;
   if (method === undefined) return;
   let changed = false;
@@ -41,7 +41,7 @@ function showMethodSettings(node, users) {
     w.hidden = hide;
     if (w.options) w.options.hidden = hide;  // read by the newer frontend's node renderers
   }
-  if (changed) {
+  if (changed || fit) {
     node.setSize([node.size[0], node.computeSize()[1]]);
     node.setDirtyCanvas?.(true, true);
   }
@@ -115,7 +115,8 @@ app.registerExtension({
     const onConfigure = nodeType.prototype.onConfigure;
     nodeType.prototype.onConfigure = function () {
       const r = onConfigure?.apply(this, arguments);
-      showMethodSettings(this, users);  // a loaded workflow sets the values without callbacks
+      // A loaded workflow sets values and size without callbacks: fit the height to the widgets shown.
+      showMethodSettings(this, users, true);
       return r;
     };
     const onConnectionsChange = nodeType.prototype.onConnectionsChange;
