@@ -17,6 +17,7 @@ Inversion has its upload button.
 import io
 import json
 import os
+import re
 import pathlib
 import shutil
 import socket
@@ -343,6 +344,59 @@ return {status: resp.status, saved: saved, options: info.InversionSuite_LoadInve
     assert "uploaded.safetensors" in got["options"]
 
 
+TEMPLATES = """
+const module = A[0];
+const names = (await api.getWorkflowTemplates())[module] ?? [];
+const files = {};
+for (const n of names) {  // the URL the template browser builds for a custom node's thumbnail
+  const r = await fetch(api.apiURL(`/workflow_templates/${module}/${n}.jpg`));
+  files[n] = [r.status, r.headers.get('content-type')];
+}
+const until = async (f, ms) => {
+  const t = Date.now();
+  while (Date.now() - t < ms) { const v = f(); if (v) return v; await new Promise(r => setTimeout(r, 250)); }
+  return null;
+};
+await app.extensionManager.command.execute('Comfy.BrowseTemplates');
+const nav = await until(() => [...document.querySelectorAll('*')].find(
+  e => e.children.length === 0 && e.textContent.trim() === module && e.offsetParent !== null), 20000);
+if (!nav) throw new Error('the template browser shows no category ' + module);
+nav.click();
+const dialog = () => [...document.querySelectorAll('[role=dialog]')].pop();
+// One loaded picture per card (the newer frontend shows them through blob: URLs).
+const thumbs = await until(() => {
+  const imgs = [...(dialog()?.querySelectorAll('img') ?? [])].filter(i => i.complete && i.naturalWidth > 0);
+  return imgs.length >= names.length ? imgs : null;
+}, 20000) ?? [];
+await new Promise(r => setTimeout(r, 500));
+const r = dialog()?.getBoundingClientRect();
+return {names, files, text: dialog()?.innerText ?? '', thumbs: thumbs.map(i => [i.naturalWidth, i.naturalHeight]),
+        rect: r ? [r.left, r.top, r.width, r.height] : null};
+"""
+
+
+def test_template_browser_shows_titles_and_thumbnails(browser):
+    """The frontend titles a custom node's template by its file name and shows <name>.jpg."""
+    prep(browser)
+    try:
+        got = run(browser, TEMPLATES, "inversion-suite")
+        assert sorted(got["names"]) == sorted(p.stem for p in WORKFLOWS)
+        for name in got["names"]:
+            assert got["files"][name] == [200, "image/jpeg"], name
+            assert name in got["text"], f"no card titled {name!r}"
+        from PIL import Image
+
+        sizes = sorted(list(Image.open(ROOT / "workflows" / f"{n}.jpg").size) for n in got["names"])
+        assert sorted(got["thumbs"]) == sizes  # every card shows its thumbnail
+        if WRITE_SHOTS and got["rect"]:
+            _save_png(_window(browser, got["rect"]), SHOTS / "template_browser.png", 900)
+    finally:
+        from selenium.webdriver.common.keys import Keys
+
+        browser.find_element("tag name", "body").send_keys(Keys.ESCAPE)
+        time.sleep(0.5)
+
+
 # ---------------------------------------------------------------- screenshots (opt-in)
 
 FIT = """
@@ -398,7 +452,7 @@ def _save_png(img, path, width):
 
 def shoot_graph(driver, name):
     img = _window(driver, run(driver, FIT, None, MARGIN))
-    _save_png(img, SHOTS / f"{name}.png", 900)
+    _save_png(img, SHOTS / f"{re.sub(r'[^a-z0-9]+', '_', name.lower()).strip('_')}.png", 900)
     thumb = img.copy()
     thumb.thumbnail((512, 384))
     thumb.save(ROOT / "workflows" / f"{name}.jpg", quality=82, optimize=True)
