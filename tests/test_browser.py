@@ -397,6 +397,37 @@ def test_template_browser_shows_titles_and_thumbnails(browser):
         time.sleep(0.5)
 
 
+WIDTHS = """
+app.graph.clear();
+const ctx = document.createElement('canvas').getContext('2d');
+const out = {};
+for (const type of Object.keys(LiteGraph.registered_node_types).filter(t => t.startsWith('InversionSuite_'))) {
+  const node = LiteGraph.createNode(type);
+  app.graph.add(node);
+  ctx.font = `${LiteGraph.NODE_TEXT_SIZE ?? 14}px sans-serif`;
+  const texts = (node.widgets ?? []).filter(w => !w.hidden && typeof w.value === 'string' && w.type !== 'button'
+                                            && w.type !== 'customtext')
+    .map(w => [w.name, ctx.measureText(`${w.label ?? w.name}${w.value}`).width]);
+  ctx.font = `${LiteGraph.NODE_TEXT_SIZE ?? 14}px sans-serif`;
+  out[type] = {title: node.title, width: node.size[0], title_width: ctx.measureText(node.title).width, texts};
+}
+return out;
+"""
+
+
+def test_titles_and_text_values_fit_the_default_width(browser, server):
+    """Display names say what a node is and are not cut; text widgets show label and value."""
+    prep(browser)
+    got = run(browser, WIDTHS)
+    assert set(got) == {n for n in server["info"] if n.startswith("InversionSuite_")}
+    for node_type, n in got.items():
+        assert n["title"] == server["info"][node_type]["display_name"] and " " in n["title"], node_type
+        assert n["title_width"] + 40 <= n["width"], (node_type, n)  # the title's dot and padding
+        for name, width in n["texts"]:
+            assert width + 60 <= n["width"], (node_type, name, n)  # arrows and padding around label and value
+    assert not any(n["title"].lower() in ("invert", "invert image", "invertmask") for n in got.values())
+
+
 # ---------------------------------------------------------------- screenshots (opt-in)
 
 FIT = """

@@ -7,11 +7,13 @@
 //    so widgets_values stay positional and saved workflows load unchanged.
 // 2. Load Inversion: the host has no upload button for non-image files; this adds one that
 //    sends a .safetensors file to the input folder through the host's /upload/image route.
+// 3. Text widgets of the pack's nodes get the width their label and value need.
 import { app } from "../../../scripts/app.js";
 import { api } from "../../../scripts/api.js";
 
 const USERS = "inversion_methods";
 const LOAD = "InversionSuite_LoadInversion";
+const PACK = "InversionSuite_";
 
 function usersOf(nodeData) {
   const found = {};
@@ -45,6 +47,19 @@ function showMethodSettings(node, users, fit = false) {
     node.setSize([node.size[0], node.computeSize()[1]]);
     node.setDirtyCanvas?.(true, true);
   }
+}
+
+function fitText(node) {
+  // Widen the node so its title and text widgets show whole (the default width cut
+  // "ReconstructionR…" and Save Inversion's "filename_p…").
+  const ctx = document.createElement("canvas").getContext("2d");
+  ctx.font = `${window.LiteGraph?.NODE_TEXT_SIZE ?? 14}px sans-serif`;
+  let width = Math.max(node.size[0], ctx.measureText(node.title ?? "").width + 50);  // the title, whole
+  for (const w of node.widgets ?? []) {
+    if (w.hidden || typeof w.value !== "string" || w.type === "button" || w.type === "customtext") continue;
+    width = Math.max(width, ctx.measureText(`${w.label ?? w.name}${w.value}`).width + 80);
+  }
+  if (width > node.size[0]) node.setSize([Math.ceil(width), node.size[1]]);
 }
 
 function addUploadButton(node) {
@@ -91,11 +106,12 @@ app.registerExtension({
   async beforeRegisterNodeDef(nodeType, nodeData) {
     const users = usersOf(nodeData);
     const hasSettings = Object.keys(users).length > 0;
-    if (!hasSettings && nodeData.name !== LOAD) return;
+    if (!nodeData.name?.startsWith(PACK)) return;
     const onNodeCreated = nodeType.prototype.onNodeCreated;
     nodeType.prototype.onNodeCreated = function () {
       const r = onNodeCreated?.apply(this, arguments);
       if (nodeData.name === LOAD) addUploadButton(this);
+      fitText(this);
       if (hasSettings) {
         const method = this.widgets?.find((w) => w.name === "method");
         if (method) {
