@@ -328,6 +328,27 @@ def test_load_inversion_has_an_upload_button_and_a_value_in_an_empty_folder(brow
     assert set(got["inputs"]) == {"inversion"}
 
 
+def test_the_upload_button_stores_a_file_and_selects_it(browser, tmp_path):
+    """The button's file input, given a file as a user picks one: the file lands in the input folder."""
+    prep(browser)
+    run(browser, UPLOAD)
+    picked = tmp_path / "picked.safetensors"
+    picked.write_bytes(b"\x08" + b"\x00" * 7 + b"{}      ")
+    inputs = browser.find_elements("css selector", 'input[type=file][accept=".safetensors"]')
+    assert inputs, "no file input for the upload button"
+    inputs[-1].send_keys(str(picked))
+    got = run(browser, """
+const node = app.graph._nodes.find(n => n.type === 'InversionSuite_LoadInversion');
+const w = node.widgets.find(w => w.name === 'inversion');
+for (let i = 0; i < 50 && w.value !== 'picked.safetensors'; i++) await new Promise(r => setTimeout(r, 100));
+const info = await (await api.fetchApi('/object_info/InversionSuite_LoadInversion')).json();
+return {value: w.value, values: w.options.values,
+        listed: info.InversionSuite_LoadInversion.input.required.inversion[1].options};
+""")
+    assert got["value"] == "picked.safetensors" and "none" not in got["values"], got
+    assert "picked.safetensors" in got["listed"]
+
+
 def test_the_upload_route_stores_an_inversion_and_the_node_lists_it(browser, server):
     """The route the button posts to takes a .safetensors file; the refreshed node lists it."""
     prep(browser)
