@@ -7,8 +7,9 @@ runs in Debian's Chromium through its chromedriver (Selenium never downloads any
 it: no missing node type, the widgets keep the file's values (no shift), and the frontend's
 own ``app.graphToPrompt()`` passes the server's validation on ``POST /prompt``. The Invert
 and InversionSampler nodes show exactly the selected method's settings (the counts come from
-the solver registry, not from the extension), ``tol`` and ``lam`` keep 1e-8, and Load
-Inversion has its upload button.
+the solver registry, not from the extension), ``tol`` and ``lam`` keep 1e-8, Load Inversion
+has a working upload button and a value in an empty input folder, titles and text values fit
+the nodes' default width, and the template browser shows each workflow's title and thumbnail.
 
 ``INVERSION_SUITE_SCREENSHOTS=1`` also writes the README's screenshots
 (``docs/screenshots/``) and the template browser's thumbnails (``workflows/<name>.jpg``).
