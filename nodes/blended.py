@@ -15,7 +15,7 @@ class BlendedGuidanceSampler(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="InversionSuite_BlendedGuidanceSampler",
-            display_name="BlendedGuidanceSampler",
+            display_name="Blended Guidance Edit",
             category="sampling/inversion",
             description="Edits an inverted image with a new prompt, applying the strong edit guidance only inside "
                         "the edit region: W = cfg_inversion + (cfg_edit - cfg_inversion) * M. M comes from the "

@@ -8,7 +8,8 @@ from . import settings
 from .host import check_latent, fail, guided, no_noise_mask, progress, sigmas_for, space_of, to_vae
 from .record import Record
 
-METHOD_HELP = " ".join(f"{name}: {m.summary}" for name, m in METHODS.items())
+METHOD_HELP = "The inversion method; only its settings are shown below.\n" + "\n".join(
+    f"- {name}: {m.summary}" for name, m in METHODS.items())
 
 
 class Invert(io.ComfyNode):
@@ -16,7 +17,7 @@ class Invert(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="InversionSuite_Invert",
-            display_name="Invert",
+            display_name="Invert to Noise",
             category="sampling/inversion",
             description="Inverts a VAE-encoded image to its noise latent with the chosen method, so that "
                         "Reconstruct returns the image and the editing nodes can change it. Works with EPS "

@@ -170,7 +170,7 @@ class SaveInversion(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="InversionSuite_SaveInversion",
-            display_name="SaveInversion",
+            display_name="Save Inversion",
             category="sampling/inversion",
             description="Saves an inverted LATENT with everything Invert recorded (schedule, method, settings, "
                         "pair, trajectory, source, residuals, model) to one .safetensors file in the output "
@@ -217,7 +217,7 @@ class LoadInversion(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="InversionSuite_LoadInversion",
-            display_name="LoadInversion",
+            display_name="Load Inversion",
             category="sampling/inversion",
             description="Loads an inversion saved by SaveInversion from the input folder and checks it against "
                         "the model: the LATENT comes back bit for bit, ready for Reconstruct and the editors. "
@@ -227,8 +227,11 @@ class LoadInversion(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="The model the inversion will be used with; it must be the kind "
                                                 "of model that made it (prediction type and latent format)."),
-                io.Combo.Input("inversion", options=input_files(),
-                               tooltip="A .safetensors file from SaveInversion, in the input folder."),
+                # The host uploads only images, video and audio from a combo: the pack's web/js adds the
+                # upload button. An empty folder offers "none" (an empty list shows "undefined").
+                io.Combo.Input("inversion", options=input_files() or ["none"],
+                               tooltip="A .safetensors file from Save Inversion, in the input folder; 'choose "
+                                       "inversion to upload' copies one there. 'none': the folder has none yet."),
             ],
             outputs=[io.Latent.Output(display_name="inverted",
                                       tooltip="The saved inverted LATENT with its inversion record.")],

@@ -11,7 +11,7 @@ class Reconstruct(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="InversionSuite_Reconstruct",
-            display_name="Reconstruct",
+            display_name="Reconstruct from Noise",
             category="sampling/inversion",
             description="Samples an inverted LATENT back to an image latent over the inversion's own schedule, "
                         "with the sampler its method needs (Euler/DDIM, or BDIA/EDICT from their pair). With the "

@@ -56,7 +56,7 @@ class ReconstructionReport(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="InversionSuite_ReconstructionReport",
-            display_name="ReconstructionReport",
+            display_name="Reconstruction Report",
             category="sampling/inversion",
             description="Compares a reconstruction with its original, per batch item and on average: relative "
                         "error ||b - a|| / ||a||, PSNR and SSIM (Gaussian window, sigma 1.5, as scikit-image). "

@@ -52,7 +52,7 @@ class InversionSampler(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="InversionSuite_InversionSampler",
-            display_name="InversionSampler",
+            display_name="Inversion Sampler",
             category="sampling/inversion",
             description="A SAMPLER for SamplerCustomAdvanced: with ascending sigmas (FlipSigmas) it inverts with the "
                         "chosen method, with descending sigmas it samples deterministically (Euler/DDIM). Use "

@@ -3,6 +3,10 @@
 Settings that several methods share (``iterations``, ``tol``) are one widget; a (lo, hi)
 pair becomes two integer widgets ``<name>_from`` and ``<name>_to``; a choice whose default
 differs between methods offers ``auto`` (the selected method's own default).
+
+Each widget's options carry ``inversion_methods``, the methods that read it: the pack's
+frontend extension (``web/js``) shows only the selected method's widgets from that list, so
+the registry stays the one owner of which method takes which setting.
 """
 
 from comfy_api.latest import io
@@ -10,6 +14,16 @@ from comfy_api.latest import io
 from ..solvers import METHODS
 
 AUTO = "auto"
+USERS = "inversion_methods"  # widget option read by web/js/inversion_suite.js
+# The frontend rounds a FLOAT widget to its step (and shows that many decimals) unless both are
+# finer: settings whose range spans decades (tolerances, regularisation) keep this resolution.
+FINE = 1e-9
+
+
+def _tag(widget, users):
+    # V3 inputs emit ``extra_dict`` into their options; the older host's Combo/Int/Float take no argument for it.
+    widget.extra_dict = dict(widget.extra_dict or {}, **{USERS: [n for n, _ in users]})
+    return widget
 
 
 def _users():
@@ -35,17 +49,18 @@ def inputs(methods=None):
             if len({u.default for _, u in users}) > 1:
                 options, default = [AUTO] + options, AUTO
                 tip += " 'auto' takes the selected method's default."
-            out.append(io.Combo.Input(key, options=options, default=default, tooltip=tip, optional=True))
+            out.append(_tag(io.Combo.Input(key, options=options, default=default, tooltip=tip, optional=True), users))
         elif isinstance(s.default, tuple):
             for end, v in zip(("from", "to"), s.default):
-                out.append(io.Int.Input(f"{key}_{end}", default=v, min=0, max=100, optional=True,
-                                        tooltip=f"{tip} ({end} end)"))
+                out.append(_tag(io.Int.Input(f"{key}_{end}", default=v, min=0, max=100, optional=True,
+                                             tooltip=f"{tip} ({end} end)"), users))
         elif isinstance(s.default, int):
-            out.append(io.Int.Input(key, default=s.default, min=int(s.lo), max=int(s.hi), step=int(s.step or 1),
-                                    tooltip=tip, optional=True))
+            out.append(_tag(io.Int.Input(key, default=s.default, min=int(s.lo), max=int(s.hi), step=int(s.step or 1),
+                                         tooltip=tip, optional=True), users))
         else:
-            out.append(io.Float.Input(key, default=s.default, min=s.lo, max=s.hi, step=s.step, round=False,
-                                      tooltip=tip, optional=True))
+            step = FINE if s.hi / s.step > 1e4 else s.step
+            out.append(_tag(io.Float.Input(key, default=s.default, min=s.lo, max=s.hi, step=step, round=step,
+                                           tooltip=tip, optional=True), users))
     return out
 
 

@@ -13,7 +13,7 @@ class StochasticEditSampler(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="InversionSuite_StochasticEditSampler",
-            display_name="StochasticEditSampler",
+            display_name="Stochastic Edit Sampler",
             category="sampling/inversion",
             description="Makes several seeded edits from one inversion in the edit-friendly noise space: the noise "
                         "maps that make an ancestral sampler with the source prompt reproduce the inverted "

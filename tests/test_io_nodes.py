@@ -279,7 +279,7 @@ def test_report_shows_its_text_when_the_host_runs_it(monkeypatch):
 def test_schemas_have_tooltips_and_a_description():
     for cls in (SaveInversion, LoadInversion, ReconstructionReport):
         schema = cls.GET_SCHEMA()
-        assert schema.node_id.startswith("InversionSuite_") and schema.display_name == schema.node_id.split("_", 1)[1]
+        assert schema.node_id.startswith("InversionSuite_") and schema.display_name.replace(" ", "") == schema.node_id.split("_", 1)[1]
         assert schema.category == "sampling/inversion" and schema.description
         assert all(i.tooltip for i in schema.inputs) and all(o.tooltip for o in schema.outputs)
         assert cls in NODES

@@ -47,17 +47,20 @@ MODELS = {
     "diffusion_models": ["flux1-dev.safetensors"],
 }
 INPUT_IMAGE = "example.png"
-EXPECTED = {  # node types each workflow must contain
-    "invert_reconstruct_sd15": {"CheckpointLoaderSimple", "LoadImage", "VAEEncode", "CLIPTextEncode", "VAEDecode",
-                                "InversionSuite_Invert", "InversionSuite_Reconstruct",
-                                "InversionSuite_ReconstructionReport"},
-    "blended_edit_sd15": {"CheckpointLoaderSimple", "LoadImage", "InversionSuite_Invert",
-                          "InversionSuite_BlendedGuidanceSampler", "MaskToImage"},
-    "stochastic_edit_sd15": {"CheckpointLoaderSimple", "LoadImage", "InversionSuite_Invert",
-                             "InversionSuite_StochasticEditSampler"},
-    "flow_edit_sd3": {"LoadImage", "InversionSuite_Invert", "InversionSuite_BlendedGuidanceSampler"},
-    "compare_methods_sd15": {"CheckpointLoaderSimple", "InversionSuite_Invert", "InversionSuite_Reconstruct",
-                             "InversionSuite_ReconstructionReport"},
+EXPECTED = {  # node types each workflow must contain (the file names are the template browser's titles)
+    "Invert and reconstruct (SD1.5)": {
+        "CheckpointLoaderSimple", "LoadImage", "VAEEncode", "CLIPTextEncode", "VAEDecode", "InversionSuite_Invert",
+        "InversionSuite_Reconstruct", "InversionSuite_ReconstructionReport"},
+    "Blended guidance edit (SD1.5)": {
+        "CheckpointLoaderSimple", "LoadImage", "InversionSuite_Invert", "InversionSuite_BlendedGuidanceSampler",
+        "MaskToImage"},
+    "Stochastic edits, best kept (SD1.5)": {
+        "CheckpointLoaderSimple", "LoadImage", "InversionSuite_Invert", "InversionSuite_StochasticEditSampler"},
+    "Masked edit of a flow model (SD3.5)": {
+        "LoadImage", "InversionSuite_Invert", "InversionSuite_BlendedGuidanceSampler"},
+    "Compare five methods (SD1.5)": {
+        "CheckpointLoaderSimple", "InversionSuite_Invert", "InversionSuite_Reconstruct",
+        "InversionSuite_ReconstructionReport"},
 }
 
 
@@ -219,23 +222,23 @@ def test_workflow_settings_match_their_purpose(host):
     def of(name, kind):
         return [n["inputs"] for n in by[name].values() if n["class_type"] == kind]
 
-    assert [i["method"] for i in of("invert_reconstruct_sd15", "InversionSuite_Invert")] == ["aidi_anderson"]
-    assert [i["count"] for i in of("stochastic_edit_sd15", "InversionSuite_StochasticEditSampler")] == [4]
-    assert all(i["keep_trajectory"] for i in of("stochastic_edit_sd15", "InversionSuite_Invert"))
-    blended = of("blended_edit_sd15", "InversionSuite_BlendedGuidanceSampler")[0]
+    assert [i["method"] for i in of("Invert and reconstruct (SD1.5)", "InversionSuite_Invert")] == ["aidi_anderson"]
+    assert [i["count"] for i in of("Stochastic edits, best kept (SD1.5)", "InversionSuite_StochasticEditSampler")] == [4]
+    assert all(i["keep_trajectory"] for i in of("Stochastic edits, best kept (SD1.5)", "InversionSuite_Invert"))
+    blended = of("Blended guidance edit (SD1.5)", "InversionSuite_BlendedGuidanceSampler")[0]
     assert "clip" in blended and blended["words"]
-    flow = of("flow_edit_sd3", "InversionSuite_BlendedGuidanceSampler")[0]
+    flow = of("Masked edit of a flow model (SD3.5)", "InversionSuite_BlendedGuidanceSampler")[0]
     assert "mask" in flow and "clip" not in flow and flow["mask_mode"] == "replace"
-    assert [i["scheduler"] for i in of("flow_edit_sd3", "InversionSuite_Invert")] == ["simple"]
-    methods = [i["method"] for i in of("compare_methods_sd15", "InversionSuite_Invert")]
+    assert [i["scheduler"] for i in of("Masked edit of a flow model (SD3.5)", "InversionSuite_Invert")] == ["simple"]
+    methods = [i["method"] for i in of("Compare five methods (SD1.5)", "InversionSuite_Invert")]
     assert len(set(methods)) == len(methods) >= 3
-    assert len(of("compare_methods_sd15", "InversionSuite_Reconstruct")) == len(methods)
-    assert len(of("compare_methods_sd15", "InversionSuite_ReconstructionReport")) == len(methods)
+    assert len(of("Compare five methods (SD1.5)", "InversionSuite_Reconstruct")) == len(methods)
+    assert len(of("Compare five methods (SD1.5)", "InversionSuite_ReconstructionReport")) == len(methods)
 
 
 def test_a_bad_widget_value_is_caught(host):
     """The converter and the checks really look: a wrong step count and an unknown method are refused."""
-    wf = load(ROOT / "workflows" / "invert_reconstruct_sd15.json")
+    wf = load(ROOT / "workflows" / "Invert and reconstruct (SD1.5).json")
     node = next(n for n in wf["nodes"] if n["type"] == "InversionSuite_Invert")
     names = [name for name, _, _ in widget_inputs(host["InversionSuite_Invert"])]
     node["widgets_values"][names.index("steps")] = 0
