@@ -9,7 +9,8 @@ steps ``x_a = mu(x_b) + s z`` (``editing.ancestral``). Given an inverted traject
 ``x*_i`` exactly, whatever method made the trajectory. An edit replays with the target
 branch under blended guidance (``W = w_inv + (w_edit - w_inv) M``, local blend with the
 source predictions made for the maps) and, inside the mask, replaces the noise ``e_i / s_i``
-by a fresh seeded draw: ``e'_i = e_i + M (s_i z - e_i)``. Outside the mask (``M = 0``) the
+by a fresh seeded draw: ``x_{i-1} = x*_{i-1} + (mu_t(x_i) - mu_s(x*_i)) + M (s_i z - e_i)``
+(the same as ``mu_t + e_i + M (s_i z - e_i)``). Outside the mask (``M = 0``) the
 target's mean, offset and state equal the source's, so every seed keeps the rest as the
 source; steps with ``s_i = 0`` (the last, or all at eta = 0) keep their offset.
 
@@ -26,13 +27,17 @@ from .editing import local_blend as local_blend_
 
 
 def noise_maps(br, traj, s, space, eta, callback=None):
-    """Per sampling step (from the top down): (offset e, noise scale s, source prediction D_s)."""
+    """Per sampling step (from the top down): (source mean mu_s(x*_i), noise scale s_i, source prediction D_s).
+
+    The offset is ``e_i = x*_{i-1} - mu_s``; the replay adds ``mu_t - mu_s`` to ``x*_{i-1}``
+    rather than ``e_i`` to ``mu_t``, so where the target follows the source it lands on the
+    trajectory bit for bit."""
     maps = []
     for k, i in enumerate(range(len(s) - 1, 0, -1)):
         d = br.call(traj[i], torch.full((traj[i].shape[0],), s[i], dtype=traj[i].dtype, device=traj[i].device),
                     SOURCE, br.w_inv)
         mu, up = ancestral_mean(traj[i], d, s[i], s[i - 1], eta, space)
-        maps.append((check_finite(traj[i - 1] - mu, "edit_friendly", k), up, d))
+        maps.append((check_finite(mu, "edit_friendly", k), up, d))
         notify(callback, k, traj[i - 1], s[i - 1], d)
     return maps
 
@@ -63,7 +68,7 @@ def edit_stochastic(model, trajectory, sigmas, mask, w_inv, w_edit, seeds, space
     for j, seed in enumerate(seeds):
         g = torch.Generator().manual_seed(seed)
         x = traj[-1]
-        for k, (e, up, ds) in enumerate(maps):
+        for k, (mu_s, up, ds) in enumerate(maps):
             sb, sa = s[n - k], s[n - k - 1]
             sig = torch.full((x.shape[0],), sb, dtype=x.dtype, device=x.device)
             dt = br.call(x, sig, "target", br.scale(True))
@@ -71,10 +76,11 @@ def edit_stochastic(model, trajectory, sigmas, mask, w_inv, w_edit, seeds, space
             if local_blend:
                 dt = local_blend_(ds, dt, m)
             mu, _ = ancestral_mean(x, dt, sb, sa, eta, space)
+            x = traj[n - k - 1] + (mu - mu_s)
             if up > 0:
                 z = torch.randn(x.shape, generator=g, dtype=torch.float32).to(x)
-                e = e + m * (up * z - e)
-            x = check_finite(mu + e, "edit_friendly", k)
+                x = x + m * (up * z - (traj[n - k - 1] - mu_s))
+            x = check_finite(x, "edit_friendly", k)
             notify(callback, n * (1 + j) + k, x, sa, dt)
         edits.append(x)
         scores.append(preservation(x, traj[0], br.current(x)))
