@@ -64,30 +64,43 @@ def joint_token_attention(q, k, text: int, tokens, chunk: int = 1024) -> torch.T
 
 
 def layer_grid(tokens: int, image: tuple):
-    """(downsampling factor, (h, w)) of a layer whose ``tokens`` queries tile ``image``-sized
-    latents, or None where they do not form such a grid."""
-    h, w = image
-    f = max(1, round(math.sqrt(h * w / max(tokens, 1))))
+    """(downsampling factor, grid) of a layer whose ``tokens`` queries tile ``image``-sized
+    latents ((h, w), or (T, h, w) for video with every latent frame kept), or None where
+    they do not form such a grid."""
+    frames = image[0] if len(image) == 3 else 1
+    h, w = image[-2:]
+    if tokens % frames:
+        return None
+    per = tokens // frames
+    f = max(1, round(math.sqrt(h * w / max(per, 1))))
     hh, ww = -(-h // f), -(-w // f)
-    return (f, (hh, ww)) if hh * ww == tokens else None
+    if hh * ww != per:
+        return None
+    return (f, (frames, hh, ww) if len(image) == 3 else (hh, ww))
 
 
-def layer_map(att: torch.Tensor, hw: tuple, size: tuple) -> torch.Tensor:
-    """One layer's (B, HW) attention as a (B, 1, *size) map: 3x3 max-pool, then resize."""
-    m = att.view(att.shape[0], 1, *hw)
+def layer_map(att: torch.Tensor, grid: tuple, size: tuple) -> torch.Tensor:
+    """One layer's (B, N) attention as a (B, 1, *size) map: 3x3 max-pool per frame, then resize."""
+    m = att.view(att.shape[0], 1, *grid)
+    if len(grid) == 3:
+        m = F.max_pool3d(m, (1, 3, 3), stride=1, padding=(0, 1, 1))
+        return F.interpolate(m, size=tuple(size), mode="trilinear", align_corners=False)
     m = F.max_pool2d(m, 3, stride=1, padding=1)
-    return F.interpolate(m, size=size, mode="bilinear", align_corners=False)
+    return F.interpolate(m, size=tuple(size), mode="bilinear", align_corners=False)
 
 
 def shape_mask(raw: torch.Tensor, threshold: float, softness: float, dilation: int) -> torch.Tensor:
-    """Normalise a (B, 1, h, w) map by its maximum, threshold it and dilate it (in latent pixels)."""
-    m = raw / raw.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1, 1)
+    """Normalise a (B, 1, *spatial) map by its maximum, threshold it and dilate it (in latent
+    pixels, within each frame)."""
+    m = raw / raw.flatten(1).amax(1).clamp_min(1e-12).view(-1, *[1] * (raw.ndim - 1))
     if softness > 0:
         m = ((m - threshold) / softness + 0.5).clamp(0, 1)
     else:
         m = (m > threshold).to(raw.dtype)
     if dilation > 0:
-        m = F.max_pool2d(m, 2 * dilation + 1, stride=1, padding=dilation)
+        k = 2 * dilation + 1
+        m = F.max_pool2d(m, k, stride=1, padding=dilation) if m.ndim == 4 else \
+            F.max_pool3d(m, (1, k, k), stride=1, padding=(0, dilation, dilation))
     return m
 
 

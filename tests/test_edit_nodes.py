@@ -12,7 +12,7 @@ import comfy.sd
 import comfy.sd1_clip
 import comfy.text_encoders.flux
 from inversion_suite.benchmarks.analytic import Mixture
-from inversion_suite.nodes import edit
+from inversion_suite.nodes import capture, edit
 from inversion_suite.nodes.blended import BlendedGuidanceSampler
 from inversion_suite.nodes.host import NodeInputError
 from inversion_suite.nodes.invert import Invert
@@ -68,13 +68,13 @@ def test_attention_mask_is_the_direct_softmax_of_the_chosen_tokens(monkeypatch):
     model = tiny_model("eps")
     inv = inverted(model, positive=random_prompt(1))
     seen = []
-    hook = edit.Region._hook
+    hook = capture.Capture.hook
 
     def spy(self, q, k, v, extra):
         seen.append((self.branch, q.clone(), k.clone(), dict(extra)))
         return hook(self, q, k, v, extra)
 
-    monkeypatch.setattr(edit.Region, "_hook", spy)
+    monkeypatch.setattr(capture.Capture, "hook", spy)
     threshold = 0.995  # a random network attends almost uniformly: ratios to the maximum lie in 0.98..1
     _, mask = blended(model, inv, random_prompt(1), random_prompt(2), clip=clip(), source_text=SOURCE_TEXT,
                       target_text=TARGET_TEXT, threshold=threshold, dilation=0)
@@ -113,13 +113,13 @@ def test_flux_attention_mask_is_the_direct_softmax_over_the_joint_sequence(monke
     inv = Invert.execute(model=model, latent=latent, positive=src, method="bdia", steps=4, scheduler="simple",
                          cfg=1.0, denoise=1.0, keep_trajectory=True).result[0]
     seen = []
-    hook = edit.Region._override
+    hook = capture.Capture.override
 
     def spy(self, func, *args, **kwargs):
         seen.append((self.branch, args[0].clone(), args[1].clone(), dict(kwargs)))
         return hook(self, func, *args, **kwargs)
 
-    monkeypatch.setattr(edit.Region, "_override", spy)
+    monkeypatch.setattr(capture.Capture, "override", spy)
     _, mask = blended(model, inv, src, tgt, clip=clip(comfy.text_encoders.flux.FluxTokenizer), source_text=SOURCE_TEXT,
                       target_text=TARGET_TEXT, threshold=threshold, dilation=0, local_blend=False,
                       cfg_inversion=1.0, cfg_edit=1.0)
