@@ -351,3 +351,175 @@ def test_solver_errors_are_reported_once_and_not_as_bad_input():
         assert not isinstance(e.value, NodeInputError)
         assert str(e.value).startswith(f"{node}: ") and str(e.value).count(node) == 1, str(e.value)
         assert "non-finite" in str(e.value)
+
+
+# --- video: Wan 2.1 on its real model class --------------------------------------------------------
+
+import comfy.model_base  # noqa: E402
+import comfy.supported_models  # noqa: E402
+
+WAN = {"image_model": "wan2.1", "model_type": "t2v", "patch_size": (1, 2, 2), "text_len": 16, "in_dim": 16, "dim": 64,
+       "ffn_dim": 128, "freq_dim": 32, "text_dim": comfy_host.CONTEXT, "out_dim": 16, "num_heads": 2, "num_layers": 2}
+VIDEO = Mixture((16, 3, 8, 8), components=3, seed=2)
+
+
+def tiny_wan(seed=0):
+    """The host's Wan 2.1 (WAN21 with WanModel: flow, 5D latents, cross attention on the text) shrunk."""
+    return comfy_host.patched(comfy.model_base.WAN21(comfy.supported_models.WAN21_T2V(dict(WAN)),
+                                                     device=torch.device("cpu")), seed, 0.2)
+
+
+def exact_wan(mixture=VIDEO):
+    """Tiny Wan whose network is the exact mixture denoiser on (B, 16, T, H, W) (prompt k: component k)."""
+    m = tiny_wan().clone()
+
+    def wrapper(apply_model, args):
+        x, sigma, c = args["input"], args["timestep"], args["c"]["c_crossattn"]
+        label = c.flatten(1).mean(1).round().long() - 1
+        mask = torch.zeros(x.shape[0], len(mixture.mu), dtype=torch.bool)
+        mask[label >= 0, label[label >= 0]] = True
+        mask[label < 0] = True
+        return mixture.denoise(x, sigma, "flow", mask)
+
+    m.set_model_unet_function_wrapper(wrapper)
+    return m
+
+
+def wan_prompt(label):
+    return [[torch.full((1, 16, comfy_host.CONTEXT), float(label + 1)), {}]]
+
+
+def invert_video(model, method="bdia", positive=None, steps=6):
+    latent = {"samples": vae_scale(model, VIDEO.sample(1, seed=4).float())}
+    return Invert.execute(model=model, latent=latent, positive=positive or wan_prompt(1), method=method, steps=steps,
+                          scheduler="simple", cfg=1.0, denoise=1.0, keep_trajectory=True).result[0]
+
+
+def test_temporal_compression_is_the_hosts():
+    assert edit.temporal_factor(tiny_wan()) == 4
+    assert edit.temporal_factor(tiny_model("eps")) == 1
+
+
+@pytest.mark.parametrize("method", ["bdia", "aidi_anderson"])
+def test_video_mask_frames_edit_their_latent_frames_only(method):
+    """9 frames -> 3 latent frames (1 + 2 x 4): white frames 5-8 are latent frame 2 only."""
+    model = exact_wan()
+    inv = invert_video(model, method)
+    source = Reconstruct.execute(model=model, inverted=inv, positive=wan_prompt(1), cfg=-1.0).result[0]["samples"]
+    frames = torch.zeros(9, 64, 64)
+    frames[5:] = 1
+    out, mask = blended(model, inv, wan_prompt(1), wan_prompt(2), mask=frames, mask_mode="replace")
+    x = out["samples"]
+    assert x.shape == source.shape and x.ndim == 5
+    assert torch.equal(x[:, :, :2], source[:, :, :2])
+    assert (x[:, :, 2] - source[:, :, 2]).abs().mean() > 0.1 * source.abs().mean()
+    assert torch.equal(mask, frames)
+    one = half_mask()  # a one-frame MASK applies to every frame
+    out, mask = blended(model, inv, wan_prompt(1), wan_prompt(2), mask=one, mask_mode="replace")
+    assert torch.equal(out["samples"][..., :4], source[..., :4])
+    assert ((out["samples"][..., 4:] - source[..., 4:]).abs().mean((0, 1, 3, 4)) > 0.05).all()
+    assert mask.shape == (9, 64, 64)
+
+
+def test_video_stochastic_keeps_the_rest_and_direct_returns_the_source():
+    model = exact_wan()
+    inv = invert_video(model, "ddim")
+    src = inv["inversion"]["source"]
+    edits, _, _, _ = stochastic(model, inv, wan_prompt(1), wan_prompt(2), cfg=5.0, mask=half_mask(), count=2)
+    assert edits["samples"].shape == (2, *src.shape[1:])
+    assert rel(edits["samples"][..., :4], src.expand(2, -1, -1, -1, -1)[..., :4]) <= 1e-6
+    out, _ = blended(model, inv, wan_prompt(1), wan_prompt(1), cfg_edit=1.0, mask=full_mask(1), direct=True)
+    assert rel(out["samples"], src) <= 1e-6
+
+
+def test_bad_video_masks_are_refused():
+    model = exact_wan()
+    inv = invert_video(model, "ddim", steps=3)
+    with pytest.raises(NodeInputError, match="input 'mask': the mask has 5 frames"):
+        blended(model, inv, wan_prompt(1), wan_prompt(2), mask=torch.ones(5, 64, 64))
+
+
+def test_wan_attention_region_is_per_latent_frame(monkeypatch):
+    """The edited word's cross attention on Wan's T x H x W token grid, frame by frame, against the
+    direct softmax. The tokens are found with the host's T5 tokenizer (Wan's own UMT5 tokenizer
+    file is not shipped with the host checkout)."""
+    threshold = 0.97
+    model = tiny_wan()
+    g = torch.Generator().manual_seed(1)
+    src = [[torch.randn(1, 16, comfy_host.CONTEXT, generator=g), {}]]
+    tgt = [[torch.randn(1, 16, comfy_host.CONTEXT, generator=g), {}]]
+    latent = {"samples": torch.randn(1, 16, 3, 8, 8, generator=torch.Generator().manual_seed(0))}
+    inv = Invert.execute(model=model, latent=latent, positive=src, method="bdia", steps=4, scheduler="simple",
+                         cfg=1.0, denoise=1.0, keep_trajectory=True).result[0]
+    seen = []
+    hook = capture.Capture.override
+
+    def spy(self, func, *args, **kwargs):
+        seen.append((self.branch, args[0].clone(), args[1].clone(), dict(kwargs)))
+        return hook(self, func, *args, **kwargs)
+
+    monkeypatch.setattr(capture.Capture, "override", spy)
+    _, mask = blended(model, inv, src, tgt, clip=clip(comfy.text_encoders.flux.FluxTokenizer), source_text=SOURCE_TEXT,
+                      target_text=TARGET_TEXT, threshold=threshold, dilation=0, local_blend=False,
+                      cfg_inversion=1.0, cfg_edit=1.0)
+    maps = {"source": [], "target": []}
+    for branch, q, k, kwargs in seen:
+        if branch is None or k.shape[1] != 16:  # cross attention on the 16 context tokens only
+            continue
+        heads = kwargs["heads"]
+        qh = q.view(q.shape[0], q.shape[1], heads, -1).transpose(1, 2)
+        kh = k.view(k.shape[0], k.shape[1], heads, -1).transpose(1, 2)
+        p = (qh @ kh.transpose(-1, -2) / math.sqrt(qh.shape[-1])).softmax(-1)
+        m = p[..., [6]].sum(-1).mean(1).view(-1, 1, 3, 4, 4)  # T5: "cat" / "dog" at 6
+        m = F.interpolate(F.max_pool3d(m, (1, 3, 3), 1, (0, 1, 1)), size=(3, 8, 8), mode="trilinear",
+                          align_corners=False)
+        maps[branch].append(m)
+    assert len(maps["source"]) == len(maps["target"]) == 2 * 3  # 2 blocks x 3 sampled steps
+    raw = torch.stack(maps["source"]).mean(0) + torch.stack(maps["target"]).mean(0)
+    expect = (raw / raw.max() > threshold).float()[0, 0]
+    got = F.avg_pool2d(mask[[0, 1, 5]][:, None], 8)[:, 0]  # the first frame of each latent frame
+    assert torch.equal(got, expect)
+    assert 0 < expect.mean() < 1
+    assert not torch.equal(expect[0], expect[1]) or not torch.equal(expect[1], expect[2])  # regions per frame
+
+
+# --- the user's attention backend ----------------------------------------------------------------
+
+def set_backend(model, fn):
+    """The user's attention backend through the host's own API (0.32+), else its override key."""
+    m = model.clone()
+    if hasattr(m, "set_model_optimized_attention"):
+        m.set_model_optimized_attention(fn)
+    else:
+        m.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = \
+            lambda func, *args, **kwargs: fn(*args, **kwargs)
+    return m
+
+
+@pytest.mark.parametrize("family", ["flux", "unet"])
+def test_the_users_attention_backend_runs_as_often_with_the_capture(family):
+    """Issue 14: the capture replaced the override, and the backend ran 0 times instead of 2 per
+    forward pass; attn2 got no transformer options. Now both chain to the user's choice."""
+    import comfy.ldm.modules.attention as attention
+    calls = []
+
+    def backend(*args, **kwargs):
+        calls.append(1)
+        return attention.attention_basic(*args, **kwargs)
+
+    if family == "flux":
+        base = tiny_flux()
+        latent = {"samples": torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(3))}
+        src, tgt, tok, sched = flux_prompt(1), flux_prompt(2), comfy.text_encoders.flux.FluxTokenizer, "simple"
+    else:
+        base = tiny_model("eps")
+        latent = {"samples": torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))}
+        src, tgt, tok, sched = random_prompt(1), random_prompt(2), comfy.sd1_clip.SD1Tokenizer, "karras"
+    inv = Invert.execute(model=base, latent=latent, positive=src, method="bdia", steps=3, scheduler=sched, cfg=1.0,
+                         denoise=1.0, keep_trajectory=False).result[0]
+    model = set_backend(base, backend)
+    blended(model, inv, src, tgt, mask=full_mask(1), mask_mode="replace", cfg_edit=1.0)
+    without = len(calls)
+    calls.clear()
+    blended(model, inv, src, tgt, clip=clip(tok), source_text=SOURCE_TEXT, target_text=TARGET_TEXT, cfg_edit=1.0)
+    assert without > 0 and len(calls) == without
