@@ -6,7 +6,7 @@ import comfy_host  # skips this module where no ComfyUI is found
 import pytest
 import torch
 import torch.nn.functional as F
-from comfy_host import exact_model, flux_prompt, prompt, tiny_flux, tiny_model, vae_scale
+from comfy_host import exact_model, flux_prompt, prompt, tiny_model, vae_scale
 
 import comfy.sd
 import comfy.sd1_clip
@@ -30,6 +30,21 @@ def clip(tokenizer=comfy.sd1_clip.SD1Tokenizer):
     c.tokenizer = tokenizer()
     c.tokenizer_options = {}
     return c
+
+
+def tiny_flux(seed=0):
+    """The host's Flux with a tiny transformer; hosts whose FluxParams need ``txt_ids_dims`` (0.33)
+    get Flux.1's empty list."""
+    import dataclasses
+
+    import comfy.ldm.flux.model
+    import comfy.model_base
+    import comfy.supported_models
+    config = dict(comfy_host.FLUX)
+    if "txt_ids_dims" in {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}:
+        config["txt_ids_dims"] = []
+    return comfy_host.patched(comfy.model_base.Flux(comfy.supported_models.Flux(config), device=torch.device("cpu")),
+                              seed, 0.2)
 
 
 def random_prompt(seed):
