@@ -246,13 +246,10 @@ def test_seeds_vary_inside_the_mask_only():
     edits, best, scores, mask = stochastic(model, inv, prompt(1), prompt(2), cfg=3.0, mask=half, count=4)
     x = edits["samples"]
     inside = (x[:, :, :, 4:] - x[:1, :, :, 4:]).abs().flatten(1).mean(1)
-    outside = (x[:, :, :, :4] - x[:1, :, :, :4]).abs().flatten(1)
     assert (inside[1:] > 0.05 * x.abs().mean()).all()
-    # Outside the mask the seeds act only through the exact denoiser's coupling of all pixels
-    # (its component posteriors); measured: mean change up to 8e-3, largest up to 4e-2 of the
-    # inside change (seeds 8, 9, 10 against 7).
-    assert (outside[1:].mean(1) <= 0.01 * inside[1:]).all()
-    assert (outside[1:].amax(1) <= 0.1 * inside[1:]).all()
+    # Outside the mask every seed gives the same latent: the source's prediction and mean are
+    # used there (before: seeds moved it through the exact denoiser's coupling of all pixels).
+    assert torch.equal(x[1:, :, :, :4], x[:1, :, :, :4].expand(3, -1, -1, -1))
     lines = scores.splitlines()
     assert len(lines) == 4
     best_j = max(range(4), key=lambda j: float(lines[j].split(": ")[1].split()[0]))
