@@ -275,3 +275,17 @@ def test_bad_scales_and_windows_are_refused():
         edit_direct(two(den), None, inv.sigmas, m, 1.0, 5.0)
     with pytest.raises(SolverError, match="seed"):
         edit_stochastic(two(den), inv.trajectory, inv.sigmas, m, 1.0, 5.0, [])
+
+
+def test_half_precision_inputs_compute_in_float32_and_inputs_stay_unchanged():
+    den, inv = setup("ddim", "eps", keep=True)
+    m = half(inv.latent)
+    x16 = inv.latent.half()
+    traj16 = [t.half() for t in inv.trajectory]
+    keep = (x16.clone(), [t.clone() for t in traj16], m.clone())
+    out, _ = edit_blended(two(den), x16, inv.sigmas.flip(0), m, 1.0, 5.0, space="eps")
+    d, _ = edit_direct(two(den), traj16, inv.sigmas, m, 1.0, 5.0)
+    e, _, _ = edit_stochastic(two(den), traj16, inv.sigmas, m, 1.0, 5.0, [1])
+    assert out.dtype == d.dtype == e.dtype == torch.float32
+    assert torch.equal(x16, keep[0]) and all(torch.equal(a, b) for a, b in zip(traj16, keep[1]))
+    assert torch.equal(m, keep[2])
