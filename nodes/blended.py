@@ -1,13 +1,12 @@
 """BlendedGuidanceSampler: strong guidance only where the edit happens (AIDI's blended guidance)."""
 
-import math
-
-import torch
 from comfy_api.latest import io
 
-from ..solvers import editing, sampler_for
-from . import edit
-from .host import RECORD, image_mask, progress, resume, run_guider, to_model
+from ..solvers import sampler_for
+from ..solvers.blended import edit_blended
+from ..solvers.direct import edit_direct
+from . import edit, guider
+from .host import RECORD, fail, progress, resume, run_guider, to_model
 
 
 class BlendedGuidanceSampler(io.ComfyNode):
@@ -19,16 +18,19 @@ class BlendedGuidanceSampler(io.ComfyNode):
             category="sampling/inversion",
             description="Edits an inverted image with a new prompt, applying the strong edit guidance only inside "
                         "the edit region: W = cfg_inversion + (cfg_edit - cfg_inversion) * M. M comes from the "
-                        "attention of the edited words on the image (UNets such as SD1.5 and SDXL, and joint-attention "
-                        "DiTs such as SD3 and Flux; needs the CLIP and the prompts' texts) and/or a MASK. Runs a source branch beside the target one when the mask "
-                        "needs source words or latent blending is on (twice the model calls).",
+                        "attention of the edited words on the image (UNets such as SD1.5 and SDXL, joint-attention "
+                        "DiTs such as SD3 and Flux, and Wan's cross attention per latent frame; needs the CLIP and "
+                        "the prompts' texts) and/or a MASK. Image and video latents. Runs a source branch beside the "
+                        "target one when the mask needs source words, latent blending or DirectInversion is on "
+                        "(twice the model calls).",
             inputs=[
                 io.Model.Input("model", tooltip="The model that made the inversion."),
                 io.Latent.Input("inverted", tooltip="The output of Invert."),
                 io.Conditioning.Input("source", tooltip="The source prompt, as used for Invert."),
                 io.Conditioning.Input("target", tooltip="The edited prompt."),
                 io.Float.Input("cfg_inversion", default=-1.0, min=-1.0, max=100.0, step=0.1, round=0.01,
-                               tooltip="Guidance outside the edit region; -1 uses the inversion's cfg (most faithful)."),
+                               tooltip="Guidance outside the edit region; -1 uses the inversion's cfg (most faithful). "
+                                       "Other negative values are refused."),
                 io.Float.Input("cfg_edit", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01,
                                tooltip="Guidance inside the edit region: higher edits more strongly."),
                 io.Float.Input("mask_steps", default=1.0, min=0.0, max=1.0, step=0.01,
@@ -40,6 +42,12 @@ class BlendedGuidanceSampler(io.ComfyNode):
                 io.Conditioning.Input("negative", optional=True,
                                       tooltip="Negative prompt; unconnected, a zeroed source (as ConditioningZeroOut)."),
                 *edit.inputs(),
+                io.Boolean.Input("direct", default=False,
+                                 tooltip="DirectInversion (PnP inversion): each step puts the source branch back on "
+                                         "the inverted trajectory and gives the target the same correction, so what "
+                                         "an approximate inversion (ddim, easyinv, renoise...) loses is not lost in "
+                                         "the edit. Needs keep_trajectory on Invert; single-state methods only (bdia "
+                                         "and edict already sample back exactly)."),
             ],
             outputs=[io.Latent.Output(display_name="edited", tooltip="The edited latent."),
                      io.Mask.Output(display_name="mask", tooltip="The edit region the sampler used, at image size.")],
@@ -48,49 +56,42 @@ class BlendedGuidanceSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, inverted, source, target, cfg_inversion, cfg_edit, mask_steps, local_blend, negative=None,
                 clip=None, source_text="", target_text="", words="", mask=None, mask_mode="union", threshold=0.3,
-                softness=0.0, dilation=1):
+                softness=0.0, dilation=1, direct=False):
         node = "BlendedGuidanceSampler"
         samples, rec = resume(node, inverted, model)
+        w_inv = edit.scale_input(node, "cfg_inversion", cfg_inversion, rec)
+        if cfg_edit < 0:
+            fail(node, "cfg_edit", f"expected a value >= 0, got {cfg_edit}")
+        if not 0 <= mask_steps <= 1:
+            fail(node, "mask_steps", f"expected a value in [0, 1], got {mask_steps}")
+        if direct and rec["sampler"] != "euler":
+            fail(node, "direct", f"DirectInversion applies to single-state methods; {rec['method']} samples back "
+                                 "exactly from its pair of states already, and its second state has no trajectory to "
+                                 "snap to: turn direct off")
+        if direct and rec["trajectory"] is None:
+            fail(node, "direct", "DirectInversion needs the inversion's trajectory: set keep_trajectory on Invert")
         region = edit.Region(node, model, samples, clip, source_text, target_text, words, mask, mask_mode, threshold,
                              softness, dilation)
-        w_inv = rec["cfg"] if cfg_inversion < 0 else cfg_inversion
         fn, kwargs = sampler_for(rec["sampler"], rec["settings"])
         sigmas = rec["sigmas"].flip(0)
-        steps = len(sigmas) - 1
-        active = math.ceil(mask_steps * steps)
-        two = local_blend or bool(region.tokens["source"])
-        callback = progress(model, steps)
-        guider = edit.guider(node, model, region, source, target, negative)
-        sig = [float(s) for s in sigmas]
-
-        def denoise(g, x, t, mo, seed):
-            k = min(range(steps), key=lambda j: abs(sig[j] - float(t[0])))
-            on = k < active and cfg_edit != w_inv
-            xs, xt = x.chunk(2) if two else (None, x)
-            d_s = g.guided("source", xs, t[:len(xs)], w_inv, mo, seed) if two else None
-            uniform = region.uniform()
-            if not on:
-                scale = w_inv
-            elif uniform is not None:
-                scale = w_inv + (cfg_edit - w_inv) * uniform
-            else:
-                scale = lambda: editing.per_pixel_scale(w_inv, cfg_edit, region.current())
-            d_t = g.guided("target", xt, t[-len(xt):], scale, mo, seed)
-            if two and local_blend and k < active:
-                d_t = editing.local_blend(d_s, d_t, region.current().to(d_t))
-            return d_t if not two else torch.cat([d_s, d_t])
-
-        guider.run = denoise
+        callback = progress(model, len(sigmas) - 1)
+        g = guider.build(node, region.attach(model), region.capture, source, target, negative)
+        region.guider = g
+        source_branch = local_blend or bool(region.capture.tokens["source"])
 
         def job(den, x, inner):
-            pair = to_model(inner, rec["pair"], x[: samples.shape[0]])
-            if two and pair is not None:
-                pair = torch.cat([pair, pair])
-            return None, fn(den, x, sigmas, None, callback, space=rec["space"], pair=pair, **kwargs)
+            model_ = g.model(den)
+            if direct:
+                traj = [to_model(inner, t, x) for t in rec["trajectory"]]
+                out, _ = edit_direct(model_, traj, rec["sigmas"], region.mask(), w_inv, cfg_edit, space=rec["space"],
+                                     mask_steps=mask_steps, local_blend=local_blend, callback=callback)
+            else:
+                out, _ = edit_blended(model_, x, sigmas, region.mask(), w_inv, cfg_edit, sampler=fn, sampler_args=kwargs,
+                                      pair=to_model(inner, rec["pair"], x), space=rec["space"], mask_steps=mask_steps,
+                                      local_blend=local_blend, source=source_branch, callback=callback)
+            return None, out
 
-        start = torch.cat([samples, samples]) if two else samples
-        _, out = run_guider(node, guider, start, sigmas, job)
+        _, out = run_guider(node, g, samples, sigmas, job)
         result = {k: v for k, v in inverted.items() if k not in ("samples", RECORD)}
-        result["samples"] = out[-samples.shape[0]:]
-        used = region.current()
-        return io.NodeOutput(result, image_mask(used, model))
+        result["samples"] = out
+        return io.NodeOutput(result, edit.image_mask(region, region.current(), model))

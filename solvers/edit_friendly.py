@@ -1,57 +1,87 @@
-"""Stochastic editing in the edit-friendly noise space.
+"""Stochastic editing in the edit-friendly noise space, with blended guidance that keeps the rest.
 
-A stochastic (ancestral) sampler steps ``x_a = mu(x_b) + s z`` (``editing.ancestral``). Given
-an inverted trajectory ``x*_0 .. x*_N`` and the source prompt's denoiser, the offsets
-``e_i = x*_{i-1} - mu(x*_i)`` make the replay ``x_{i-1} = mu(x_i) + e_i`` return every
-``x*_i`` exactly, whatever method made the trajectory. ``z_i = e_i / s_i`` is the noise the
-sampler "used"; an edit replays with the target prompt's denoiser and, inside the edit
-mask, replaces ``z_i`` by fresh seeded noise: ``z'_i = M * fresh + (1 - M) * z_i``. Steps
-with ``s_i = 0`` (the last one, or every one at eta = 0) keep their offset as it is.
-Memory: one latent per step (O(steps x latent)).
+The stochastic editing of Pan et al. (AIDI, ICCV 2023, arXiv 2309.04907: several sampled
+edits, the best kept) built on the edit-friendly noise space of Huberman-Spiegelglas et al.,
+"An Edit Friendly DDPM Noise Space" (arXiv 2304.06140). A stochastic (ancestral) sampler
+steps ``x_a = mu(x_b) + s z`` (``editing.ancestral``). Given an inverted trajectory
+``x*_0 .. x*_N`` and the source branch at ``w_inv``, the offsets
+``e_i = x*_{i-1} - mu_s(x*_i)`` make the replay ``x_{i-1} = mu(x_i) + e_i`` return every
+``x*_i`` exactly, whatever method made the trajectory. An edit replays with the target
+branch under blended guidance (``W = w_inv + (w_edit - w_inv) M``, local blend with the
+source predictions made for the maps) and, inside the mask, replaces the noise ``e_i / s_i``
+by a fresh seeded draw: ``x_{i-1} = x*_{i-1} + (mu_t(x_i) - mu_s(x*_i)) + M (s_i z - e_i)``
+(the same as ``mu_t + e_i + M (s_i z - e_i)``). Outside the mask (``M = 0``) the
+target's mean, offset and state equal the source's, so every seed keeps the rest as the
+source; steps with ``s_i = 0`` (the last, or all at eta = 0) keep their offset.
+
+Each edit k draws its noise on the CPU from ``torch.Generator().manual_seed(seeds[k])``, so a
+seed gives the same edit on every device. Scores: PSNR against the source outside the mask.
+Memory: two latents per step (offsets and source predictions) plus the edits.
 """
 
-from .core import Denoiser, SolverError, check_finite, check_latent, check_schedule, notify, work_dtype
-from .editing import ancestral_mean, check_eta
+import torch
+
+from .core import SolverError, check_finite, check_latent, check_schedule, notify, work_dtype
+from .editing import SOURCE, Branches, ancestral_mean, check_eta, check_mask, preservation
+from .editing import local_blend as local_blend_
 
 
-def noise_maps(model, trajectory, sigmas, extra_args=None, callback=None, space="eps", eta=1.0):
-    """Per sampling step (from the top down) the pair (offset e_i, noise scale s_i)."""
+def noise_maps(br, traj, s, space, eta, callback=None):
+    """Per sampling step (from the top down): (source mean mu_s(x*_i), noise scale s_i, source prediction D_s).
+
+    The offset is ``e_i = x*_{i-1} - mu_s``; the replay adds ``mu_t - mu_s`` to ``x*_{i-1}``
+    rather than ``e_i`` to ``mu_t``, so where the target follows the source it lands on the
+    trajectory bit for bit."""
+    maps = []
+    for k, i in enumerate(range(len(s) - 1, 0, -1)):
+        d = br.call(traj[i], torch.full((traj[i].shape[0],), s[i], dtype=traj[i].dtype, device=traj[i].device),
+                    SOURCE, br.w_inv)
+        mu, up = ancestral_mean(traj[i], d, s[i], s[i - 1], eta, space)
+        maps.append((check_finite(mu, "edit_friendly", k), up, d))
+        notify(callback, k, traj[i - 1], s[i - 1], d)
+    return maps
+
+
+def edit_stochastic(model, trajectory, sigmas, mask, w_inv, w_edit, seeds, space="eps", eta=1.0, local_blend=True,
+                    extra_args=None, callback=None):
+    """``len(seeds)`` edits of the trajectory's source (index i at the ascending ``sigmas[i]``).
+
+    Returns (edits (len(seeds) * B, ...), edit-major; scores (dB, per edit); edit-denoiser calls).
+    ``callback`` sees the maps' steps, then each edit's steps (numbered on: ``steps * (1 + count)`` in all).
+    Each edit runs as its own batch, so the model's extra arguments stay those of one batch.
+    """
     check_eta(eta)
+    seeds = [int(v) for v in seeds]
+    if not seeds:
+        raise SolverError("stochastic editing needs at least one seed")
     if trajectory is None or len(trajectory) != len(sigmas):
         raise SolverError("edit-friendly noise needs the inversion's trajectory (one latent per sigma); "
                           "invert with keep_trajectory")
     traj = [check_latent(t, "trajectory").to(work_dtype(t.dtype)) for t in trajectory]
     s = [float(v) for v in check_schedule(sigmas, traj[0])]
-    den = Denoiser(model, extra_args, "edit_friendly")
-    maps = []
-    for k, i in enumerate(range(len(s) - 1, 0, -1)):
-        den.step = k
-        mu, up = ancestral_mean(traj[i], den(traj[i], s[i]), s[i], s[i - 1], eta, space)
-        maps.append((check_finite(traj[i - 1] - mu, "edit_friendly", k), up))
-        notify(callback, k, traj[i - 1], s[i - 1], den.last)
-    return maps, den.nfe
-
-
-def replay(model, x, sigmas, maps, extra_args=None, callback=None, space="eps", eta=1.0, fresh=None, mask=None):
-    """Sample down ``sigmas`` (descending) reusing ``maps``; ``fresh(k)`` gives step k's new noise.
-
-    ``x`` and ``fresh(k)`` may hold several copies of the batch the maps were made for
-    (samples stacked along the batch); the maps and ``mask`` are repeated to match.
-    """
-    den = Denoiser(model, extra_args, "edit_friendly")
-    x = check_latent(x).to(work_dtype(x.dtype))
-    s = [float(v) for v in check_schedule(sigmas, x, descending=True)]
-    if len(maps) != len(s) - 1:
-        raise SolverError(f"edit_friendly: {len(maps)} noise maps for {len(s) - 1} steps")
-    reps = x.shape[0] // maps[0][0].shape[0]
-    m = None if mask is None else mask.to(x).repeat(reps, *[1] * (x.ndim - 1))
-    for k, (e, up) in enumerate(maps):
-        den.step = k
-        mu, _ = ancestral_mean(x, den(x, s[k]), s[k], s[k + 1], eta, space)
-        e = e.to(x).repeat(reps, *[1] * (x.ndim - 1))
-        if up > 0 and fresh is not None and m is not None:
-            z = e / up
-            e = up * (z + m * (fresh(k).to(x) - z))
-        x = check_finite(mu + e, "edit_friendly", k)
-        notify(callback, k, x, s[k + 1], den.last)
-    return x
+    if not callable(mask):
+        mask = check_mask(mask, traj[0])
+    br = Branches(model, mask, w_inv, w_edit, local_blend=local_blend, extra_args=extra_args)
+    maps = noise_maps(br, traj, s, space, eta, callback)
+    n = len(s) - 1
+    edits, scores = [], []
+    for j, seed in enumerate(seeds):
+        g = torch.Generator().manual_seed(seed)
+        x = traj[-1]
+        for k, (mu_s, up, ds) in enumerate(maps):
+            sb, sa = s[n - k], s[n - k - 1]
+            sig = torch.full((x.shape[0],), sb, dtype=x.dtype, device=x.device)
+            dt = br.call(x, sig, "target", br.scale(True))
+            m = br.current(x)
+            if local_blend:
+                dt = local_blend_(ds, dt, m)
+            mu, _ = ancestral_mean(x, dt, sb, sa, eta, space)
+            x = traj[n - k - 1] + (mu - mu_s)
+            if up > 0:
+                z = torch.randn(x.shape, generator=g, dtype=torch.float32).to(x)
+                x = x + m * (up * z - (traj[n - k - 1] - mu_s))
+            x = check_finite(x, "edit_friendly", k)
+            notify(callback, n * (1 + j) + k, x, sa, dt)
+        edits.append(x)
+        scores.append(preservation(x, traj[0], br.current(x)))
+    return torch.cat(edits), torch.cat(scores), br.nfe

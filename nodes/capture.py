@@ -1,0 +1,130 @@
+"""Attention capture: the edited words' attention on the image, read while the model runs.
+
+UNets (SD1.5, SDXL): an attn2 replace patch on every cross-attention layer; it computes
+the layer's attention with the host's ``optimized_attention`` and passes the transformer
+options on, so an attention backend the user chose (``optimized_attention_override``)
+still runs there. DiTs (SD3, Flux: joint [context, image] attention; Wan: cross attention
+of the image tokens on the context over a T x H x W token grid): the host's attention
+override, chained to an override already set (the core ModelAttentionBackend node,
+``ModelPatcher.set_model_optimized_attention``) rather than replacing it. Maps are read
+from the cond chunks of the branch being evaluated, and summed per (branch, layer
+resolution).
+"""
+
+from __future__ import annotations
+
+import comfy.ldm.modules.attention
+
+from ..solvers import editing
+
+OVERRIDE = "optimized_attention_override"
+
+
+class Capture:
+    def __init__(self, tokens: dict, size: tuple):
+        self.tokens, self.size = tokens, tuple(size)
+        self.maps = {}  # (branch, downsampling factor) -> (sum of maps, count)
+        self.branch = None
+        self.text_len = {}  # branch -> context tokens
+        self.previous = None  # the attention override that was set before ours
+
+    def active(self):
+        return any(self.tokens.values())
+
+    def attach(self, model, unet_layers):
+        """A clone of ``model`` with the capture attached (``model`` itself when no word is edited)."""
+        if not self.active():
+            return model
+        m = model.clone()
+        if unet_layers:
+            for key in unet_layers:
+                m.set_model_attn2_replace(self.hook, *key)
+        else:
+            options = m.model_options.setdefault("transformer_options", {})
+            self.previous = options.get(OVERRIDE)
+            options[OVERRIDE] = self.override
+        return m
+
+    def override(self, func, *args, **kwargs):
+        out = self.previous(func, *args, **kwargs) if self.previous is not None else func(*args, **kwargs)
+        tokens = self.tokens.get(self.branch) if self.branch else None
+        if not tokens or self.branch not in self.text_len:
+            return out
+        q, k = args[0], args[1]
+        heads = args[3] if len(args) > 3 else kwargs["heads"]
+        if not kwargs.get("skip_reshape"):
+            q, k = (t.view(t.shape[0], t.shape[1], heads, -1).transpose(1, 2) for t in (q, k))
+        text = self.text_len[self.branch]
+        rows = cond_rows(q.shape[0], kwargs.get("transformer_options") or {})
+        if not rows:
+            return out
+        if k.shape[2] == q.shape[2]:
+            # Joint attention over [context, image]; image-only self-attention leaves no grid
+            # after the context's length.
+            grid = editing.layer_grid(q.shape[2] - text, self.size)
+            if grid is not None:
+                att = editing.joint_token_attention(q[rows], k[rows], text, tokens)
+                self.add(grid[0], editing.layer_map(att, grid[1], self.size))
+        elif k.shape[2] == text:
+            # Cross attention of image tokens on the context (Wan).
+            grid = editing.layer_grid(q.shape[2], self.size)
+            if grid is not None:
+                att = editing.joint_token_attention(q[rows], k[rows], 0, tokens)
+                self.add(grid[0], editing.layer_map(att, grid[1], self.size))
+        return out
+
+    def hook(self, q, k, v, extra):
+        heads = extra["n_heads"]
+        out = comfy.ldm.modules.attention.optimized_attention(q, k, v, heads, attn_precision=extra.get("attn_precision"),
+                                                              transformer_options=extra)
+        tokens = self.tokens.get(self.branch) if self.branch else None
+        grid = editing.layer_grid(q.shape[1], self.size)
+        rows = cond_rows(q.shape[0], extra) if tokens and grid else None
+        if rows:
+            att = editing.token_attention(q[rows], k[rows], heads, tokens)
+            self.add(grid[0], editing.layer_map(att, grid[1], self.size))
+        return out
+
+    def add(self, factor, m):
+        key = (self.branch, factor)
+        total, n = self.maps.get(key, (0, 0))
+        self.maps[key] = (total + m, n + 1)
+
+    def raw(self, batch):
+        """The summed mean maps at the chosen resolution, (batch, 1, *size), or None.
+
+        Layers at 1/4 of the latent's resolution (prompt-to-prompt's 16x16 maps on SD1.5)
+        are used where the model has them, else the coarsest below that.
+        """
+        factors = {f for _, f in self.maps}
+        if not factors:
+            return None
+        pick = 4 if 4 in factors else max(f for f in factors if f <= 4) if min(factors) <= 4 else min(factors)
+        raw = None
+        for (_, f), (total, n) in self.maps.items():
+            if f == pick:
+                mean = total / n
+                mean = mean.repeat(batch // mean.shape[0], *[1] * (mean.ndim - 1))
+                raw = mean if raw is None else raw + mean
+        return raw
+
+
+def cond_rows(batch, options):
+    """Batch rows of the cond chunks (the host runs cond and uncond as chunks of one batch)."""
+    chunks = options.get("cond_or_uncond", [0])
+    n = batch // len(chunks)
+    return [r for j, c in enumerate(chunks) if c == 0 for r in range(j * n, (j + 1) * n)]
+
+
+def unet_layers(model):
+    """attn2 patch keys (block, index, transformer index) of a UNet, found from its module names."""
+    keys = []
+    for name, _ in model.model.diffusion_model.named_modules():
+        parts = name.split(".")
+        if parts[-1] != "attn2" or "transformer_blocks" not in parts:
+            continue
+        block = {"input_blocks": "input", "middle_block": "middle", "output_blocks": "output"}.get(parts[0])
+        if block is None:
+            continue
+        keys.append((block, 0 if block == "middle" else int(parts[1]), int(parts[parts.index("transformer_blocks") + 1])))
+    return keys

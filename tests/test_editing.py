@@ -1,0 +1,291 @@
+"""Editing solvers against the exact mixture denoiser: blended guidance, DirectInversion, stochastic edits.
+
+The edit denoiser is ``TwoPrompts`` over the analytic ``MixtureDenoiser``: the source prompt
+is label k, the target another component's label, so an edit moves the image towards
+another mixture component. Every check runs in both spaces.
+"""
+
+import pytest
+import torch
+
+from inversion_suite.benchmarks.analytic import Mixture, MixtureDenoiser, karras, uniform_flow
+from inversion_suite.solvers import METHODS, SolverError, invert, reconstruct, sampler_for
+from inversion_suite.solvers import editing
+from inversion_suite.solvers.blended import edit_blended
+from inversion_suite.solvers.direct import edit_direct
+from inversion_suite.solvers.edit_friendly import edit_stochastic
+from inversion_suite.solvers.editing import TwoPrompts
+
+SPACES = ("eps", "flow")
+MIX = Mixture((4, 8, 8), components=4, seed=0)
+SRC, TGT = [0, 1, 2], [3, 3, 0]
+
+
+def schedule(space, steps):
+    return karras(steps) if space == "eps" else uniform_flow(steps)
+
+
+def data(batch=3):
+    return torch.cat([MIX.sample(1, seed=3 + i, component=c) for i, c in enumerate(SRC[:batch])]).float()
+
+
+def setup(method, space, steps=8, cfg=1.0, keep=False, **settings):
+    den = MixtureDenoiser(MIX, space)
+    inv = invert(method, den, data(), schedule(space, steps), {"label": SRC, "cfg": cfg}, space=space,
+                 keep_trajectory=keep, **settings)
+    return den, inv
+
+
+def two(den, target=TGT):
+    return TwoPrompts(den, {"label": SRC}, {"label": target})
+
+
+def blended(den, inv, mask, w_inv=1.0, w_edit=5.0, target=TGT, **kw):
+    fn, kwargs = sampler_for(inv.sampler, inv.settings)
+    return edit_blended(two(den, target), inv.latent, inv.sigmas.flip(0), mask, w_inv, w_edit, sampler=fn,
+                        sampler_args=kwargs, pair=inv.pair, space=inv.space, **kw)
+
+
+def half(x, value=1.0):
+    """1 on the right half of the latent, 0 elsewhere: (1, 1, H, W)."""
+    m = torch.zeros(1, 1, *x.shape[2:])
+    m[..., x.shape[-1] // 2:] = value
+    return m
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+# --- blended guidance ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("space", SPACES)
+@pytest.mark.parametrize("method", list(METHODS))
+def test_zero_mask_with_blending_is_the_reconstruction_bit_for_bit(method, space):
+    den, inv = setup(method, space)
+    source = reconstruct(den, inv, {"label": SRC, "cfg": 1.0})
+    out, nfe = blended(den, inv, torch.zeros(1, 1, 8, 8))
+    assert torch.equal(out, source)
+    calls = {"euler": inv.steps, "bdia": inv.steps - 1, "edict": 2 * inv.steps}[inv.sampler]  # bdia resumes its pair
+    assert nfe == 2 * calls
+
+
+@pytest.mark.parametrize("space", SPACES)
+@pytest.mark.parametrize("method", ["aidi_anderson", "bdia", "edict"])
+def test_uniform_masks_without_blending_are_plain_guided_sampling(method, space):
+    den, inv = setup(method, space)
+    zero, _ = blended(den, inv, torch.zeros(1, 1, 8, 8), local_blend=False, source=False)
+    assert torch.equal(zero, reconstruct(den, inv, {"label": TGT, "cfg": 1.0}))
+    one, nfe = blended(den, inv, torch.ones(1, 1, 8, 8), local_blend=False, source=False)
+    assert torch.equal(one, reconstruct(den, inv, {"label": TGT, "cfg": 5.0}))
+    assert nfe == {"aidi_anderson": 8, "bdia": 7, "edict": 16}[method]
+    closed, _ = blended(den, inv, torch.ones(1, 1, 8, 8), mask_steps=0.0)  # window closed: w_inv, no blend
+    assert torch.equal(closed, zero)
+
+
+@pytest.mark.parametrize("space", SPACES)
+@pytest.mark.parametrize("method", ["ddim", "bdia", "edict"])
+def test_half_mask_keeps_the_rest_and_edits_inside(method, space):
+    den, inv = setup(method, space)
+    source = reconstruct(den, inv, {"label": SRC, "cfg": 1.0})
+    out, _ = blended(den, inv, half(inv.latent))
+    assert torch.equal(out[..., :4], source[..., :4])
+    assert (out[..., 4:] - source[..., 4:]).abs().mean() > 0.1 * source.abs().mean()
+
+
+def test_mask_window_and_per_pixel_scale_follow_the_formula():
+    """A per-pixel scale is D_u + W (D_c - D_u) with W = w_inv + (w_edit - w_inv) M, the
+    window open for the first ceil(mask_steps * N) steps, checked call by call."""
+    den = MixtureDenoiser(MIX, "eps")
+    x = data()
+    sig = karras(6).flip(0)
+    cut = editing.window(sig, 0.5)
+    assert sig[3] < cut < sig[2]  # 3 of 6 steps open
+    m = torch.rand(1, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    seen = []
+
+    def model(x, sigma, branch, scale):
+        w = scale() if callable(scale) else scale
+        seen.append((float(sigma[0]), branch, w))
+        return two(den)(x, sigma, branch, scale)
+
+    edit_blended(model, x, sig, m, 1.5, 6.0, local_blend=False, source=False, mask_steps=0.5)
+    assert [s for s, _, _ in seen] == pytest.approx([float(v) for v in sig[:-1]], rel=1e-6)
+    for k, (_, branch, w) in enumerate(seen):
+        assert branch == "target"
+        if k < 3:
+            assert torch.equal(w, 1.5 + 4.5 * m)
+        else:
+            assert w == 1.5
+    d = two(den)(x, torch.full((3,), 2.0), "target", 1.5 + 4.5 * m)
+    u = den(x, torch.full((3,), 2.0), label=TGT, cfg=0.0)
+    c = den(x, torch.full((3,), 2.0), label=TGT, cfg=1.0)
+    assert torch.allclose(d, u + (1.5 + 4.5 * m) * (c - u), atol=1e-6)
+
+
+@pytest.mark.parametrize("space", SPACES)
+def test_blended_runs_on_5d_latents(space):
+    den = MixtureDenoiser(Mixture((4, 2, 4, 4), components=4, seed=1), space)
+    x = den.mixture.sample(2, seed=5).float()
+    extra = {"label": [0, 1], "cfg": 1.0}
+    inv = invert("bdia", den, x, schedule(space, 6), extra, space=space)
+    m = torch.zeros(1, 1, 2, 4, 4)
+    m[:, :, 1] = 1  # edit the second frame only
+    fn, kw = sampler_for("bdia", inv.settings)
+    out, _ = edit_blended(TwoPrompts(den, {"label": [0, 1]}, {"label": [2, 3]}), inv.latent, inv.sigmas.flip(0), m,
+                          1.0, 5.0, sampler=fn, sampler_args=kw, pair=inv.pair, space=space)
+    source = reconstruct(den, inv, extra)
+    assert torch.equal(out[:, :, 0], source[:, :, 0])
+    assert (out[:, :, 1] - source[:, :, 1]).abs().mean() > 0.05
+
+
+def test_video_mask_frames_map_to_latent_frames():
+    m = torch.arange(9.0).view(9, 1, 1).expand(9, 2, 2)  # 9 frames -> 1 + 2 x 4 latent frames
+    t = editing.frames(m, 3, 4)
+    assert t[:, 0, 0].tolist() == [0.0, 2.5, 6.5]
+    assert torch.equal(editing.frames(m[:1], 3, 4), m[:1].expand(3, 2, 2))
+    with pytest.raises(SolverError, match="1 \\+ 2 x 4"):
+        editing.frames(m[:5], 3, 4)
+
+
+# --- DirectInversion ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("space", SPACES)
+@pytest.mark.parametrize("method", ["ddim", "naive_unsample", "aidi_anderson", "easyinv"])
+def test_direct_with_target_equal_source_returns_the_source(method, space):
+    den, inv = setup(method, space, keep=True)
+    x = inv.trajectory[0]
+    out, nfe = edit_direct(two(den, SRC), inv.trajectory, inv.sigmas, torch.ones(1, 1, 8, 8), 1.0, 1.0, space=space)
+    assert torch.equal(out, x) and nfe == 2 * inv.steps
+    # plain sampling drifts where the inversion was approximate; DirectInversion does not
+    if method in ("ddim", "naive_unsample", "easyinv"):
+        assert rel(reconstruct(den, inv, {"label": SRC, "cfg": 1.0}), x) > 1e-3
+
+
+@pytest.mark.parametrize("space", SPACES)
+def test_direct_is_the_papers_update(space):
+    """x_t' = x_t + h d_t(x_t) + (x*_{k+1} - (x*_k + h d_s(x*_k))), in float64."""
+    mix64 = MixtureDenoiser(MIX, space)
+    x = data().double()
+    inv = invert("ddim", mix64, x, schedule(space, 6), {"label": SRC, "cfg": 1.0}, space=space, keep_trajectory=True)
+    out, _ = edit_direct(two(mix64), inv.trajectory, inv.sigmas, torch.ones(1, 1, 8, 8, dtype=torch.float64), 1.0,
+                         4.0, space=space)
+    s = [float(v) for v in inv.sigmas.flip(0)]
+    ref = inv.trajectory[::-1]
+    xt = ref[0]
+    for k in range(len(s) - 1):
+        sig = torch.full((3,), s[k], dtype=torch.float64)
+        d_t = (xt - mix64(xt, sig, label=TGT, cfg=4.0)) / s[k]
+        d_s = (ref[k] - mix64(ref[k], sig, label=SRC, cfg=1.0)) / s[k]
+        h = s[k + 1] - s[k]
+        xt = xt + h * d_t + (ref[k + 1] - (ref[k] + h * d_s))
+    assert rel(out, xt) <= 1e-12
+
+
+@pytest.mark.parametrize("space", SPACES)
+def test_direct_half_mask_keeps_the_source_outside(space):
+    den, inv = setup("ddim", space, keep=True)
+    out, _ = edit_direct(two(den), inv.trajectory, inv.sigmas, half(inv.latent), 1.0, 5.0, space=space)
+    x = inv.trajectory[0]
+    assert torch.equal(out[..., :4], x[..., :4])
+    assert (out[..., 4:] - x[..., 4:]).abs().mean() > 0.1 * x.abs().mean()
+
+
+@pytest.mark.parametrize("sampler", ["bdia", "edict"])
+def test_direct_refuses_pair_methods(sampler):
+    den, inv = setup(sampler, "eps", keep=True)
+    with pytest.raises(SolverError, match="single-state"):
+        edit_direct(two(den), inv.trajectory, inv.sigmas, half(inv.latent), 1.0, 5.0, sampler=inv.sampler)
+    assert den.calls == inv.nfe
+
+
+# --- stochastic editing -------------------------------------------------------------------------
+
+def stochastic(space, method="aidi_anderson", mask=None, target=TGT, seeds=(7, 8, 9), eta=1.0, **kw):
+    den, inv = setup(method, space, keep=True)
+    m = half(inv.latent) if mask is None else mask
+    return inv, edit_stochastic(two(den, target), inv.trajectory, inv.sigmas, m, 1.0, 5.0, seeds, space=space,
+                                eta=eta, **kw)
+
+
+@pytest.mark.parametrize("space", SPACES)
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+def test_stochastic_with_the_source_prompt_returns_the_source(space, eta):
+    inv, (edits, scores, nfe) = stochastic(space, target=SRC, mask=torch.zeros(1, 1, 8, 8), eta=eta)
+    x = inv.trajectory[0]
+    for j in range(3):
+        assert rel(edits[3 * j:3 * j + 3], x) <= 1e-5
+    assert nfe == 4 * inv.steps  # the maps' source calls, then each edit's target calls
+
+
+@pytest.mark.parametrize("space", SPACES)
+def test_stochastic_seeds_vary_the_inside_only(space):
+    """Measured bound outside the mask: 0 (bit for bit the source), since there the target's
+    prediction, mean and offset are the source's own."""
+    inv, (edits, scores, _) = stochastic(space, seeds=(7, 8, 9, 10))
+    x = inv.trajectory[0]
+    e = edits.view(4, 3, *x.shape[1:])
+    assert torch.equal(e[..., :4], x[None, ..., :4].expand(4, -1, -1, -1, -1))
+    inside = (e[1:, ..., 4:] - e[:1, ..., 4:]).abs().flatten(2).mean(2)
+    assert (inside > 0.05 * x.abs().mean()).all()
+    assert (scores > 200).all()  # nothing outside changed: the mse floor (1e-20) sets the score
+
+
+@pytest.mark.parametrize("space", SPACES)
+def test_stochastic_without_blending_changes_the_rest(space):
+    """Without local blending the rest follows the target prompt: what the pack did before."""
+    inv, (edits, _, _) = stochastic(space, local_blend=False)
+    x = inv.trajectory[0]
+    assert rel(edits[:3, ..., :4], x[..., :4]) > 1e-3
+
+
+def test_stochastic_seeds_are_reproducible_and_independent():
+    _, (a, sa, _) = stochastic("eps", mask=torch.ones(1, 1, 8, 8), seeds=(7, 8))
+    _, (b, sb, _) = stochastic("eps", mask=torch.ones(1, 1, 8, 8), seeds=(7, 8))
+    _, (c, _, _) = stochastic("eps", mask=torch.ones(1, 1, 8, 8), seeds=(8,))
+    assert torch.equal(a, b) and torch.equal(sa, sb)
+    assert torch.equal(c, a[3:])  # edit k's noise depends on its own seed only
+    assert not torch.allclose(a[:3], a[3:])
+
+
+# --- bad input ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mask,words", [(torch.full((1, 1, 8, 8), 1.5), "[0, 1]"),
+                                        (torch.full((1, 1, 8, 8), -0.1), "[0, 1]"),
+                                        (torch.ones(1, 1, 4, 4), "shape"), (torch.ones(2, 1, 8, 8), "shape")])
+def test_bad_masks_are_refused_before_any_call(mask, words):
+    den, inv = setup("ddim", "eps", keep=True)
+    calls = den.calls
+    for run in (lambda: blended(den, inv, mask),
+                lambda: edit_direct(two(den), inv.trajectory, inv.sigmas, mask, 1.0, 5.0),
+                lambda: edit_stochastic(two(den), inv.trajectory, inv.sigmas, mask, 1.0, 5.0, [1])):
+        with pytest.raises(SolverError, match=words.replace("[", "\\[")):
+            run()
+    assert den.calls == calls
+
+
+def test_bad_scales_and_windows_are_refused():
+    den, inv = setup("ddim", "eps", keep=True)
+    m = half(inv.latent)
+    with pytest.raises(SolverError, match="w_inv"):
+        blended(den, inv, m, w_inv=-0.5)
+    with pytest.raises(SolverError, match="mask_steps"):
+        blended(den, inv, m, mask_steps=1.5)
+    with pytest.raises(SolverError, match="trajectory"):
+        edit_direct(two(den), None, inv.sigmas, m, 1.0, 5.0)
+    with pytest.raises(SolverError, match="seed"):
+        edit_stochastic(two(den), inv.trajectory, inv.sigmas, m, 1.0, 5.0, [])
+
+
+def test_half_precision_inputs_compute_in_float32_and_inputs_stay_unchanged():
+    den, inv = setup("ddim", "eps", keep=True)
+    m = half(inv.latent)
+    x16 = inv.latent.half()
+    traj16 = [t.half() for t in inv.trajectory]
+    keep = (x16.clone(), [t.clone() for t in traj16], m.clone())
+    out, _ = edit_blended(two(den), x16, inv.sigmas.flip(0), m, 1.0, 5.0, space="eps")
+    d, _ = edit_direct(two(den), traj16, inv.sigmas, m, 1.0, 5.0)
+    e, _, _ = edit_stochastic(two(den), traj16, inv.sigmas, m, 1.0, 5.0, [1])
+    assert out.dtype == d.dtype == e.dtype == torch.float32
+    assert torch.equal(x16, keep[0]) and all(torch.equal(a, b) for a, b in zip(traj16, keep[1]))
+    assert torch.equal(m, keep[2])
