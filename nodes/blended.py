@@ -59,21 +59,21 @@ class BlendedGuidanceSampler(io.ComfyNode):
                 softness=0.0, dilation=1, direct=False):
         node = "BlendedGuidanceSampler"
         samples, rec = resume(node, inverted, model)
-        w_inv = edit.scale_input(node, "cfg_inversion", cfg_inversion, rec)
+        w_inv = rec.cfg_for(node, "cfg_inversion", cfg_inversion)
         if cfg_edit < 0:
             fail(node, "cfg_edit", f"expected a value >= 0, got {cfg_edit}")
         if not 0 <= mask_steps <= 1:
             fail(node, "mask_steps", f"expected a value in [0, 1], got {mask_steps}")
-        if direct and rec["sampler"] != "euler":
-            fail(node, "direct", f"DirectInversion applies to single-state methods; {rec['method']} samples back "
+        if direct and rec.sampler != "euler":
+            fail(node, "direct", f"DirectInversion applies to single-state methods; {rec.method} samples back "
                                  "exactly from its pair of states already, and its second state has no trajectory to "
                                  "snap to: turn direct off")
-        if direct and rec["trajectory"] is None:
+        if direct and rec.trajectory is None:
             fail(node, "direct", "DirectInversion needs the inversion's trajectory: set keep_trajectory on Invert")
         region = edit.Region(node, model, samples, clip, source_text, target_text, words, mask, mask_mode, threshold,
                              softness, dilation)
-        fn, kwargs = sampler_for(rec["sampler"], rec["settings"])
-        sigmas = rec["sigmas"].flip(0)
+        fn, kwargs = sampler_for(rec.sampler, rec.settings)
+        sigmas = rec.sigmas.flip(0)
         callback = progress(model, len(sigmas) - 1)
         g = guider.build(node, region.attach(model), region.capture, source, target, negative)
         region.guider = g
@@ -82,12 +82,12 @@ class BlendedGuidanceSampler(io.ComfyNode):
         def job(den, x, inner):
             model_ = g.model(den)
             if direct:
-                traj = [to_model(inner, t, x) for t in rec["trajectory"]]
-                out, _ = edit_direct(model_, traj, rec["sigmas"], region.mask(), w_inv, cfg_edit, space=rec["space"],
+                traj = [to_model(inner, t, x) for t in rec.trajectory]
+                out, _ = edit_direct(model_, traj, rec.sigmas, region.mask(), w_inv, cfg_edit, space=rec.space,
                                      mask_steps=mask_steps, local_blend=local_blend, callback=callback)
             else:
                 out, _ = edit_blended(model_, x, sigmas, region.mask(), w_inv, cfg_edit, sampler=fn, sampler_args=kwargs,
-                                      pair=to_model(inner, rec["pair"], x), space=rec["space"], mask_steps=mask_steps,
+                                      pair=to_model(inner, rec.pair, x), space=rec.space, mask_steps=mask_steps,
                                       local_blend=local_blend, source=source_branch, callback=callback)
             return None, out
 

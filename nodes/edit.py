@@ -47,15 +47,6 @@ def inputs():
     ]
 
 
-def scale_input(node, name, value, rec):
-    """A guidance widget where -1 means the inversion's cfg; other negatives are refused."""
-    if value == -1:
-        return float(rec["cfg"])
-    if value < 0:
-        fail(node, name, f"expected -1 (the inversion's cfg) or a value >= 0, got {value}")
-    return float(value)
-
-
 def temporal_factor(model):
     """Frames per latent frame after the first: the host's latent format says (Wan 2.x: 4); hosts
     before that attribute existed get 4 for 3D latent formats (Wan 2.1 is the one they have)."""

@@ -283,7 +283,3 @@ class Record:
         if not _real(cfg) or cfg < 0:
             fail(node, what, f"expected -1 (the inversion's cfg, {self.cfg:g}) or a value >= 0, got {cfg}")
         return float(cfg)
-
-    def __getitem__(self, key):
-        # Transitional: nodes written before this type read rec["key"]; use attributes.
-        return getattr(self, key)

@@ -54,29 +54,29 @@ class StochasticEditSampler(io.ComfyNode):
                 target_text="", words="", mask=None, mask_mode="union", threshold=0.3, softness=0.0, dilation=1):
         node = "StochasticEditSampler"
         samples, rec = resume(node, inverted, model)
-        if rec["trajectory"] is None:
+        if rec.trajectory is None:
             fail(node, "inverted", "has no trajectory: set keep_trajectory on Invert")
         if not 0 <= eta <= 1:
             fail(node, "eta", f"expected a value in [0, 1], got {eta}")
         if count < 1:
             fail(node, "count", f"expected at least 1, got {count}")
-        w_edit = edit.scale_input(node, "cfg", cfg, rec)
+        w_edit = rec.cfg_for(node, "cfg", cfg)
         region = edit.Region(node, model, samples, clip, source_text, target_text, words, mask, mask_mode, threshold,
                              softness, dilation)
-        steps = len(rec["sigmas"]) - 1
+        steps = len(rec.sigmas) - 1
         callback = progress(model, (1 + count) * steps)
         g = guider.build(node, region.attach(model), region.capture, source, target, negative)
         region.guider = g
         b = samples.shape[0]
 
         def job(den, x, inner):
-            traj = [to_model(inner, t, x) for t in rec["trajectory"]]
-            edits, scores, _ = edit_stochastic(g.model(den), traj, rec["sigmas"], region.mask(), rec["cfg"], w_edit,
-                                               [seed + j for j in range(count)], space=rec["space"], eta=eta,
+            traj = [to_model(inner, t, x) for t in rec.trajectory]
+            edits, scores, _ = edit_stochastic(g.model(den), traj, rec.sigmas, region.mask(), rec.cfg, w_edit,
+                                               [seed + j for j in range(count)], space=rec.space, eta=eta,
                                                callback=callback)
             return scores, edits
 
-        scores, out = run_guider(node, g, samples, rec["sigmas"].flip(0), job)
+        scores, out = run_guider(node, g, samples, rec.sigmas.flip(0), job)
         best = scores.view(count, b).argmax(0)
         base = {k: v for k, v in inverted.items() if k not in ("samples", RECORD, "batch_index")}
         edits = dict(base, samples=out)

@@ -287,7 +287,6 @@ def test_the_record_reads_back_what_invert_wrote_and_shares_its_tensors():
         assert len(f.keys()) == 5  # sigmas, source, the two states between, samples: each stored once
     back = Record.read("t", load(model, saved["filename"]), "inverted", model)
     assert back.trajectory[0] is back.source and back.trajectory[-1] is back.samples and back.pair is back.trajectory[-2]
-    assert rec["cfg"] == rec.cfg  # the transitional reader
     assert rec.cfg_for("N", "cfg", -1) == 1.0 and rec.cfg_for("N", "cfg", 0) == 0.0
     for wrong in (-0.5, -1.5, float("nan")):
         with pytest.raises(NodeInputError, match=r"N: input 'cfg': expected -1 \(the inversion's cfg, 1\)"):
