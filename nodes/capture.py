@@ -21,12 +21,26 @@ OVERRIDE = "optimized_attention_override"
 
 
 class Capture:
-    def __init__(self, tokens: dict, size: tuple):
-        self.tokens, self.size = tokens, tuple(size)
+    def __init__(self, tokens: dict, frames: dict, size: tuple):
+        self.tokens, self.frames, self.size = tokens, frames, tuple(size)  # frames: branch -> (count, head)
         self.maps = {}  # (branch, downsampling factor) -> (sum of maps, count)
         self.branch = None
         self.text_len = {}  # branch -> context tokens
         self.previous = None  # the attention override that was set before ours
+
+    def context(self, lengths: dict):
+        """Fit the token positions to each branch's conditioning of ``lengths`` tokens.
+
+        A text encoder may drop the tokens before the text (Qwen-Image's drops its chat
+        template's head, 34 tokens), leaving a context that many tokens shorter than the
+        tokenizer's list; a context as long or longer (SD3: CLIP tokens, then T5's) starts
+        with the list.
+        """
+        self.text_len = dict(lengths)
+        for b, n in lengths.items():
+            count, head = self.frames.get(b, (0, 0))
+            cut = min(head, max(0, count - n))
+            self.tokens[b] = [p - cut for p in self.tokens.get(b, []) if p >= cut]
 
     def active(self):
         return any(self.tokens.values())

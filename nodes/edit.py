@@ -73,12 +73,12 @@ class Region:
         if mask_mode not in MODES:
             fail(node, "mask_mode", f"expected one of {', '.join(MODES)}, got {mask_mode!r}")
         self.user = None if mask is None else self.user_mask(mask)
-        found = {"source": [], "target": []}
+        found, frames = {"source": [], "target": []}, {}
         if clip is not None and not (mask is not None and mask_mode == "replace"):
-            found = tokens.edited(node, clip, source_text, target_text, words, None if self.layers else "t5xxl")
+            found, frames = tokens.edited(node, clip, source_text, target_text, words, None if self.layers else "t5xxl")
         if self.user is None and not any(found.values()):
             fail(node, "mask", "no edit region: connect a MASK, or a CLIP with the prompts' texts and the words to edit")
-        self.capture = capture.Capture(found, self.size)
+        self.capture = capture.Capture(found, frames, self.size)
         self.guider = None
 
     def user_mask(self, mask):

@@ -22,7 +22,7 @@ def build(node, model, capture, source, target, negative):
     g = EditGuider(model, capture)
     g.inner_set_conds({"positive": source, "target": target, "negative": negative})
     if capture is not None:
-        capture.text_len = {"source": source[0][0].shape[1], "target": target[0][0].shape[1]}
+        capture.context({"source": source[0][0].shape[1], "target": target[0][0].shape[1]})
     return g
 
 

@@ -25,7 +25,7 @@ import comfy.sdxl_clip
 import comfy.supported_models
 import comfy.text_encoders.flux
 import comfy.text_encoders.sd3_clip
-from inversion_suite.nodes import edit
+from inversion_suite.nodes import capture, tokens
 from inversion_suite.nodes.blended import BlendedGuidanceSampler
 from inversion_suite.nodes.host import NodeInputError
 from inversion_suite.nodes.invert import Invert
@@ -108,7 +108,7 @@ def test_each_family_runs_on_its_own_host_classes():
         want = "EPS" if name == "sdxl" else "CONST"
         assert isinstance(model.get_model_object("model_sampling"), getattr(comfy.model_sampling, want))
         # UNet cross-attention (attn2 patches) on SDXL only; the DiTs go through the attention override.
-        assert bool(edit.attention_layers(model)) == (name == "sdxl")
+        assert bool(capture.unet_layers(model)) == (name == "sdxl")
 
 
 def denoised(model, name, cond, sigma_index=2):
@@ -164,21 +164,46 @@ def clip_of(tokenizer):
     return c
 
 
-QWEN_EDIT = pytest.mark.xfail(strict=True, raises=NodeInputError,
-                              reason="the editors read 4D image latents only and Qwen-Image's are (B, 16, 1, H, W); "
-                                     "its prompt template also shifts the token positions (nodes/edit.py)")
+@pytest.mark.parametrize("name", [n for n, f in FAMILIES.items() if f[4] is not None])
+def test_edited_words_sit_where_the_conditioning_holds_them(name):
+    """The positions the capture reads are the edited word's positions in the context the text
+    encoder hands the model. The two prompts differ in one word, so the oracle is where their
+    token lists differ, each tokenized without a template. Qwen-Image's encoder drops its chat
+    template's head (the host cuts at the second <|im_start|>, plus 'user' and a newline)."""
+    family(name)
+    clip = clip_of(FAMILIES[name][4]())
+    key = "t5xxl" if name == "flux" else None
+    found, frames = tokens.edited("N", clip, SOURCE_TEXT, TARGET_TEXT, "", key)
+    cap = capture.Capture(found, frames, (8, 8))
+
+    def listed(text, **kw):
+        t = clip.tokenize(text, **kw)
+        return [x[0] for chunk in t[key if key in t and "g" not in t else ("l" if "l" in t else next(iter(t)))]
+                for x in chunk]
+
+    if name == "qwen-image":
+        ids = listed(SOURCE_TEXT)
+        head = [i for i, t in enumerate(ids) if t == 151644][1] + 3  # the host's template_end
+        src, tgt = listed(SOURCE_TEXT, llama_template="{}"), listed(TARGET_TEXT, llama_template="{}")
+        assert ids[head:head + len(src)] == src  # what the model sees starts with the text
+        context = len(ids) - head
+    else:
+        src, tgt = listed(SOURCE_TEXT), listed(TARGET_TEXT)
+        context = len(src)
+    cap.context({"source": context, "target": context})
+    differ = [i for i, (a, b) in enumerate(zip(src, tgt)) if a != b]
+    assert len(differ) == 1 and cap.tokens == {"source": differ, "target": differ}, (cap.tokens, differ)
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=QWEN_EDIT) if n == "qwen-image" else n
-                                  for n, f in FAMILIES.items() if f[4] is not None])
+@pytest.mark.parametrize("name", [n for n, f in FAMILIES.items() if f[4] is not None])
 def test_edit_region_from_words_on_each_text_attention_family(name, monkeypatch):
     family(name)
     model = FAMILIES[name][0](std=EDIT_STD.get(name, 0.3))  # attention that is not uniform over the image
     latent = source(name)
     inv = invert(model, name, "bdia", latent)
     added = []
-    add = edit.Region._add
-    monkeypatch.setattr(edit.Region, "_add", lambda self, f, m: (added.append((self.branch, f)), add(self, f, m)))
+    add = capture.Capture.add
+    monkeypatch.setattr(capture.Capture, "add", lambda self, f, m: (added.append((self.branch, f)), add(self, f, m)))
     edited, mask = BlendedGuidanceSampler.execute(
         model=model, inverted=inv, source=FAMILIES[name][2](1), target=FAMILIES[name][2](2), cfg_inversion=-1.0,
         cfg_edit=3.0, mask_steps=1.0, local_blend=False, clip=clip_of(FAMILIES[name][4]()),
