@@ -21,12 +21,16 @@ always goes first. Inversion step ``i`` undoes sampling step ``k = N - 1 - i`` i
 order (unmix chain 1, then chain 0; undo ``o``, then ``f``), so every operation is inverted
 in closed form and the round trip is exact up to rounding, amplified by ``1 / p`` per step.
 
-Flow models: the state is already the model's input (``x = (1 - sigma) x0 + sigma eps``
-is fed as it is, and rectified-flow Euler is DDIM written in it), so ``z = x`` and
-``r = 1``: the same rule with the intermediate state fed unchanged.
+Flow models (no official code): the analogue keeps the two things the paper fixes, the
+model's native prediction in the coupling and the model's own input coordinates. A flow
+state is the model's input as it stands (``z = x``, ``r = 1``: the updated chain is fed
+unchanged), and the coupling adds ``h`` times the velocity ``d = (x - D) / s`` of the
+other chain: the rectified-flow Euler step, which is DDIM where base and input coincide.
+A coupling through the noise estimate instead (``x_f <- (1 - sa) (x_f - sb e) / (1 - sb) +
+sa e``) would be singular at ``sigma = 1``, where flow schedules start.
 
 Both chains start at the clean latent; the inverted state is the pair ``(X_0, X_1)`` and
-the reconstruction is chain 0. Paper default ``p = 0.93``. The official code's scheduler
+the reconstruction is chain 0. The official code's scheduler
 (``set_alpha_to_one=False``) adds a first inversion step of zero length at alpha-bar
 ``alphas_cumprod[0]``; the host's schedules start at sigma 0 instead.
 """

@@ -48,7 +48,6 @@ deterministic samplers that resume here.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .core import EPS, Inversion, SolverError, prepare, run_steps, vp_scale
 
@@ -90,6 +89,12 @@ def patch_kl(e: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return kl.abs().sum()
 
 
+def pool2(n: torch.Tensor) -> torch.Tensor:
+    """2x2 average pooling (as ``avg_pool2d(n, 2)``; written out, as that is slow in float64 on CPU)."""
+    h, w = n.shape[-2] // 2, n.shape[-1] // 2
+    return n[..., :2 * h, :2 * w].unflatten(-1, (w, 2)).unflatten(-3, (h, 2)).mean((-1, -3))
+
+
 def autocorr(e: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """The auto-correlation loss with seeded rolls (one per channel and level, shared by the batch)."""
     e = e.flatten(1, -3)
@@ -102,7 +107,7 @@ def autocorr(e: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
             loss = loss + (n * torch.roll(n, r, -1)).mean((1, 2, 3)).pow(2).sum()
             if n.shape[-2] <= 8:
                 break
-            n = F.avg_pool2d(n, 2)
+            n = pool2(n)
     return loss
 
 
