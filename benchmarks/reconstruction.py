@@ -66,11 +66,12 @@ def cases(full=False):
              Case("aidi_anderson tight", "aidi_anderson", dict(tol=1e-6, iterations=50)),
              Case("bdia gamma=1", "bdia", dict(gamma=1.0)),
              Case("edict fixed", "edict", dict(order="fixed"))]
+    paper = dict(window=(8, 10), first_window=(0, 5))  # the official windows (first: every t < 250)
     papers = [  # the official ReNoise set-ups: SD example (K = 1) with and without the default
-                # regularisation, SDXL-Turbo (K = 9, window 8 to 10), and the pack's default regularised
-              Case("renoise paper", "renoise", dict(iterations=2, window=(8, 10), reg_steps=4)),
-              Case("renoise paper noreg", "renoise", dict(iterations=2, window=(8, 10), reg_steps=0)),
-              Case("renoise turbo", "renoise", dict(iterations=10, window=(8, 10), reg_steps=4)),
+                # regularisation, SDXL-Turbo (K = 9), and the pack's default regularised
+              Case("renoise paper", "renoise", dict(paper, iterations=2, reg_steps=4)),
+              Case("renoise paper noreg", "renoise", dict(paper, iterations=2, reg_steps=0)),
+              Case("renoise turbo", "renoise", dict(paper, iterations=10, reg_steps=4)),
               Case("renoise reg", "renoise", dict(reg_steps=4))]
     if full:
         extra.insert(1, Case("fixed_point tight", "fixed_point", dict(tol=1e-6, iterations=50)))
