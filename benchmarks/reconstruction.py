@@ -16,6 +16,13 @@ own sampler (``registry.reconstruct``). Scores, in the model's space (pixels in 
   denoiser (solver arithmetic, residual norms, Anderson solves, the host wrapper). CPU
   time, not wall time, because a shared machine's neighbours move wall time around.
 
+- ``noise``: how noise-like the inverted state is: per channel, the std and mean of
+  ``x_N / sigma_max`` (flow: ``sigma_max = 1``) and the lag-1 spatial autocorrelation
+  (centred, the mean of the two axes); ``std`` averaged over channels and patches,
+  ``mean`` their root mean square, ``ac`` their average. ``noise_ref`` gives the same
+  for an N(0, I) draw of the latent's shape (seeded): an inversion meant for editing
+  should sit near it. Pair methods (BDIA, EDICT) are judged on the state they resume from.
+
 Schedules: ``karras(N)`` (sigma 0.03 .. 14.6, SD's range) for EPS, ``uniform_flow(N)``
 for flow. A separate small study runs on the analytic Gaussian mixture (exact denoiser)
 for the iteration counts of AIDI-A against plain fixed-point iteration.
@@ -51,14 +58,24 @@ def cases(full=False):
     pairs, DDIM guess) and the exact limits: tight tolerance, gamma = 1.
 
     ``full`` adds tight-tolerance plain fixed-point iteration, which alone costs as much
-    as the rest of the table (20 or more NFE per step on EPS at 10 steps).
+    as the rest of the table (20 or more NFE per step on EPS at 10 steps), and the
+    official ReNoise set-ups (noise regularisation costs time, not model calls).
     """
     out = [Case(m, m) for m in METHODS]
     extra = [Case("aidi_anderson paper", "aidi_anderson", dict(carry=0, guess="ddim")),
              Case("aidi_anderson tight", "aidi_anderson", dict(tol=1e-6, iterations=50)),
-             Case("bdia gamma=1", "bdia", dict(gamma=1.0))]
+             Case("bdia gamma=1", "bdia", dict(gamma=1.0)),
+             Case("edict fixed", "edict", dict(order="fixed"))]
+    paper = dict(window=(8, 10), first_window=(0, 5))  # the official windows (first: every t < 250)
+    papers = [  # the official ReNoise set-ups: SD example (K = 1) with and without the default
+                # regularisation, SDXL-Turbo (K = 9), and the pack's default regularised
+              Case("renoise paper", "renoise", dict(paper, iterations=2, reg_steps=4)),
+              Case("renoise paper noreg", "renoise", dict(paper, iterations=2, reg_steps=0)),
+              Case("renoise turbo", "renoise", dict(paper, iterations=10, reg_steps=4)),
+              Case("renoise reg", "renoise", dict(reg_steps=4))]
     if full:
         extra.insert(1, Case("fixed_point tight", "fixed_point", dict(tol=1e-6, iterations=50)))
+        extra += papers
     # A variant whose method or settings the registry no longer has is left out, not an error.
     return out + [c for c in extra if c.method in METHODS and set(c.settings) <= set(METHODS[c.method].settings)]
 
@@ -104,6 +121,21 @@ def timed_invert(model, case, x, sig, extra, space, budget=1.0, most=3):
     return best
 
 
+def noise_stats(x):
+    """How noise-like ``x`` (B, C, ..., H, W) is: per channel std, mean and lag-1 autocorrelation.
+
+    Returns ``std`` (the channels' std, averaged), ``mean`` (the root mean square of the
+    channels' means) and ``ac`` (the centred lag-1 correlation along H and along W,
+    averaged). N(0, I) gives 1, about 1 / sqrt(H W), and 0.
+    """
+    x = x.double().flatten(1, -3)  # (B, C', H, W)
+    m = x.mean((-2, -1), keepdim=True)
+    c = x - m
+    var = c.pow(2).mean((-2, -1))
+    ac = [(c[..., 1:, :] * c[..., :-1, :]).mean((-2, -1)) / var, (c[..., 1:] * c[..., :-1]).mean((-2, -1)) / var]
+    return {"std": float(var.sqrt().mean()), "mean": float(m.pow(2).mean().sqrt()), "ac": float(sum(ac).mean() / 2)}
+
+
 def run_case(model, case, x, labels, space, n, cfg):
     """Invert and reconstruct one batch; returns (row dict, reconstruction)."""
     sig = schedule(space, n)
@@ -114,11 +146,14 @@ def run_case(model, case, x, labels, space, n, cfg):
     rec = reconstruct(model, inv, extra)
     t_rec = time.perf_counter() - t0
     rel = ((rec - x).flatten(1).norm(dim=1) / x.flatten(1).norm(dim=1)).max()
+    top = 1.0 if space == "flow" else float(inv.sigmas[-1])
+    ref = torch.randn(inv.latent.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     row = {"space": space, "steps": n, "cfg": cfg, "case": case.name, "method": case.method,
            "settings": dict(inv.settings), "psnr": float(psnr(rec, x).mean()), "ssim": float(ssim(rec, x).mean()),
            "rel": float(rel), "nfe": inv.nfe, "nfe_rec": model.calls - c1, "seconds": t_inv, "cpu": cpu,
            "model_cpu": cpu_model, "outside": max(0.0, cpu - cpu_model) / max(cpu, 1e-9), "seconds_rec": t_rec,
-           "unconverged": len(inv.unconverged), "unconverged_steps": list(inv.unconverged), "residual": max(inv.residuals) if inv.residuals else None}
+           "unconverged": len(inv.unconverged), "unconverged_steps": list(inv.unconverged), "residual": max(inv.residuals) if inv.residuals else None,
+           "noise": noise_stats(inv.latent / top), "noise_ref": noise_stats(ref)}
     return row, rec
 
 
@@ -216,6 +251,32 @@ def table(rows):
     return "\n".join(out) + "\n"
 
 
+def noise_table(rows):
+    """Markdown: per (space, cfg), each case's std / mean / lag-1 autocorrelation of x_N / sigma_max."""
+    out = []
+    spaces = list(dict.fromkeys(r["space"] for r in rows))
+    cfgs = list(dict.fromkeys(r["cfg"] for r in rows))
+    steps = sorted(set(r["steps"] for r in rows))
+    names = list(dict.fromkeys(r["case"] for r in rows))
+    for s in spaces:
+        for w in cfgs:
+            out.append(f"\n**{s.upper()}, cfg {w:g}** (std / mean / lag-1 autocorrelation of x_N / sigma_max)\n")
+            head = ["method"] + [f"{n} steps" for n in steps]
+            out.append("| " + " | ".join(head) + " |")
+            out.append("|" + "---|" * len(head))
+            ref = next(r for r in rows if r["space"] == s and r["cfg"] == w)["noise_ref"]
+            out.append("| N(0, I) | " + " | ".join(f"{ref['std']:.2f} / {ref['mean']:.2f} / {ref['ac']:.2f}"
+                                                  for _ in steps) + " |")
+            for c in names:
+                cells = []
+                for n in steps:
+                    r = _cell(rows, s, w, n, c)
+                    q = r and r.get("noise")
+                    cells.append("" if not q else f"{q['std']:.2f} / {q['mean']:.2f} / {q['ac']:.2f}")
+                out.append(f"| {c} | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
 def mixture_table(rows):
     out = ["| space | cfg | cap | method | NFE / step | unconverged steps | max residual | PSNR dB |",
            "|---|---|---|---|---|---|---|---|"]
@@ -308,7 +369,8 @@ def write(rows, recs, originals, out, mix=None, meta=None, grid_steps=None):
           f"{meta.get('seconds', 0):.0f} s on {meta['threads']} thread(s), torch {meta['torch']}, "
           f"commit {meta['commit']}.",
           f"Batch of {meta.get('batch', '?')} held-out 16x16 photo patches; PSNR/SSIM in pixel space [-1, 1].",
-          table(rows)]
+          table(rows),
+          "## How noise-like the inverted state is", "", noise_table(rows)]
     if mix:
         md += ["## AIDI-A against fixed-point on the analytic mixture", "", mixture_table(mix)]
     (out / "results.md").write_text("\n".join(md))

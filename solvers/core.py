@@ -137,11 +137,13 @@ class Inversion:
 
     latent: torch.Tensor = field(repr=False)
     sigmas: torch.Tensor = field(repr=False)
-    method: str
+    # method, settings and sampler are the registry's facts: ``registry.invert`` fills them,
+    # so a solver need not write them (keyword-only, so they may default here).
+    method: Optional[str] = field(default=None, kw_only=True)
     space: str
-    settings: dict
+    settings: Optional[dict] = field(default=None, kw_only=True)
     nfe: int
-    sampler: str
+    sampler: Optional[str] = field(default=None, kw_only=True)
     pair: Optional[torch.Tensor] = field(default=None, repr=False)
     trajectory: Optional[list] = field(default=None, repr=False)
     residuals: list = field(default_factory=list)

@@ -1,20 +1,23 @@
 """EasyInv: DDIM inversion that keeps pulling the state back towards its past.
 
+Paper: Zhang et al., "EasyInv: Toward Fast and Better DDIM Inversion",
+arXiv:2408.05159 (official code: potato-kitty/EasyInv).
+
 Inside a window of steps (``start * N < i < end * N``, as fractions of the N steps) the
 state is blended, in signal-preserving coordinates ``z = x * vp``, with the previous
 blended state before the step: ``z~_i = eta * z_i + (1 - eta) * z~_{i-1}``; outside it
 ``z~_i = z_i``. The step is DDIM's, with the slope still taken at the unblended state:
 ``x_{i+1} = x~_i + (s_{i+1} - s_i) d(x_i carried to s_{i+1})``. No extra NFE; ``eta = 1``
-is DDIM exactly. Official defaults at 50 steps: SD1.x window (0.05, 0.25) with
-eta = 0.5; SDXL (0.85, 0.95) with eta 0.5 to 0.8.
+is DDIM exactly. The official code's settings at 50 steps: SD1.x window (0.05, 0.25) with
+eta = 0.5; SDXL (0.85, 0.95) with eta 0.5 to 0.8 (the pack's defaults: the registry).
 """
 
 from .core import Inversion, SolverError, prepare, run_steps, vp_scale
 from .ddim import ddim_slope
 
 
-def invert_easyinv(model, x, sigmas, extra_args=None, callback=None, space="eps", eta=0.5, start=0.05,
-                   end=0.25, keep_trajectory=False):
+def invert_easyinv(model, x, sigmas, extra_args=None, callback=None, *, space, eta, start, end,
+                   keep_trajectory=False):
     if not 0 < eta <= 1:
         raise SolverError(f"easyinv: eta must be in (0, 1], got {eta}")
     if not 0 <= start <= end <= 1:
@@ -34,5 +37,4 @@ def invert_easyinv(model, x, sigmas, extra_args=None, callback=None, space="eps"
         return tilde + (sb - sa) * ddim_slope(den, x, sa, sb, space)
 
     x, traj = run_steps("easyinv", den, x, s, step, callback, keep_trajectory)
-    return Inversion(latent=x, sigmas=sig, method="easyinv", space=space, nfe=den.nfe, sampler="euler",
-                     settings={"eta": float(eta), "start": float(start), "end": float(end)}, trajectory=traj)
+    return Inversion(latent=x, sigmas=sig, space=space, nfe=den.nfe, trajectory=traj)

@@ -1,56 +1,99 @@
 """EDICT: exact inversion with two coupled states, 2 NFE per step.
 
-A sampling step from ``sb`` to ``sa`` (``h = sa - sb``) updates each state with the slope
-of the other, then mixes them with ``p``:
-``x' = x + h d(y, sb)``, ``y' = y + h d(x', sb)``,
-``x'' = p x' + (1 - p) y'``, ``y'' = p y' + (1 - p) x''``.
-Every operation is invertible in closed form, so inversion undoes them in reverse order.
-Both states start at the clean latent; the inverted state is the pair ``(x_N, y_N)`` and
-the reconstruction is the ``x`` chain. Mixing in sigma coordinates equals mixing in the
-paper's signal-preserving ones, since both states sit at the same sigma. Paper default
-p = 0.93; rounding is amplified by ``1 / p`` per step.
+Paper: Wallace et al., "EDICT: Exact Diffusion Inversion via Coupled
+Transformations", CVPR 2023, arXiv:2211.12446.
+
+The paper writes a sampling step in DDIM's signal-preserving coordinates ``z`` (EPS:
+``z = x / sqrt(1 + sigma^2)``; the model's input). There a DDIM step from ``sb`` down to
+``sa`` with a noise estimate ``e`` is ``x -> x + (sa - sb) e`` once written in sigma
+(``x = z / vp``), and the model sees its input as it stands. Sampling step ``k``
+(``k = 0`` the first, noisiest step; ``h = sa - sb``; ``r = vp(sa) / vp(sb)``) updates
+chain ``f`` first, then chain ``o``:
+
+``X_f <- X_f + h d(X_o, sb)``, ``X_o <- X_o + h d(r X_f, sb)``,
+
+then mixes with weight ``p``: ``X_0 <- p X_0 + (1 - p) X_1``, ``X_1 <- (1 - p) X_0 + p X_1``
+(both at ``sa``, so mixing ``x`` equals mixing ``z``). The second update feeds the model the
+already updated ``X_f``, which sits at ``sa``, at noise level ``sb``: in ``z`` that is ``z_f``
+unchanged, in sigma coordinates ``r X_f``. With ``leapfrog`` (the paper's default) the order
+alternates, ``(f, o) = (0, 1)`` at even ``k`` and ``(1, 0)`` at odd ``k``; without it chain 0
+always goes first. Inversion step ``i`` undoes sampling step ``k = N - 1 - i`` in reverse
+order (unmix chain 1, then chain 0; undo ``o``, then ``f``), so every operation is inverted
+in closed form and the round trip is exact up to rounding, amplified by ``1 / p`` per step.
+
+Flow models (no official code): the analogue keeps the two things the paper fixes, the
+model's native prediction in the coupling and the model's own input coordinates. A flow
+state is the model's input as it stands (``z = x``, ``r = 1``: the updated chain is fed
+unchanged), and the coupling adds ``h`` times the velocity ``d = (x - D) / s`` of the
+other chain: the rectified-flow Euler step, which is DDIM where base and input coincide.
+A coupling through the noise estimate instead (``x_f <- (1 - sa) (x_f - sb e) / (1 - sb) +
+sa e``) would be singular at ``sigma = 1``, where flow schedules start.
+
+Both chains start at the clean latent; the inverted state is the pair ``(X_0, X_1)`` and
+the reconstruction is chain 0. The official code's scheduler
+(``set_alpha_to_one=False``) adds a first inversion step of zero length at alpha-bar
+``alphas_cumprod[0]``; the host's schedules start at sigma 0 instead.
 """
 
-from .core import Inversion, SolverError, check_finite, notify, prepare
+from .core import Inversion, SolverError, check_finite, notify, prepare, vp_scale
+
+ORDERS = ("leapfrog", "fixed")
 
 
-def check_p(p):
+def check(p, order):
     if not 0 < p <= 1:
         raise SolverError(f"edict: p must be in (0, 1], got {p}")
+    if order not in ORDERS:
+        raise SolverError(f"edict: order must be one of {ORDERS}, got {order!r}")
 
 
-def invert_edict(model, x, sigmas, extra_args=None, callback=None, space="eps", p=0.93, keep_trajectory=False):
-    check_p(p)
+def first(k, order):
+    """The chain sampling step ``k`` updates first (0 or 1)."""
+    return k % 2 if order == "leapfrog" else 0
+
+
+def invert_edict(model, x, sigmas, extra_args=None, callback=None, *, space, p, order, keep_trajectory=False):
+    check(p, order)
     den, x, sig, s = prepare("edict", model, x, sigmas, extra_args, space)
-    y = x
+    n = len(s) - 1
+    X = [x, x]
     traj = [x] if keep_trajectory else None
-    for i in range(len(s) - 1):
+    for i in range(n):
         den.step = i
         sa, sb = s[i], s[i + 1]
-        y_mid = (y - (1 - p) * x) / p
-        x_mid = (x - (1 - p) * y_mid) / p
-        y = y_mid - (sa - sb) * den.slope(x_mid, sb)
-        x = check_finite(x_mid - (sa - sb) * den.slope(y, sb), "edict", i)
+        h, r = sa - sb, vp_scale(sa, space) / vp_scale(sb, space)
+        X[1] = (X[1] - (1 - p) * X[0]) / p
+        X[0] = (X[0] - (1 - p) * X[1]) / p
+        f = first(n - 1 - i, order)
+        o = 1 - f
+        X[o] = X[o] - h * den.slope(X[f] * r, sb)
+        X[f] = X[f] - h * den.slope(X[o], sb)
+        check_finite(X[0], "edict", i)
+        check_finite(X[1], "edict", i)
         if traj is not None:
-            traj.append(x)
-        notify(callback, i, x, sb, den.last)
-    return Inversion(latent=x, pair=y, sigmas=sig, method="edict", space=space, nfe=den.nfe, sampler="edict",
-                     settings={"p": float(p)}, trajectory=traj)
+            traj.append(X[0])
+        notify(callback, i, X[0], sb, den.last)
+    return Inversion(latent=X[0], pair=X[1], sigmas=sig, method="edict", space=space, nfe=den.nfe, sampler="edict",
+                     settings={"p": float(p), "order": order}, trajectory=traj)
 
 
-def sample_edict(model, x, sigmas, extra_args=None, callback=None, space="eps", pair=None, p=0.93):
-    """Sample down a descending schedule; ``pair`` is the twin state (else a copy of ``x``)."""
-    check_p(p)
+def sample_edict(model, x, sigmas, extra_args=None, callback=None, *, space, pair=None, p, order):
+    """Sample down a descending schedule; ``pair`` is chain 1 (else a copy of ``x``)."""
+    check(p, order)
     den, x, _, s = prepare("edict", model, x, sigmas, extra_args, space, descending=True)
     if pair is not None and pair.shape != x.shape:
         raise SolverError(f"edict: the pair state has shape {tuple(pair.shape)}, expected {tuple(x.shape)}")
-    y = x if pair is None else pair.to(x.dtype)
+    X = [x, x if pair is None else pair.to(x.dtype)]
     for k in range(len(s) - 1):
         den.step = k
         sb, sa = s[k], s[k + 1]
-        x_mid = x + (sa - sb) * den.slope(y, sb)
-        y_mid = y + (sa - sb) * den.slope(x_mid, sb)
-        x = check_finite(p * x_mid + (1 - p) * y_mid, "edict", k)
-        y = p * y_mid + (1 - p) * x
-        notify(callback, k, x, sa, den.last)
-    return x
+        h, r = sa - sb, vp_scale(sa, space) / vp_scale(sb, space)
+        f = first(k, order)
+        o = 1 - f
+        X[f] = X[f] + h * den.slope(X[o], sb)
+        X[o] = X[o] + h * den.slope(X[f] * r, sb)
+        X[0] = p * X[0] + (1 - p) * X[1]
+        X[1] = (1 - p) * X[0] + p * X[1]
+        check_finite(X[0], "edict", k)
+        notify(callback, k, X[0], sa, den.last)
+    return X[0]

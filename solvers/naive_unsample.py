@@ -1,8 +1,10 @@
 """Naive unsampling: explicit Euler uphill, what FlipSigmas + euler does in ComfyUI today.
 
-``x_b = x_a + (sb - sa) d(x_a, max(sa, 1e-4))``: the slope is taken at the current point
-and the current sigma (FlipSigmas replaces the leading 0 by 1e-4). Kept as the peer
-baseline the benchmark compares every other method against.
+No paper: it is the community practice (ComfyUI's FlipSigmas with the euler sampler, and
+the Unsampler node of ComfyUI_Noise) of running the ordinary sampler on a reversed
+schedule. ``x_b = x_a + (sb - sa) d(x_a, max(sa, 1e-4))``: the slope is taken at the
+current point and the current sigma (FlipSigmas replaces the leading 0 by 1e-4). Kept as
+the peer baseline the benchmark compares every other method against.
 """
 
 from .core import Inversion, prepare, run_steps
@@ -10,9 +12,8 @@ from .core import Inversion, prepare, run_steps
 FLOOR = 1e-4
 
 
-def invert_naive_unsample(model, x, sigmas, extra_args=None, callback=None, space="eps", keep_trajectory=False):
+def invert_naive_unsample(model, x, sigmas, extra_args=None, callback=None, *, space, keep_trajectory=False):
     den, x, sig, s = prepare("naive_unsample", model, x, sigmas, extra_args, space)
     x, traj = run_steps("naive_unsample", den, x, s,
                         lambda i, x, sa, sb: x + (sb - sa) * den.slope(x, max(sa, FLOOR)), callback, keep_trajectory)
-    return Inversion(latent=x, sigmas=sig, method="naive_unsample", space=space, settings={}, nfe=den.nfe,
-                     sampler="euler", trajectory=traj)
+    return Inversion(latent=x, sigmas=sig, space=space, nfe=den.nfe, trajectory=traj)

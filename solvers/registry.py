@@ -2,11 +2,19 @@
 
 The Invert node builds its selector and widgets from ``METHODS``; the benchmark and the
 tests iterate over it. A new method is one file in this package and one entry here.
+Solver functions take every setting as a required keyword; ``invert`` passes the
+defaults written here and fills the result's ``method``, ``sampler`` and ``settings``,
+so none of them is written a second time in a solver.
+
+Papers: DDIM, Song et al., arXiv:2010.02502; AIDI, Pan et al., arXiv:2309.04907;
+ReNoise, Garibi et al., arXiv:2403.14602; EasyInv, Zhang et al., arXiv:2408.05159;
+BDIA, Zhang et al., arXiv:2307.10829; EDICT, Wallace et al., arXiv:2211.12446. Naive
+unsampling has none (ComfyUI's FlipSigmas + euler).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 from .aidi_anderson import invert_aidi_anderson
@@ -72,10 +80,26 @@ METHODS = {
                              "AIDI-E: fixed-point averaging the last two outputs; damps oscillation at no extra cost.",
                              dict(ITER)),
     "renoise": Method(invert_renoise, "euler",
-                      "ReNoise: a fixed number of iterations per step, their slopes averaged over a window.",
-                      {"iterations": Setting(5, "Model calls per step (1 = DDIM inversion).", 1, 100, 1),
-                       "window": Setting((3, 5), "Iterations (0-based, [lo, hi)) whose slopes are averaged."),
-                       "first_window": Setting((0, 5), "The averaging window of the first step, nearest the clean image.")}),
+                      "ReNoise: a fixed number of model calls per step, their noise estimates averaged over a window.",
+                      {"iterations": Setting(5, "Model calls per step: the paper's renoising steps K plus one (its SD "
+                                                "example K = 1 is 2, SDXL-Turbo K = 9 is 10; 1 = DDIM inversion).", 1, 100, 1),
+                       "window": Setting((3, 5), "Calls (0-based, [from, to)) whose noise estimates are averaged "
+                                                 "(paper: 8 to 10 with 10 calls)."),
+                       "first_window": Setting((3, 5), "The averaging window of the low-noise steps (paper: 0 to 5, "
+                                                       "which measured 5 to 21 dB worse here: it averages in the "
+                                                       "first, least converged calls)."),
+                       "first_iterations": Setting(6, "Most model calls in a low-noise step (paper: 5 renoising "
+                                                      "steps, so 6).", 1, 100, 1),
+                       "first_until": Setting(0.25, "Low-noise steps: those ending below this fraction of the model's "
+                                                    "training timesteps (paper: t < 250 of 1000).", 0.0, 1.0, 0.01),
+                       "reg_steps": Setting(0, "Noise regularisation rounds, for editability (paper: 4; 0 = off). "
+                                               "They pull the inversion off the exact round trip.", 0, 20, 1),
+                       "lambda_ac": Setting(20.0, "Weight of the auto-correlation term of the noise regularisation "
+                                                  "(paper: 20).", 0.0, 1000.0, 0.5),
+                       "lambda_kl": Setting(0.065, "Weight of the KL term of the noise regularisation (paper: 0.065).",
+                                            0.0, 10.0, 0.005),
+                       "reg_seed": Setting(0, "Seed of the regularisation's reference noise and random shifts.",
+                                           0, 2 ** 31 - 1, 1)}),
     "easyinv": Method(invert_easyinv, "euler",
                       "EasyInv: DDIM inversion blending the state with its past inside a window; no extra calls.",
                       {"eta": Setting(0.5, "Weight of the current state in the blend (1 = DDIM). SD1.x 0.5, SDXL 0.5 to 0.8.", 0.01, 1.0, 0.01),
@@ -85,11 +109,14 @@ METHODS = {
                    {"gamma": Setting(0.94, "BDIA's gamma (paper: 0.94, range 0.92 to 1.0 for edits). Both ends round-trip to "
                                            "float rounding; on the bundled model 0.94 was the more exact.", 0.5, 1.0, 0.01)}),
     "edict": Method(invert_edict, "edict", "EDICT: exact inversion with two coupled states, 2 model calls per step.",
-                    {"p": Setting(0.93, "EDICT's mixing weight; closer to 1 amplifies rounding less.", 0.5, 1.0, 0.01)}),
+                    {"p": Setting(0.93, "EDICT's mixing weight (paper: 0.93); closer to 1 amplifies rounding less.", 0.5, 1.0, 0.01),
+                     "order": Setting("leapfrog", "Which chain updates first: 'leapfrog' alternates every step (the "
+                                                  "paper's default), 'fixed' always starts with the first chain.",
+                                      choices=("leapfrog", "fixed"))}),
 }
 
 # sampler name -> (function, the inversion settings it takes)
-SAMPLERS = {"euler": (sample_euler, ()), "bdia": (sample_bdia, ("gamma",)), "edict": (sample_edict, ("p",))}
+SAMPLERS = {"euler": (sample_euler, ()), "bdia": (sample_bdia, ("gamma",)), "edict": (sample_edict, ("p", "order"))}
 
 
 def method(name: str) -> Method:
@@ -98,15 +125,36 @@ def method(name: str) -> Method:
     return METHODS[name]
 
 
-def invert(name: str, model, x, sigmas, extra_args=None, callback=None, space="eps", keep_trajectory=False,
-           **settings) -> Inversion:
-    """Run method ``name`` with its defaults overridden by ``settings`` (unknown ones are refused)."""
+def plain(default, value):
+    """A setting as the record keeps it: the default's type, (lo, hi) pairs as lists of ints."""
+    if isinstance(default, tuple):
+        return [int(v) for v in value]
+    if isinstance(default, bool) or isinstance(default, str):
+        return value
+    return type(default)(value)
+
+
+def resolve(name: str, settings: dict) -> dict:
+    """Method ``name``'s settings: its defaults overridden by ``settings`` (unknown ones are refused)."""
     m = method(name)
     unknown = set(settings) - set(m.settings)
     if unknown:
         raise SolverError(f"{name}: unknown setting(s) {sorted(unknown)}; it takes {sorted(m.settings) or 'none'}")
-    return m.invert(model, x, sigmas, extra_args, callback, space=space, keep_trajectory=keep_trajectory,
-                    **dict(m.defaults(), **settings))
+    try:
+        return {k: plain(s.default, settings.get(k, s.default)) for k, s in m.settings.items()}
+    except (TypeError, ValueError) as e:
+        raise SolverError(f"{name}: a setting has the wrong type ({e}); expected {m.defaults()}") from None
+
+
+def invert(name: str, model, x, sigmas, extra_args=None, callback=None, space="eps", keep_trajectory=False,
+           **settings) -> Inversion:
+    """Run method ``name`` with its defaults overridden by ``settings``; the result names the method,
+    its resuming sampler and every setting it ran with (the registry's facts, whatever the solver wrote)."""
+    m = method(name)
+    values = resolve(name, settings)
+    args = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    inv = m.invert(model, x, sigmas, extra_args, callback, space=space, keep_trajectory=keep_trajectory, **args)
+    return replace(inv, method=name, sampler=m.sampler, settings=values)
 
 
 def sampler_for(sampler: str, settings: dict):
@@ -114,6 +162,10 @@ def sampler_for(sampler: str, settings: dict):
     if sampler not in SAMPLERS:
         raise SolverError(f"unknown sampler {sampler!r}; known: {', '.join(SAMPLERS)}")
     fn, keys = SAMPLERS[sampler]
+    missing = [k for k in keys if k not in settings]
+    if missing:
+        raise SolverError(f"sampler {sampler!r} needs the setting(s) {missing}, which the inversion record lacks "
+                          "(an inversion from an older version: invert again)")
     return fn, {k: settings[k] for k in keys}
 
 

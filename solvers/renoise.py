@@ -1,38 +1,192 @@
-"""ReNoise: a fixed number of fixed-point iterations per step, their slopes averaged.
+"""ReNoise: a fixed number of renoising iterations per step, their noise estimates averaged.
 
-Iteration k evaluates the slope ``d_k = d(x^(k), sb)`` with ``x^(0)`` the DDIM guess point
-and ``x^(k+1) = x_a + (sb - sa) d_k``; after ``iterations`` evaluations the step is
-``x_b = x_a + (sb - sa) * mean(d_k for k in [lo, hi))`` (0-based, clipped to the
-iterations done; an empty window takes the last slope). The first step (nearest the
-clean image) uses its own window. Paper defaults: SD-class models, 50 steps, 1 iteration;
-SDXL-Turbo, 4 steps, 9 iterations, window (8, 10), first window (0, 5).
-One iteration with any window is DDIM inversion.
+Paper: Garibi et al., "ReNoise: Real Image Inversion Through Iterative Noising", ECCV
+2024, arXiv:2403.14602 (official code: garibida/ReNoise-Inversion).
+
+Counting. A step makes ``iterations`` model calls; the paper's ``num_renoise_steps = K``
+is ``iterations = K + 1`` (the first call is the DDIM inversion step, then K renoising
+calls). Call ``k`` (0-based) evaluates the slope ``d_k = d(x^(k), sb)`` with ``x^(0)`` the
+DDIM guess point and ``x^(k+1) = x_a + (sb - sa) d_k``; the step ends at
+``x_b = x_a + (sb - sa) * mean(d_k for lo <= k < hi)``, or at the last ``x^(k+1)`` when no
+call falls in the window. One call with any window is DDIM inversion.
+
+Low-noise steps. Every step whose upper level ``sb`` lies in the low-noise part of the
+model's training range (``first_until``, a fraction of its timesteps: the official code's
+``t < 250`` of 1000) uses ``first_window`` and makes at most ``first_iterations`` calls
+(official: at most 5 renoising steps, so 6 calls). In sigma: EPS / v-prediction models
+read the fraction on Stable Diffusion's discrete schedule (scaled-linear betas 0.00085 to
+0.012, 1000 steps: ``t < 250`` is ``sigma < 0.6958``); flow models, whose timestep is
+``1000 sigma``, read it as ``sigma < first_until``.
+
+Noise regularisation (``reg_steps > 0``, the official default 4; for editability, not
+reconstruction). From call ``lo`` of the step's window on, the noise estimate that takes
+the next iterate, and the window's mean before the last update, take ``reg_steps`` rounds
+of gradient descent on two losses of the noise alone (the model is not differentiated):
+
+- a KL term, weight ``lambda_kl``: per channel and 4x4 patch, ``|log((v1 + e)/(v0 + e)) +
+  (v0 + (m0 - m1)^2)/(v1 + e) - 1|`` summed (``m, v`` the patch's mean and unbiased
+  variance, ``e = 1e-6``), against the noise the model predicts for the clean latent
+  forward-noised to ``sb`` with a seeded draw; its gradient clipped to [-100, 100];
+- an auto-correlation term, weight ``lambda_ac``, in 5 sub-steps each of a fifth of the
+  gradient: per channel, on the map and its 2x average-pooled copies down to 8 pixels,
+  ``mean(n * roll(n, r, H))^2 + mean(n * roll(n, r, W))^2`` with a seeded ``r`` drawn from
+  ``[0, H / 2)`` per channel and level.
+
+The noise is the model's noise estimate: the slope for EPS models; for flow models
+``eps = d + D`` (``x = (1 - s) D + s eps``), regularised with ``D`` held.
+
+Where the pack departs from the official code, on purpose: the KL runs over every
+channel (the official code groups 4 channels and drops the rest); the reference noise
+costs one model call per step that regularises (the official code evaluates it in every
+step, batched with the first call); the reference is always the forward-noised latent
+(the official SD1.x/2.x pipelines replace forward noising by the identity, an artefact of
+their img2img set-up); the official noise correction (``perform_noise_correction``) edits
+the stored noise of its ancestral Euler scheduler and has no counterpart for the
+deterministic samplers that resume here.
 """
 
-from .core import Inversion, SolverError, prepare, run_steps
-from .implicit import guess_point
+from __future__ import annotations
+
+import torch
+
+from .core import EPS, Inversion, SolverError, prepare, run_steps, vp_scale
+
+AC_ROLLS = 5        # the official auto-correlation sub-steps per regularisation round
+KL_PATCH = 4        # patch side of the KL term
+KL_EPS = 1e-6
+KL_CLIP = 100.0
+TRAIN_STEPS = 1000  # SD's training timesteps, on which ``first_until`` is read
 
 
-def invert_renoise(model, x, sigmas, extra_args=None, callback=None, space="eps", iterations=5,
-                   window=(3, 5), first_window=(0, 5), keep_trajectory=False):
-    if int(iterations) < 1:
-        raise SolverError(f"renoise: iterations must be >= 1, got {iterations}")
+def sd_sigma(t: float) -> float:
+    """Sigma of SD's discrete schedule at timestep ``t`` (0..999), log-linear between integers."""
+    b = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, TRAIN_STEPS, dtype=torch.float64) ** 2
+    a = torch.cumprod(1 - b, 0)
+    s = ((1 - a) / a).sqrt()
+    t = min(max(float(t), 0.0), TRAIN_STEPS - 1.0)
+    lo = int(t)
+    hi = min(lo + 1, TRAIN_STEPS - 1)
+    w = t - lo
+    return float(torch.exp((1 - w) * s[lo].log() + w * s[hi].log()))
+
+
+def low_noise_sigma(first_until: float, space: str) -> float:
+    """Below this sigma a step counts as low-noise (the official ``t < 250``)."""
+    return sd_sigma(first_until * TRAIN_STEPS) if space == EPS else float(first_until)
+
+
+def patch_kl(e: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Summed per-channel KL-style distance between 4x4 patch statistics of ``e`` and ``ref``."""
+    def stats(t):
+        t = t.flatten(1, -3)
+        h, w = t.shape[-2] // KL_PATCH * KL_PATCH, t.shape[-1] // KL_PATCH * KL_PATCH
+        t = t[..., :h, :w].unflatten(-1, (w // KL_PATCH, KL_PATCH)).unflatten(-3, (h // KL_PATCH, KL_PATCH))
+        t = t.transpose(-3, -2).flatten(-2)  # (B, C, H/4, W/4, 16)
+        return t.mean(-1), t.var(-1)
+    m0, v0 = stats(e)
+    m1, v1 = stats(ref)
+    kl = torch.log((v1 + KL_EPS) / (v0 + KL_EPS)) + (v0 + (m0 - m1) ** 2) / (v1 + KL_EPS) - 1
+    return kl.abs().sum()
+
+
+def pool2(n: torch.Tensor) -> torch.Tensor:
+    """2x2 average pooling (as ``avg_pool2d(n, 2)``; written out, as that is slow in float64 on CPU)."""
+    h, w = n.shape[-2] // 2, n.shape[-1] // 2
+    return n[..., :2 * h, :2 * w].unflatten(-1, (w, 2)).unflatten(-3, (h, 2)).mean((-1, -3))
+
+
+def autocorr(e: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """The auto-correlation loss with seeded rolls (one per channel and level, shared by the batch)."""
+    e = e.flatten(1, -3)
+    loss = e.new_zeros(())
+    for c in range(e.shape[1]):
+        n = e[:, c:c + 1]
+        while True:
+            r = int(torch.randint(0, max(n.shape[-2] // 2, 1), (1,), generator=gen))
+            loss = loss + (n * torch.roll(n, r, -2)).mean((1, 2, 3)).pow(2).sum()
+            loss = loss + (n * torch.roll(n, r, -1)).mean((1, 2, 3)).pow(2).sum()
+            if n.shape[-2] <= 8:
+                break
+            n = pool2(n)
+    return loss
+
+
+def regularise(e, ref, lambda_ac, lambda_kl, rounds, gen):
+    """``rounds`` of gradient steps on the KL and auto-correlation losses of ``e`` (the noise only)."""
+    shape = e.shape
+    # The host samples under inference mode; the losses need autograd on fresh tensors.
+    with torch.inference_mode(False), torch.enable_grad():
+        e = e.clone()
+        ref = None if ref is None else ref.clone()
+        for _ in range(int(rounds)):
+            if lambda_kl > 0:
+                v = e.detach().requires_grad_(True)
+                g, = torch.autograd.grad(patch_kl(v, ref), v)
+                e = e - lambda_kl * g.clamp(-KL_CLIP, KL_CLIP)
+            if lambda_ac > 0:
+                for _ in range(AC_ROLLS):
+                    v = e.detach().requires_grad_(True)
+                    g, = torch.autograd.grad(autocorr(v, gen), v)
+                    e = e - lambda_ac * (g / AC_ROLLS)
+        return e.detach().reshape(shape)
+
+
+def check(iterations, window, first_window, first_iterations, first_until, reg_steps, lambda_ac, lambda_kl):
+    for name, v in (("iterations", iterations), ("first_iterations", first_iterations)):
+        if int(v) < 1:
+            raise SolverError(f"renoise: {name} must be >= 1, got {v}")
     for name, w in (("window", window), ("first_window", first_window)):
         if len(w) != 2 or not 0 <= int(w[0]) <= int(w[1]):
             raise SolverError(f"renoise: {name} must be (lo, hi) with 0 <= lo <= hi, got {w}")
+    if not 0 <= first_until <= 1:
+        raise SolverError(f"renoise: first_until must be in [0, 1], got {first_until}")
+    if int(reg_steps) < 0 or not lambda_ac >= 0 or not lambda_kl >= 0:
+        raise SolverError(f"renoise: reg_steps, lambda_ac and lambda_kl must be >= 0, got "
+                          f"{reg_steps}, {lambda_ac}, {lambda_kl}")
+
+
+def invert_renoise(model, x, sigmas, extra_args=None, callback=None, *, space, iterations, window, first_window,
+                   first_iterations, first_until, reg_steps, lambda_ac, lambda_kl, reg_seed, keep_trajectory=False):
+    check(iterations, window, first_window, first_iterations, first_until, reg_steps, lambda_ac, lambda_kl)
     den, x, sig, s = prepare("renoise", model, x, sigmas, extra_args, space)
+    low = low_noise_sigma(first_until, space)
+    c = 0.0 if space == EPS else 1.0  # eps = d + c * D
+    reg = int(reg_steps) > 0 and (lambda_ac > 0 or lambda_kl > 0)
+    gen = torch.Generator().manual_seed(int(reg_seed))
+    noise = torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device) if reg else None
+    x0 = x
 
     def step(i, x_a, sa, sb):
-        lo, hi = first_window if i == 0 else window
-        xk, kept = guess_point(x_a, sa, sb, space, []), []
-        for k in range(int(iterations)):
+        h = sb - sa
+        first = sb < low
+        lo, hi = (int(v) for v in (first_window if first else window))
+        calls = min(int(first_iterations), int(iterations)) if first else int(iterations)
+        ref = []  # the reference noise, evaluated once, on first use
+
+        def regular(d, D):
+            if not ref:
+                ref.append(None)
+                if lambda_kl > 0:
+                    xf = (1.0 if space == EPS else 1.0 - sb) * x0 + sb * noise
+                    ref[0] = den.slope(xf, sb) + c * den.last
+            e = d + c * D
+            return d + (regularise(e, ref[0], lambda_ac, lambda_kl, reg_steps, gen) - e)
+
+        xk, avg, n = x_a * (vp_scale(sa, space) / vp_scale(sb, space)), None, 0  # DDIM's point
+        for k in range(calls):
             d = den.slope(xk, sb)
-            if int(lo) <= k < int(hi):
-                kept.append(d)
-            xk = x_a + (sb - sa) * d
-        return xk if not kept else x_a + (sb - sa) * (sum(kept) / len(kept))
+            D = den.last
+            if lo <= k < hi:
+                # the official running mean, so the rounding matches too
+                avg = (d, D) if avg is None else tuple(n * a / (n + 1) + b / (n + 1) for a, b in zip(avg, (d, D)))
+                n += 1
+            if reg and k >= lo:
+                d = regular(d, D)
+            xk = x_a + h * d
+        if avg is None:
+            return xk
+        d = regular(*avg) if reg else avg[0]
+        return x_a + h * d
 
     x, traj = run_steps("renoise", den, x, s, step, callback, keep_trajectory)
-    return Inversion(latent=x, sigmas=sig, method="renoise", space=space, nfe=den.nfe, sampler="euler",
-                     settings={"iterations": int(iterations), "window": [int(v) for v in window],
-                               "first_window": [int(v) for v in first_window]}, trajectory=traj)
+    return Inversion(latent=x, sigmas=sig, space=space, nfe=den.nfe, trajectory=traj)

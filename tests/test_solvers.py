@@ -234,11 +234,11 @@ def test_mismatched_shapes_are_refused():
         invert("ddim", lambda x, s, **k: x[:, :2], x, karras(4))
     den = MixtureDenoiser(MIX, "eps")
     with pytest.raises(SolverError, match="pair"):
-        sample_bdia(den, x, karras(4).flip(0), pair=x[:1])
+        sample_bdia(den, x, karras(4).flip(0), space="eps", pair=x[:1], gamma=0.94)
     with pytest.raises(SolverError, match="pair"):
-        sample_edict(den, x, karras(4).flip(0), pair=x[:, :2])
+        sample_edict(den, x, karras(4).flip(0), space="eps", pair=x[:, :2], p=0.93, order="leapfrog")
     with pytest.raises(SolverError, match="descending"):
-        sample_euler(den, x, karras(4))
+        sample_euler(den, x, karras(4), space="eps")
 
 
 @pytest.mark.parametrize("name", list(METHODS))

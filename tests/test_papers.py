@@ -1,0 +1,322 @@
+"""The pack against its papers' official code, restated here from the equations.
+
+EDICT (salesforce/EDICT, ``coupled_stablediffusion``) and ReNoise (garibida/ReNoise-
+Inversion, ``inversion_step``) are written below as their code runs them: in alpha-bar /
+timestep form on Stable Diffusion's discrete schedule, with an eps-predicting model. The
+pack runs the same steps in sigma form on the matching sigmas. Both use the exact
+Gaussian-mixture denoiser in float64, so any difference beyond rounding is a difference of
+method. The official schedulers are taken with ``set_alpha_to_one=True`` (their first
+inversion step then starts at alpha-bar 1, sigma 0, as the host's schedules do).
+
+Also: nothing about a method is written twice and disagrees (registry against solvers).
+"""
+
+import inspect
+
+import pytest
+import torch
+
+from inversion_suite.benchmarks.analytic import Mixture, MixtureDenoiser, karras, uniform_flow
+from inversion_suite.solvers import METHODS, SAMPLERS, invert, reconstruct
+from inversion_suite.solvers.edict import sample_edict
+from inversion_suite.solvers.registry import plain
+
+MIX = Mixture((4, 8, 8), components=4, seed=0)
+EXTRA = {"label": [0, 1], "cfg": 2.0}
+TOL = 1e-12  # relative: float64 rounding through 10-20 steps
+
+BETAS = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+ABAR = torch.cumprod(1 - BETAS, 0)
+
+
+def data():
+    return MIX.sample(2, seed=5).double()
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def abar(t):
+    return 1.0 if t < 0 else float(ABAR[t])
+
+
+def sd_timesteps(n):
+    """DDIM's timesteps for n steps, ascending (as inversion walks them)."""
+    return [k * (1000 // n) for k in range(n)]
+
+
+def sd_sigmas(n):
+    """The same levels as host sigmas: 0, then sigma(t) = sqrt((1 - abar) / abar)."""
+    return torch.tensor([0.0] + [((1 - abar(t)) / abar(t)) ** 0.5 for t in sd_timesteps(n)], dtype=torch.float64)
+
+
+def unet(den, z, t):
+    """An eps-predicting model on VP latents z at timestep t, from the host-contract denoiser."""
+    a = abar(t)
+    s = ((1 - a) / a) ** 0.5
+    x = z / a ** 0.5
+    return (x - den(x, torch.full((z.shape[0],), s, dtype=z.dtype), **EXTRA)) / s
+
+
+# -- EDICT, as coupled_stablediffusion runs it ----------------------------------------
+
+def ddim_down(eps, t, dt, z):
+    """DDIM from timestep t to t - dt, written as the paper's (a, b) affine step."""
+    a_t, a_p = abar(t), abar(t - dt)
+    q = (a_t / a_p) ** 0.5
+    return z / q - (1 - a_t) ** 0.5 / q * eps + (1 - a_p) ** 0.5 * eps
+
+
+def ddim_up(eps, t, dt, z):
+    """Its exact inverse, from t - dt up to t."""
+    a_t, a_p = abar(t), abar(t - dt)
+    q = (a_t / a_p) ** 0.5
+    return q * z + (1 - a_t) ** 0.5 * eps - q * (1 - a_p) ** 0.5 * eps
+
+
+def order(i, n, leapfrog, reverse):
+    """Chain indices in update order for loop index i, as the official loop picks them."""
+    out = []
+    for li in range(2):
+        if reverse:
+            li = (li + (n - (i + 1) + 1) % 2) % 2 if leapfrog else (li + 1) % 2
+        elif leapfrog:
+            li = (li + i % 2) % 2
+        out.append(li)
+    return out
+
+
+def edict_official(model_eps, pair, ts, dt, p, leapfrog, reverse):
+    """The coupled loop: model input the other chain as it stands, at the step's timestep t."""
+    pair = [pair[0].clone(), pair[1].clone()]
+    ts = list(reversed(ts)) if not reverse else list(ts)
+    for i, t in enumerate(ts):
+        if reverse:
+            pair[1] = (pair[1] - (1 - p) * pair[0]) / p
+            pair[0] = (pair[0] - (1 - p) * pair[1]) / p
+        for li in order(i, len(ts), leapfrog, reverse):
+            eps = model_eps(pair[1 - li], t)
+            pair[li] = (ddim_up if reverse else ddim_down)(eps, t, dt, pair[li])
+        if not reverse:
+            pair[0] = p * pair[0] + (1 - p) * pair[1]
+            pair[1] = (1 - p) * pair[0] + p * pair[1]
+    return pair
+
+
+@pytest.mark.parametrize("leapfrog", [True, False])
+def test_edict_matches_the_official_code_eps(leapfrog):
+    n, p = 10, 0.93
+    den, x = MixtureDenoiser(MIX, "eps"), data()
+    ts = sd_timesteps(n)
+    inv = invert("edict", den, x, sd_sigmas(n), EXTRA, space="eps", p=p, order="leapfrog" if leapfrog else "fixed")
+    z = edict_official(lambda z, t: unet(den, z, t), [x, x], ts, 1000 // n, p, leapfrog, reverse=True)
+    k = abar(ts[-1]) ** 0.5  # x = z / sqrt(abar)
+    assert rel(inv.latent, z[0] / k) < TOL and rel(inv.pair, z[1] / k) < TOL
+    # sampling from the official pair, in both coordinates
+    back = edict_official(lambda z, t: unet(den, z, t), z, ts, 1000 // n, p, leapfrog, reverse=False)
+    mine = sample_edict(den, z[0] / k, sd_sigmas(n).flip(0), EXTRA, space="eps", pair=z[1] / k, p=p,
+                        order=inv.settings["order"])
+    assert rel(mine, back[0]) < TOL
+    assert rel(back[0], x) < 1e-12  # and the official round trip is exact, as the pack's
+
+
+def test_edict_leapfrog_changes_the_pair():
+    """Leapfrog is the default and matters: the fixed order gives another pair (the rescaling is
+    checked against the official code above)."""
+    n = 10
+    den, x = MixtureDenoiser(MIX, "eps"), data()
+    lf = invert("edict", den, x, sd_sigmas(n), EXTRA, space="eps")
+    fx = invert("edict", den, x, sd_sigmas(n), EXTRA, space="eps", order="fixed")
+    assert lf.settings["order"] == "leapfrog"
+    assert rel(lf.latent, fx.latent) > 1e-3
+
+
+@pytest.mark.parametrize("leapfrog", [True, False])
+def test_edict_flow_analogue(leapfrog):
+    """Flow: the same loop with z = x and the velocity in place of DDIM's step."""
+    n, p = 10, 0.9
+    den, x = MixtureDenoiser(MIX, "flow"), data()
+    sig = uniform_flow(n)
+
+    def vel(x, s):
+        return (x - den(x, torch.full((x.shape[0],), s, dtype=x.dtype), **EXTRA)) / s
+
+    idx = list(range(1, n + 1))  # step "timestep" t = index of its upper sigma
+    inv = invert("edict", den, x, sig, EXTRA, space="flow", p=p, order="leapfrog" if leapfrog else "fixed")
+    pair = [x.clone(), x.clone()]
+    for i, t in enumerate(idx):
+        pair[1] = (pair[1] - (1 - p) * pair[0]) / p
+        pair[0] = (pair[0] - (1 - p) * pair[1]) / p
+        for li in order(i, n, leapfrog, True):
+            pair[li] = pair[li] + (float(sig[t]) - float(sig[t - 1])) * vel(pair[1 - li], float(sig[t]))
+    assert rel(inv.latent, pair[0]) < TOL and rel(inv.pair, pair[1]) < TOL
+    assert rel(reconstruct(den, inv, EXTRA), x) < 1e-12
+
+
+# -- ReNoise, as inversion_step runs it -----------------------------------------------
+
+def ac_loss(x, gen):
+    """pix2pix-zero's auto-correlation loss, one item: per channel, random roll, pooled levels."""
+    loss = 0.0
+    for c in range(x.shape[1]):
+        noise = x[:, c:c + 1]
+        while True:
+            r = torch.randint(0, noise.shape[2] // 2, (1,), generator=gen).item()
+            loss = loss + (noise * torch.roll(noise, shifts=r, dims=2)).mean() ** 2
+            loss = loss + (noise * torch.roll(noise, shifts=r, dims=3)).mean() ** 2
+            if noise.shape[2] <= 8:
+                break
+            h, w = noise.shape[2] // 2, noise.shape[3] // 2  # 2x2 average pooling
+            noise = noise[..., :2 * h, :2 * w].reshape(1, 1, h, 2, w, 2).mean((3, 5))
+    return loss
+
+
+def kl_loss(x0, x1, ps=4):
+    """Patch KL: 4x4 patches per channel, |log ratio + (v0 + dm^2) / v1 - 1| summed."""
+    def patches(t):
+        return t.unfold(2, ps, ps).unfold(3, ps, ps).reshape(t.shape[0], t.shape[1], -1, ps * ps)
+    a, b = patches(x0), patches(x1)
+    m0, m1, v0, v1 = a.mean(-1), b.mean(-1), a.var(-1), b.var(-1)
+    return (torch.log((v1 + 1e-6) / (v0 + 1e-6)) + (v0 + (m0 - m1) ** 2) / (v1 + 1e-6) - 1).abs().sum()
+
+
+def noise_regularization(e, opt, lambda_kl, lambda_ac, steps, rolls, gen):
+    for _ in range(steps):
+        if lambda_kl > 0:
+            v = e.detach().clone().requires_grad_(True)
+            kl_loss(v, opt).backward()
+            e = e - lambda_kl * torch.clip(v.grad.detach(), -100, 100)
+        if lambda_ac > 0:
+            for _ in range(rolls):
+                v = e.detach().clone().requires_grad_(True)
+                ac_loss(v, gen).backward()
+                e = e - lambda_ac * v.grad.detach() / rolls
+        e = e.detach()
+    return e
+
+
+def renoise_official(model_eps, z0, ts, dt, K, avg_range, first_range, reg_steps=0, gen=None,
+                     lam_ac=20.0, lam_kl=0.065):
+    """The per-step loop of inversion_step with a DDIM scheduler; counts the model calls."""
+    calls = [0]
+
+    def eps_at(z, t):
+        calls[0] += 1
+        return model_eps(z, t)
+
+    noise = torch.randn(z0.shape, generator=gen, dtype=z0.dtype) if reg_steps else None
+    z = z0
+    for t in ts:
+        first = t < 250
+        rng = first_range if first else avg_range
+        k = min(5, K) if first else K
+        avg, opt = None, None
+        if reg_steps:  # the official batches this with call 0; it counts as a call here
+            opt = eps_at(abar(t) ** 0.5 * z0 + (1 - abar(t)) ** 0.5 * noise, t)
+        zt = z.clone()
+        for i in range(k + 1):
+            e = eps_at(zt, t)
+            if rng[0] <= i < rng[1]:
+                j = i - rng[0]
+                avg = e.clone() if avg is None else j * avg / (j + 1) + e / (j + 1)
+            if i >= rng[0]:
+                e = noise_regularization(e, opt, lam_kl, lam_ac, reg_steps, 5, gen)
+            zt = ddim_up(e, t, dt, z)
+        if avg is not None:
+            avg = noise_regularization(avg, opt, lam_kl, lam_ac, reg_steps, 5, gen)
+            zt = ddim_up(avg, t, dt, z)
+        z = zt
+    return z, calls[0]
+
+
+@pytest.mark.parametrize("K, window, first", [(1, (8, 10), (0, 5)), (9, (8, 10), (0, 5)), (4, (3, 5), (0, 5))])
+def test_renoise_matches_the_official_step_rule(K, window, first):
+    """Counting (K renoising steps = K + 1 calls), the low-noise window and cap on every t < 250."""
+    n = 10
+    den, x = MixtureDenoiser(MIX, "eps"), data()
+    ts = sd_timesteps(n)
+    z, calls = renoise_official(lambda z, t: unet(den, z, t), x, ts, 1000 // n, K, window, first)
+    inv = invert("renoise", den, x, sd_sigmas(n), EXTRA, space="eps", iterations=K + 1, window=window,
+                 first_window=first, first_iterations=6, first_until=0.25)
+    assert rel(inv.latent, z / abar(ts[-1]) ** 0.5) < TOL
+    assert inv.nfe == calls == 3 * (min(5, K) + 1) + 7 * (K + 1)  # t = 0, 100, 200 are below 250
+
+
+def test_renoise_regularisation_matches_the_official_code():
+    """SDXL-Turbo's counting with the default noise regularisation (auto-correlation and KL)."""
+    n, seed = 4, 7
+    mix = Mixture((4, 16, 16), components=3, seed=2)  # 16 pixels: two auto-correlation levels
+    den, x = MixtureDenoiser(mix, "eps"), mix.sample(1, seed=4).double()
+    extra = {"label": [1], "cfg": 1.0}
+
+    def eps(z, t):
+        a = abar(t)
+        s = ((1 - a) / a) ** 0.5
+        return (z / a ** 0.5 - den(z / a ** 0.5, torch.full((1,), s, dtype=z.dtype), **extra)) / s
+
+    ts = sd_timesteps(n)
+    z, calls = renoise_official(eps, x, ts, 1000 // n, 9, (8, 10), (0, 5), reg_steps=4,
+                                gen=torch.Generator().manual_seed(seed))
+    inv = invert("renoise", den, x, sd_sigmas(n), extra, space="eps", iterations=10, window=(8, 10),
+                 first_window=(0, 5), reg_steps=4, lambda_ac=20.0, lambda_kl=0.065, reg_seed=seed)
+    plain_inv = invert("renoise", den, x, sd_sigmas(n), extra, space="eps", iterations=10, window=(8, 10))
+    # The gradient steps amplify rounding: moving the input by 1e-15 moves the official
+    # result by 3e-9 (measured), so this is float64 rounding, not a difference of method.
+    assert rel(inv.latent, z / abar(ts[-1]) ** 0.5) < 1e-8
+    assert rel(inv.latent, plain_inv.latent) > 1e-3  # the regularisation did something
+    assert inv.nfe == calls == 6 + 3 * 10 + 4  # t = 0 is low-noise; one reference call per step
+
+
+def test_renoise_low_noise_steps_in_sigma():
+    """t < 250 is sigma < 0.6958 on SD's schedule (13 of 50 DDIM steps); flow reads sigma < 0.25."""
+    from inversion_suite.solvers.renoise import low_noise_sigma
+    cut = low_noise_sigma(0.25, "eps")
+    assert abs(cut - ((1 - abar(250)) / abar(250)) ** 0.5) < 1e-12
+    assert int((sd_sigmas(50)[1:] < cut).sum()) == 13 and int((sd_sigmas(10)[1:] < cut).sum()) == 3
+    den = MixtureDenoiser(MIX, "flow")
+    inv = invert("renoise", den, data(), uniform_flow(10), EXTRA, space="flow", iterations=8, first_iterations=3)
+    assert inv.nfe == 2 * 3 + 8 * 8  # sigma 0.1 and 0.2 end below 0.25
+
+
+def test_renoise_regularises_under_inference_mode():
+    """The host samples under torch.inference_mode; the regularisation's autograd still runs."""
+    mix = Mixture((4, 16, 16), components=2, seed=3)
+    den, x = MixtureDenoiser(mix, "flow"), mix.sample(1, seed=6)
+    with torch.inference_mode():
+        inv = invert("renoise", den, x, uniform_flow(4), {"label": [0], "cfg": 1.0}, space="flow", reg_steps=2)
+    off = invert("renoise", den, x, uniform_flow(4), {"label": [0], "cfg": 1.0}, space="flow")
+    assert torch.isfinite(inv.latent).all() and inv.settings["reg_steps"] == 2
+    assert rel(inv.latent, off.latent) > 1e-4
+
+
+# -- one place for each fact ----------------------------------------------------------
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_registry_and_solvers_agree(name):
+    m = METHODS[name]
+    den = MixtureDenoiser(MIX, "eps")
+    inv = invert(name, den, data(), karras(4), EXTRA, space="eps")
+    assert inv.method == name and inv.sampler == m.sampler
+    assert inv.settings == {k: plain(s.default, s.default) for k, s in m.settings.items()}
+    fn, keys = SAMPLERS[m.sampler]
+    assert set(keys) <= set(m.settings)
+    # a default in a signature may only repeat the registry's
+    for f in (m.invert, fn):
+        for k, prm in inspect.signature(f).parameters.items():
+            if k in m.settings and prm.default is not inspect.Parameter.empty:
+                assert prm.default == m.settings[k].default, f"{f.__name__}: {k}={prm.default!r}"
+    # and a setting given is the setting recorded
+    if "iterations" in m.settings:
+        assert invert(name, den, data(), karras(4), EXTRA, space="eps", iterations=2).settings["iterations"] == 2
+
+
+PAPERS = {"ddim": "2010.02502", "easyinv": "2408.05159", "bdia": "2307.10829", "edict": "2211.12446",
+          "renoise": "2403.14602"}
+
+
+@pytest.mark.parametrize("name", sorted(PAPERS))
+def test_docstrings_name_their_papers(name):
+    doc = inspect.getmodule(METHODS[name].invert).__doc__
+    assert f"arXiv:{PAPERS[name]}" in doc
+    assert "No paper" in inspect.getmodule(METHODS["naive_unsample"].invert).__doc__
