@@ -132,7 +132,13 @@ class Inversion:
     two-state methods resume from (BDIA: the state at ``sigmas[-2]``; EDICT: its twin
     chain). ``trajectory`` holds x at every sigma (index i at ``sigmas[i]``) when kept.
     ``residuals`` gives, per step, the largest final relative residual over the batch
-    for iterative methods, and ``unconverged`` the steps that stopped at their cap.
+    for iterative methods, and ``unconverged`` the steps that did not reach their
+    tolerance. The fixed-point methods also fill the fields after ``unconverged``: the
+    call ``budget``, the ``base_steps`` of the schedule they were given, the base steps
+    they ``split`` (their ``sigmas`` hold the inserted sigmas), the steps where some item
+    ``kept_ddim`` (the DDIM step reproduced the step's start better than any iterate) and,
+    per step, ``costs``: residual x ||x_b|| / ||x_0||, the step's forward error relative to
+    the input (largest over the batch).
     """
 
     latent: torch.Tensor = field(repr=False)
@@ -146,10 +152,47 @@ class Inversion:
     trajectory: Optional[list] = field(default=None, repr=False)
     residuals: list = field(default_factory=list)
     unconverged: list = field(default_factory=list)
+    budget: Optional[int] = None
+    base_steps: Optional[int] = None
+    split: list = field(default_factory=list)
+    kept_ddim: list = field(default_factory=list)
+    costs: list = field(default_factory=list)
 
     @property
     def steps(self) -> int:
         return self.sigmas.numel() - 1
+
+
+def _steps(inv: Inversion, idx: list, most: int = 6) -> str:
+    s = [float(v) for v in inv.sigmas]
+    named = [f"{i} (sigma {s[i]:.4g} to {s[i + 1]:.4g}, residual {inv.residuals[i]:.1e})" for i in idx[:most]]
+    return ", ".join(named) + (f" and {len(idx) - most} more" if len(idx) > most else "")
+
+
+def summary(inv: Inversion) -> str:
+    """What the user should know about an inversion, in a few sentences.
+
+    The cost of a step's residual to the reconstruction is estimated to first order as
+    its ``costs`` entry (sampling back lands off by ``x - F(x)`` there, and is taken to
+    carry that error through unchanged); the estimate adds them up.
+    """
+    n, base = inv.steps, inv.base_steps or inv.steps
+    steps = f"{base} steps" + (f" ({n} after splitting step(s) {', '.join(map(str, inv.split))})" if n != base else "")
+    head = f"{inv.method}: {steps}, {inv.nfe} model calls" + (f" (budget {inv.budget})" if inv.budget else "")
+    if not inv.residuals:
+        return head + "; not iterative: no residual is measured, its error is its method's."
+    worst = max(range(len(inv.residuals)), key=inv.residuals.__getitem__)
+    text = f"{head}; largest residual {inv.residuals[worst]:.1e} at step {worst} (tol {inv.settings.get('tol', 0):g})"
+    total = sum(inv.costs)
+    if not inv.unconverged:
+        return f"{text}. Every step converged; estimated reconstruction error {total:.1e} (relative)."
+    bad = inv.unconverged
+    text += f". {len(bad)} of {n} steps did NOT converge: {_steps(inv, bad)}"
+    if inv.kept_ddim:
+        text += f". Step(s) {', '.join(map(str, inv.kept_ddim))} kept the DDIM step, which reproduced their start best"
+    lost = sum(inv.costs[i] for i in bad)
+    return (f"{text}. Estimated reconstruction error {total:.1e} (relative), {lost:.1e} of it from the unconverged "
+            "steps. Raise iterations, loosen tol or use more steps.")
 
 
 def notify(callback: Callback, i: int, x: torch.Tensor, sigma, denoised=None) -> None:
