@@ -1,9 +1,12 @@
 """Invert: a VAE-encoded image to the noise latent that the model would turn back into it."""
 
+import logging
+
 import comfy.samplers
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 from ..solvers import METHODS, invert
+from ..solvers.core import summary
 from . import settings
 from .host import FORMAT, RECORD, check_latent, describe, fail, guided, progress, sigmas_for, space_of, to_vae
 
@@ -79,5 +82,13 @@ class Invert(io.ComfyNode):
             "unconverged": list(inv.unconverged), "pair": pair, "trajectory": traj, "source": samples,
             "samples": out, "cfg": float(cfg), "steps": int(steps), "scheduler": scheduler,
             "denoise": float(denoise), "model": describe(model),
+            "budget": inv.budget,
+            "base_steps": inv.base_steps,
+            "split": list(inv.split),
+            "kept_ddim": list(inv.kept_ddim),
+            "costs": list(inv.costs),
+            "summary": summary(inv),
         }
-        return io.NodeOutput(result)
+        text = result[RECORD]["summary"]
+        logging.log(logging.WARNING if inv.unconverged else logging.INFO, "Invert: %s", text)
+        return io.NodeOutput(result, ui=ui.PreviewText(text))

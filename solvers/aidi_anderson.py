@@ -45,77 +45,98 @@ from .implicit import invert_implicit
 CARRY_GAIN = 2.0
 
 
-def anderson_weights(A, b, lam, k, off=0.0):
+def anderson_weights(A, b, lam, k, off=None):
     """Per item ``gamma`` from the Gram matrix ``A = dR^T dR`` of ``k`` columns and ``b = dR^T r``
     (regularised by ``lam`` times the mean of A's diagonal); returns (gamma, solve ok).
 
     ``off`` (B, K) is added to the diagonal after regularising: 1 on the empty columns."""
     reg = lam * A.diagonal(dim1=1, dim2=2).sum(-1) / k + torch.finfo(A.dtype).tiny
-    gamma, info = torch.linalg.solve_ex(A + torch.diag_embed(reg[:, None] + off), b[..., None])
+    diag = reg[:, None].expand(A.shape[:-1]) if off is None else reg[:, None] + off
+    gamma, info = torch.linalg.solve_ex(A + torch.diag_embed(diag), b[..., None])
     return gamma[..., 0], info == 0
 
 
 class Anderson:
-    """One step's Anderson state: columns ``dX``, ``dR`` (B, K, n) and ``A = dR^T dR``, ``b = dR^T r``."""
+    """One step's Anderson state: columns ``dG``, ``dR`` (and ``dX`` for ``beta < 1``) as (B, K, n),
+    ``A = dR^T dR`` and ``b = dR^T r``."""
 
-    def __init__(self, carried, m, beta, lam):
+    def __init__(self, carried, m, beta, lam, work=None):
         self.beta, self.lam, self.nc, self.own = beta, lam, len(carried), m - 1
-        self.carried = carried
-        self.last = None  # (x, r, ||r|| / ||x||) of the previous iterate
+        self.carried, self.work = carried, {} if work is None else work
+        self.last = None  # (x, g, d, ||d|| / ||x||) of the previous iterate
         self.count = 0  # own pairs seen so far
 
-    def start(self, x, r):
-        B, n, K = x.shape[0], x.shape[1], self.nc + self.own
-        self.dX, self.dR = x.new_zeros(B, K, n), x.new_zeros(B, K, n)
+    def start(self, x, d):
+        K = self.nc + self.own
+        self.dG, self.dR = self.buffer("dG", x, K), self.buffer("dR", x, K)
+        self.dX = self.buffer("dX", x, K) if self.beta < 1 else None
+        for t in (self.dG, self.dR, self.dX):  # own columns not yet filled (gamma 0 times garbage is not 0)
+            if t is not None:
+                t[:, self.nc:].zero_()
         for j, (dx, dg) in enumerate(self.carried):
-            self.dX[:, j] = dx
+            self.dG[:, j] = dg
             torch.sub(dg, dx, out=self.dR[:, j])
+            if self.dX is not None:
+                self.dX[:, j] = dx
         self.A = self.dR @ self.dR.transpose(1, 2)
-        self.b = (self.dR @ r[..., None])[..., 0]
-        self.active = x.new_zeros(B, K, dtype=torch.bool)
+        self.b = (self.dR @ d[..., None])[..., 0]
+        self.active = x.new_zeros(x.shape[0], K, dtype=torch.bool)
         self.active[:, :self.nc] = True
 
-    def plain(self, x, g, r):
-        return g if self.beta == 1 else x + self.beta * r
+    def buffer(self, name, x, K):
+        """A (B, K, n) buffer kept from step to step: fresh large tensors cost more than the arithmetic."""
+        shape = (x.shape[0], K, x.shape[1])
+        t = self.work.get(name)
+        if t is None or t.shape != shape or t.dtype != x.dtype or t.device != x.device:
+            t = self.work[name] = x.new_empty(shape)
+        return t
 
-    def __call__(self, x, g, rn):
-        r = g - x
+    def plain(self, x, g, d):
+        return g if self.beta == 1 else x + self.beta * d
+
+    def __call__(self, x, g, d, rn):
         if self.last is None:
-            self.start(x, r)
+            self.start(x, d)
             grew = torch.zeros_like(rn, dtype=torch.bool)
         else:
-            px, pr, prn = self.last
+            px, pg, pd, prn = self.last
             grew = rn > prn
             self.active[:, :self.nc] &= (rn * CARRY_GAIN <= prn)[:, None]
-            dr = r - pr
             if self.own:
                 j = self.nc + self.count % self.own
                 self.count += 1
-                self.dX[:, j] = x - px
-                self.dR[:, j] = dr
+                torch.sub(g, pg, out=self.dG[:, j])
+                dr = torch.sub(d, pd, out=self.dR[:, j])
+                if self.dX is not None:
+                    torch.sub(x, px, out=self.dX[:, j])
+            else:
+                dr = d - pd
             c = (self.dR @ dr[..., None])[..., 0]  # dR^T dr: the new row of A, and b's increment
             self.b += c
             if self.own:
                 self.A[:, j], self.A[:, :, j] = c, c
-                self.b[:, j] = (dr * r).sum(1)
+                self.b[:, j] = (dr * d).sum(1)
                 self.active[:, j] = True
-        self.last = (x, r, rn)
+        self.last = (x, g, d, rn)
         k = self.nc + min(self.count, self.own)
         if k == 0:
-            return self.plain(x, g, r)
+            return self.plain(x, g, d)
         # Columns an item dropped (or has not filled) get gamma = 0 through an identity block.
         w = self.active.to(x.dtype)
         gamma, ok = anderson_weights(self.A * w[:, :, None] * w[:, None, :], self.b * w, self.lam, k, 1 - w)
-        gamma = gamma * w
-        # (1 - beta)(x - dX gamma) + beta (g - dG gamma), with dG = dR + dX
-        mixed = x - (gamma[:, None] @ self.dX)[:, 0] + self.beta * (r - (gamma[:, None] @ self.dR)[:, 0])
+        gamma = (gamma * w)[:, None]
+        # (1 - beta)(x - dX gamma) + beta (g - dG gamma)
+        mixed = g - (gamma @ self.dG)[:, 0]
+        if self.dX is not None:
+            mixed = self.beta * mixed + (1 - self.beta) * (x - (gamma @ self.dX)[:, 0])
         # Plain step where the residual grew or the least-squares system was singular.
         plain = grew | ~ok | ~torch.isfinite(mixed).all(1)
-        return torch.where(plain[:, None], self.plain(x, g, r), mixed)
+        return torch.where(plain[:, None], self.plain(x, g, d), mixed) if plain.any() else mixed
 
 
 def anderson(m: int, beta: float, lam: float):
-    return lambda carried: Anderson(carried, m, beta, lam)
+    work = {}  # the buffers, shared by the steps of one inversion (they run one after another)
+    return lambda carried: Anderson(carried, m, beta, lam, work)
 
 
 def invert_aidi_anderson(model, x, sigmas, extra_args=None, callback=None, space="eps", iterations=5,

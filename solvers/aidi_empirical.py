@@ -14,7 +14,7 @@ from .implicit import invert_implicit
 def average_last_two(carried):
     last = []
 
-    def step(x, g, r):
+    def step(x, g, d, r):
         nxt = g if not last else 0.5 * (g + last[0])
         last[:] = [g]
         return nxt

@@ -163,36 +163,45 @@ class Inversion:
         return self.sigmas.numel() - 1
 
 
-def _steps(inv: Inversion, idx: list, most: int = 6) -> str:
-    s = [float(v) for v in inv.sigmas]
-    named = [f"{i} (sigma {s[i]:.4g} to {s[i + 1]:.4g}, residual {inv.residuals[i]:.1e})" for i in idx[:most]]
-    return ", ".join(named) + (f" and {len(idx) - most} more" if len(idx) > most else "")
+def spans(idx) -> str:
+    """Step indices as ranges: [1, 2, 3, 7] -> '1-3, 7'."""
+    out, idx = [], sorted(idx)
+    for i in idx:
+        if out and i == out[-1][1] + 1:
+            out[-1][1] = i
+        else:
+            out.append([i, i])
+    return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in out)
 
 
 def summary(inv: Inversion) -> str:
     """What the user should know about an inversion, in a few sentences.
 
-    The cost of a step's residual to the reconstruction is estimated to first order as
-    its ``costs`` entry (sampling back lands off by ``x - F(x)`` there, and is taken to
-    carry that error through unchanged); the estimate adds them up.
+    A step's cost to the reconstruction is estimated to first order by its ``costs``
+    entry (sampling back lands off by ``x - F(x)`` there, taken to carry through unchanged);
+    the estimate adds them up.
     """
     n, base = inv.steps, inv.base_steps or inv.steps
-    steps = f"{base} steps" + (f" ({n} after splitting step(s) {', '.join(map(str, inv.split))})" if n != base else "")
+    steps = f"{base} steps" + (f" ({n} after splitting step(s) {spans(inv.split)})" if n != base else "")
     head = f"{inv.method}: {steps}, {inv.nfe} model calls" + (f" (budget {inv.budget})" if inv.budget else "")
     if not inv.residuals:
         return head + "; not iterative: no residual is measured, its error is its method's."
-    worst = max(range(len(inv.residuals)), key=inv.residuals.__getitem__)
-    text = f"{head}; largest residual {inv.residuals[worst]:.1e} at step {worst} (tol {inv.settings.get('tol', 0):g})"
+    res, tol, bad = inv.residuals, inv.settings.get("tol", 0), inv.unconverged
     total = sum(inv.costs)
-    if not inv.unconverged:
-        return f"{text}. Every step converged; estimated reconstruction error {total:.1e} (relative)."
-    bad = inv.unconverged
-    text += f". {len(bad)} of {n} steps did NOT converge: {_steps(inv, bad)}"
+    if not bad:
+        return (f"{head}; every step converged (largest residual {max(res):.1e}, tol {tol:g}). "
+                f"Estimated reconstruction error, to first order: {total:.1e} relative.")
+    s = [float(v) for v in inv.sigmas]
+    w = max(bad, key=res.__getitem__)
+    text = (f"{head}. {len(bad)} of {n} steps did NOT converge to tol {tol:g}: step(s) {spans(bad)}; the worst, "
+            f"step {w} (sigma {s[w]:.4g} to {s[w + 1]:.4g}), has residual {res[w]:.1e}.")
     if inv.kept_ddim:
-        text += f". Step(s) {', '.join(map(str, inv.kept_ddim))} kept the DDIM step, which reproduced their start best"
+        text += (f" {len(inv.kept_ddim)} of them (step(s) {spans(inv.kept_ddim)}) kept the DDIM step, which "
+                 "reproduced their start better than any iterate.")
     lost = sum(inv.costs[i] for i in bad)
-    return (f"{text}. Estimated reconstruction error {total:.1e} (relative), {lost:.1e} of it from the unconverged "
-            "steps. Raise iterations, loosen tol or use more steps.")
+    return (f"{text} Estimated reconstruction error, to first order: {total:.1e} relative, {lost:.1e} of it from "
+            "the unconverged steps (it can be far larger where the image lies between two modes of the model). "
+            "Raise iterations, loosen tol or use more steps.")
 
 
 def notify(callback: Callback, i: int, x: torch.Tensor, sigma, denoised=None) -> None:

@@ -12,7 +12,7 @@ from .implicit import invert_implicit
 
 
 def picard(carried):
-    return lambda x, g, r: g
+    return lambda x, g, d, r: g
 
 
 def invert_fixed_point(model, x, sigmas, extra_args=None, callback=None, space="eps", iterations=5,

@@ -11,9 +11,11 @@ starts (``guess``):
 - ``extrapolate``: ``x_a + (sb - sa) e``, with ``e`` the slope of the steps already taken
   extrapolated linearly in sigma to ``sb`` (the first step falls back to ``ddim``).
 
-An item has converged at ``r = ||F(x) - x|| / ||x|| < tol`` and keeps ``F(x)``; a step,
-when every item has. ``r`` of an iterate is exactly its forward-step error: sampling
-from ``x`` lands at ``x_a + x - F(x)``.
+An item has converged at ``r = ||F(x) - x|| / ||x|| < tol``; a step, when every item
+has. ``r`` is exactly the forward-step error of ``x``: sampling from ``x`` lands at
+``x_a + x - F(x)``. A converged item keeps ``F(x)`` where ``F`` contracts along the last
+move (``||dg|| < ||dx||``; its error is then below ``r``), else ``x`` itself, so the residual
+reported bounds what the reconstruction sees, also where ``F`` expands.
 
 Budget. The whole inversion may spend ``iterations * steps`` model calls (``iterations``
 is the average per step); a step may take up to ``SHARE`` times its fair share of what
@@ -57,14 +59,15 @@ from .core import EPS, Denoiser, Inversion, SolverError, check_finite, notify, p
 
 GUESSES = ("ddim", "extrapolate")
 
-# update(carried) starts one step and returns next(x, g, r) -> the next iterate: it sees
-# every evaluated iterate x with g = F(x) (both flattened (B, n)) and the per-item
-# residual r, in order. ``carried`` are pairs (dx, dg) of earlier steps, at this sigma.
-Update = Callable[[list], Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]]
+# update(carried) starts one step and returns next(x, g, d, r) -> the next iterate: it sees
+# every evaluated iterate x with g = F(x), d = g - x (all flattened (B, n)) and the
+# per-item residual r = ||d|| / ||x||, in order. ``carried``: pairs (dx, dg) of earlier
+# steps, at this sigma.
+Update = Callable[[list], Callable[..., torch.Tensor]]
 
 DEPTH = 4  # a step is split at most 4 times over, into up to 16 steps
 SHARE = 2.0  # a step may spend up to twice its fair share of the calls left
-PATIENCE = 4  # a step that would need more calls than this at its rate is split, while it can be
+SLOW = 0.5  # a step whose residual shrinks slower than this per call is split, while it can be
 
 
 def check_iteration(iterations: int, tol: float, guess: str, method: str) -> None:
@@ -110,8 +113,8 @@ def transport_frame(dx, dg, sb, h, space):
     (EPS) or ``1 - sb`` (flow). Both are scaled by ``a^2`` so that nothing divides by ``a``.
     """
     a = 1.0 if space == EPS else 1.0 - sb
-    dD = dx - (sb / h) * dg
-    return a * dx - a * a * dD, sb * sb * dD
+    dD = torch.add(dx, dg, alpha=-sb / h)
+    return torch.add(dx, dD, alpha=-a).mul_(a), dD.mul_(sb * sb)
 
 
 def transported(p, q, sb, h, space):
@@ -121,15 +124,15 @@ def transported(p, q, sb, h, space):
     into ``sb = 1`` (``a = 0``, where ``J_F = h I``) still gets a usable pair.
     """
     a = 1.0 if space == EPS else 1.0 - sb
-    u = p + (a / sb) ** 2 * q
-    return u, (h / sb) * (u - (a / (sb * sb)) * q)
+    u = torch.add(p, q, alpha=(a / sb) ** 2)
+    return u, torch.add(u, q, alpha=-a / (sb * sb)).mul_(h / sb)
 
 
 @dataclass
 class Attempt:
-    """One step's iteration: the step's result ``x`` (converged items: ``F(x)``; the others
-    their best iterate), that iterate's residual ``r``, which items ``done``, the secant
-    ``pairs``, and the first two evaluations ``(x, g, r)`` for the DDIM check."""
+    """One step's iteration: per item the state it keeps ``x`` (its best iterate, or ``F`` of
+    it, see the module's docstring), the best iterate's residual ``r``, which items are
+    ``done``, the secant ``pairs``, and the first two evaluations ``(x, g, r)`` for the DDIM check."""
     x: torch.Tensor
     r: torch.Tensor
     done: torch.Tensor
@@ -137,7 +140,7 @@ class Attempt:
     first: list
 
 
-def stalls(r0, best, k, left, tol) -> bool:
+def stalls(r0, best, k, left, tol, slow=1.0) -> bool:
     """Whether an open item cannot reach ``tol`` in ``left`` calls at its mean rate over ``k`` updates."""
     open_ = best >= tol
     if left <= 0:
@@ -146,39 +149,47 @@ def stalls(r0, best, k, left, tol) -> bool:
         return False
     rate = (best[open_] / r0[open_].clamp_min(1e-30)) ** (1.0 / k)
     need = torch.log(tol / best[open_]) / torch.log(rate.clamp_max(1 - 1e-9))
-    return bool(((rate >= 1) | (need > left)).any())
+    return bool(((rate > slow) | (need > left)).any())
 
 
-def solve_step(den: Denoiser, x_a, sa, sb, x0, update: Update, calls: int, tol, carried=(), patience=None) -> Attempt:
-    """Iterate one implicit step from ``x0`` with at most ``calls`` model calls, stopping
-    early once ``tol`` is out of reach within them (or within ``patience`` more calls)."""
-    shape = x_a.shape
-    flat_a = x_a.flatten(1)
-    x = x0.flatten(1)
+def solve_step(den: Denoiser, x_a, sa, sb, x0, update: Update, calls: int, tol, carried=(), slow=1.0,
+               secants=False) -> Attempt:
+    """Iterate one implicit step from ``x0`` with at most ``calls`` model calls, stopping early
+    once ``tol`` is out of reach within them or the residual shrinks by less than ``slow`` per call."""
+    shape, flat_a, x = x_a.shape, x_a.flatten(1), x0.flatten(1)
     step = update(list(carried))
-    first, pairs = [], []
-    prev = best_x = best_g = best_r = r0 = None
+    c = (sb - sa) / sb
+    first, pairs, prev, best = [], [], None, None
+    inf = x.new_full((x.shape[0],), math.inf)
     for k in range(int(calls)):
-        g = flat_a + (sb - sa) * den.slope(x.view(shape), sb).flatten(1)
-        r = rel_norm(g - x, x)
+        g = torch.add(flat_a, x - den(x.view(shape), sb).flatten(1), alpha=c)  # F(x) = x_a + h d(x, sb)
+        d = g - x
+        r = d.norm(dim=1) / x.norm(dim=1).clamp_min(1e-30)
         if len(first) < 2:
             first.append((x, g, r))
-        if prev is not None:
+        # |J_F| along the last move: below 1, F(x) is closer to the fixed point than x.
+        lip = inf if prev is None else (g - prev[1]).norm(dim=1) / (x - prev[0]).norm(dim=1).clamp_min(1e-30)
+        if secants and prev is not None:
             pairs.append((x - prev[0], g - prev[1]))
         prev = (x, g)
-        if best_r is None:
-            best_x, best_g, best_r, r0 = x, g, r, r
-        else:
-            better = (r < best_r)[:, None]
-            best_x, best_g, best_r = torch.where(better, x, best_x), torch.where(better, g, best_g), torch.minimum(r, best_r)
-        done = best_r < tol
-        if done.all() or k == int(calls) - 1 or (k >= 2 and stalls(r0, best_r, k, min(int(calls) - k - 1, patience or calls), tol)):
+        if best is None:
+            best, r0 = (x, g, r, lip), r
+        elif (r < best[2]).all():
+            best = (x, g, r, lip)
+        elif (r < best[2]).any():
+            w = r < best[2]
+            best = tuple(torch.where(w[:, None] if a.ndim > 1 else w, a, b) for a, b in zip((x, g, r, lip), best))
+        done = best[2] < tol
+        if done.all() or k == int(calls) - 1 or (k >= 2 and stalls(r0, best[2], k, int(calls) - k - 1, tol, slow)):
             break
-        # An item that has converged keeps its accepted value; its later evaluations are
-        # only the price of batching it with the others.
-        x = torch.where(done[:, None], best_g, step(x, g, r))
-    out = torch.where(done[:, None], best_g, best_x)
-    return Attempt(out.view(shape), best_r, done, pairs, first)
+        x = step(x, g, d, r)
+        if done.any():
+            # An item that has converged keeps its accepted value; its later evaluations are
+            # only the price of batching it with the others.
+            x = torch.where(done[:, None], best[0], x)
+    # A converged item where F contracts takes F(x), whose residual is then below r.
+    out = torch.where((done & (best[3] < 1))[:, None], best[1], best[0])
+    return Attempt(out.view(shape), best[2], done, pairs, first)
 
 
 def keep_best(den: Denoiser, att: Attempt, x_a, sa, sb, space):
@@ -218,7 +229,7 @@ def invert_implicit(method: str, update: Update, model, x, sigmas, extra_args=No
         x0 = guess_point(x, sa, sb, space, slopes if guess == "extrapolate" else [])
         carried = [transported(p, q, sb, h, space) for p, q in frames] if carry > 0 else []
         att = solve_step(den, x, sa, sb, x0, update, share - reserve(guess), tol, carried,
-                         PATIENCE if depth < DEPTH else None)
+                         SLOW if depth < DEPTH else 1.0, carry > 0)
         if carry > 0:
             frames.extend(transport_frame(dx, dg, sb, h, space) for dx, dg in att.pairs)
             del frames[:-carry]
