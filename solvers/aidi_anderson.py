@@ -38,7 +38,7 @@ Budget, step splitting and the DDIM fallback are ``implicit``'s.
 import torch
 
 from .core import SolverError
-from .implicit import invert_implicit
+from .implicit import DEPTH, invert_implicit
 
 # A carried pair stays in an item's solve while each iteration at least divides that
 # item's residual by this; past that it is doing no better than the step's own pairs.
@@ -140,7 +140,8 @@ def anderson(m: int, beta: float, lam: float):
 
 
 def invert_aidi_anderson(model, x, sigmas, extra_args=None, callback=None, space="eps", iterations=5,
-                         tol=1e-4, guess="extrapolate", m=3, beta=1.0, lam=1e-6, carry=8, keep_trajectory=False):
+                         tol=1e-4, guess="extrapolate", m=3, beta=1.0, lam=1e-6, carry=8, keep_trajectory=False,
+                         depth=DEPTH):
     if int(m) < 1:
         raise SolverError(f"aidi_anderson: m must be >= 1, got {m}")
     if not 0 < beta <= 1:
@@ -152,4 +153,4 @@ def invert_aidi_anderson(model, x, sigmas, extra_args=None, callback=None, space
     settings = {"m": int(m), "beta": float(beta), "lam": float(lam), "carry": int(carry)}
     return invert_implicit("aidi_anderson", anderson(int(m), float(beta), float(lam)), model, x, sigmas,
                            extra_args, callback, space, iterations, tol, guess, keep_trajectory, settings,
-                           carry=int(carry))
+                           carry=int(carry), depth=depth)

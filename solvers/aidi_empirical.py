@@ -8,7 +8,7 @@ plain iteration diverge where ``F`` has a negative slope. Budget, step splitting
 DDIM fallback are ``implicit``'s.
 """
 
-from .implicit import invert_implicit
+from .implicit import DEPTH, invert_implicit
 
 
 def average_last_two(carried):
@@ -22,6 +22,6 @@ def average_last_two(carried):
 
 
 def invert_aidi_empirical(model, x, sigmas, extra_args=None, callback=None, space="eps", iterations=5,
-                          tol=1e-4, guess="ddim", keep_trajectory=False):
+                          tol=1e-4, guess="ddim", keep_trajectory=False, depth=DEPTH):
     return invert_implicit("aidi_empirical", average_last_two, model, x, sigmas, extra_args,
-                           callback, space, iterations, tol, guess, keep_trajectory)
+                           callback, space, iterations, tol, guess, keep_trajectory, depth=depth)

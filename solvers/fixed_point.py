@@ -8,7 +8,7 @@ inversion itself; each further iterate costs 1 NFE. Plain iteration converges on
 call budget, and reports the steps it could not solve in ``Inversion.unconverged``.
 """
 
-from .implicit import invert_implicit
+from .implicit import DEPTH, invert_implicit
 
 
 def picard(carried):
@@ -16,6 +16,6 @@ def picard(carried):
 
 
 def invert_fixed_point(model, x, sigmas, extra_args=None, callback=None, space="eps", iterations=5,
-                       tol=1e-4, guess="ddim", keep_trajectory=False):
+                       tol=1e-4, guess="ddim", keep_trajectory=False, depth=DEPTH):
     return invert_implicit("fixed_point", picard, model, x, sigmas, extra_args, callback,
-                           space, iterations, tol, guess, keep_trajectory)
+                           space, iterations, tol, guess, keep_trajectory, depth=depth)

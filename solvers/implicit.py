@@ -208,11 +208,13 @@ def keep_best(den: Denoiser, att: Attempt, x_a, sa, sb, space):
 
 def invert_implicit(method: str, update: Update, model, x, sigmas, extra_args=None, callback=None, space="eps",
                     iterations=5, tol=1e-4, guess="ddim", keep_trajectory=False, settings=None,
-                    carry=0) -> Inversion:
+                    carry=0, depth=DEPTH) -> Inversion:
     """The step loop shared by every fixed-point method: budget, step splitting, DDIM fallback.
 
     With ``carry > 0`` the last ``carry`` secant pairs of the earlier steps are kept in
-    ``transport_frame`` form and handed, transported, to each step's update.
+    ``transport_frame`` form and handed, transported, to each step's update. ``depth=0``
+    keeps the given schedule (for callers that sample back down their own sigmas, such as
+    a host sampler): no step is split, an unsolved one falls back as above.
     """
     check_iteration(iterations, tol, guess, method)
     den, x, sigmas, s = prepare(method, model, x, sigmas, extra_args, space)
@@ -223,21 +225,21 @@ def invert_implicit(method: str, update: Update, model, x, sigmas, extra_args=No
     slopes, frames, residuals, unconverged, kept_ddim, split, costs = [], [], [], [], [], [], []
     todo = [(s[i], s[i + 1], 0, i) for i in reversed(range(n))]  # a stack: the next step last
     while todo:
-        sa, sb, depth, i = todo.pop()
+        sa, sb, level, i = todo.pop()
         den.step, h, left = i, sb - sa, budget - den.nfe
         share = min(left - least * len(todo), math.ceil(SHARE * left / (len(todo) + 1)))
         x0 = guess_point(x, sa, sb, space, slopes if guess == "extrapolate" else [])
         carried = [transported(p, q, sb, h, space) for p, q in frames] if carry > 0 else []
         att = solve_step(den, x, sa, sb, x0, update, share - reserve(guess), tol, carried,
-                         SLOW if depth < DEPTH else 1.0, carry > 0)
+                         SLOW if level < depth else 1.0, carry > 0)
         if carry > 0:
             frames.extend(transport_frame(dx, dg, sb, h, space) for dx, dg in att.pairs)
             del frames[:-carry]
         x_b, r, took = att.x, att.r, None
         if not att.done.all():
-            if depth < DEPTH and budget - den.nfe >= least * (len(todo) + 2):
+            if level < depth and budget - den.nfe >= least * (len(todo) + 2):
                 sm = split_point(sa, sb)
-                todo += [(sm, sb, depth + 1, i), (sa, sm, depth + 1, i)]
+                todo += [(sm, sb, level + 1, i), (sa, sm, level + 1, i)]
                 split.append(i)
                 continue
             x_b, r, took = keep_best(den, att, x, sa, sb, space)
