@@ -65,6 +65,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--space", default="eps", choices=["eps", "flow"])
     p.add_argument("--methods", nargs="+", default=None)
+    p.add_argument("--carry", nargs="*", type=int, default=[], help="extra aidi_anderson rows with these carry values")
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--model-ms", type=float, default=None, help="cost of one model call (default: TinyUNet, measured)")
@@ -78,12 +79,14 @@ def main(argv=None):
     sig = karras(a.steps) if a.space == "eps" else uniform_flow(a.steps, 0.98)
     call = a.model_ms if a.model_ms is not None else model_ms(a.shape, a.threads)
     rows = []
-    for name in a.methods or list(METHODS):
+    runs = [(n, n, {}) for n in a.methods or list(METHODS)]
+    runs += [(f"aidi_anderson carry={c}", "aidi_anderson", {"carry": c}) for c in a.carry]
+    for name, method, kw in runs:
         best = None
         for _ in range(a.repeat):
             den = Gaussian(a.space)
             t = time.process_time()
-            inv = invert(name, den, x, sig, space=a.space)
+            inv = invert(method, den, x, sig, space=a.space, **kw)
             spent = time.process_time() - t - den.seconds
             if best is None or spent < best[0]:
                 best = (spent, inv)
