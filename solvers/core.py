@@ -185,7 +185,7 @@ def summary(inv: Inversion) -> str:
     steps = f"{base} steps" + (f" ({n} after splitting step(s) {spans(inv.split)})" if n != base else "")
     head = f"{inv.method}: {steps}, {inv.nfe} model calls" + (f" (budget {inv.budget})" if inv.budget else "")
     if not inv.residuals:
-        return head + "; not iterative: no residual is measured, its error is its method's."
+        return head + "; no residual is measured: its error is its method's."
     res, tol, bad = inv.residuals, inv.settings.get("tol", 0), inv.unconverged
     total = sum(inv.costs)
     if not bad:

@@ -67,9 +67,9 @@ def test_a_tiny_budget_is_reported_on_the_node(caplog):
     assert torch.isfinite(out["samples"]).all()
 
 
-def test_non_iterative_methods_say_so():
+def test_methods_without_residuals_say_so():
     model = exact_model("eps", SEPARATED)
     latent = {"samples": vae_scale(model, SEPARATED.sample(1, seed=10).float())}
     out = Invert.execute(model=model, latent=latent, positive=UNCOND, method="ddim", steps=4, scheduler="normal",
                          cfg=1.0, denoise=1.0, keep_trajectory=False)
-    assert out.ui.value == "ddim: 4 steps, 4 model calls; not iterative: no residual is measured, its error is its method's."
+    assert out.ui.value == "ddim: 4 steps, 4 model calls; no residual is measured: its error is its method's."
