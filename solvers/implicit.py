@@ -237,8 +237,9 @@ def invert_implicit(method: str, update: Update, model, x, sigmas, extra_args=No
             del frames[:-carry]
         x_b, r, took = att.x, att.r, None
         if not att.done.all():
-            if level < depth and budget - den.nfe >= least * (len(todo) + 2):
-                sm = split_point(sa, sb)
+            # The new sigma as the schedule will hold it, so that sampling back meets it exactly.
+            sm = float(torch.tensor(split_point(sa, sb), dtype=sigmas.dtype))
+            if level < depth and sa < sm < sb and budget - den.nfe >= least * (len(todo) + 2):
                 todo += [(sm, sb, level + 1, i), (sa, sm, level + 1, i)]
                 split.append(i)
                 continue
