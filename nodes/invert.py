@@ -1,7 +1,9 @@
 """Invert: a VAE-encoded image to the noise latent that the model would turn back into it."""
 
+import logging
+
 import comfy.samplers
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 from ..solvers import METHODS, invert
 from . import settings
@@ -91,4 +93,5 @@ class Invert(io.ComfyNode):
             inv.trajectory[-1] = out
         rec = Record.of(inv, pair=pair, trajectory=inv.trajectory, source=samples, samples=out, cfg=cfg, steps=steps,
                         scheduler=scheduler, denoise=denoise, model=model)
-        return io.NodeOutput(rec.into(latent))
+        logging.log(logging.WARNING if inv.unconverged else logging.INFO, "Invert: %s", rec.summary)
+        return io.NodeOutput(rec.into(latent), ui=ui.PreviewText(rec.summary))

@@ -19,12 +19,13 @@ field added later gets a default (so older records still read) and a check in
 from __future__ import annotations
 
 import math
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Optional
 
 import torch
 
 from ..solvers import METHODS, SAMPLERS, SPACES, FLOW, Inversion
+from ..solvers.core import summary
 from .host import RECORD, check_latent, describe, fail, space_of
 
 FORMAT = 1
@@ -71,6 +72,13 @@ class Record:
     scheduler    the host scheduler that made ``sigmas``
     denoise      the Invert node's denoise
     model        ``host.describe`` of the model: ``{"prediction": ..., "latent_format": ...}``
+
+    Added to format 1 by the convergence control (absent from older records: the defaults):
+    budget       the model-call budget of an iterative method, or None
+    split        0-based indices of the node's steps that were split into smaller ones
+    kept_ddim    0-based indices (of ``sigmas``' steps) where an unsolved step kept the DDIM step
+    costs        per step of ``sigmas``, its first-order share of the reconstruction error
+    summary      the text Invert showed: steps, model calls, convergence and what it costs
     """
 
     method: str
@@ -90,6 +98,11 @@ class Record:
     scheduler: str
     denoise: float
     model: dict
+    budget: Optional[int] = None
+    split: list = field(default_factory=list)
+    kept_ddim: list = field(default_factory=list)
+    costs: list = field(default_factory=list)
+    summary: str = ""
 
     @classmethod
     def of(cls, inv: Inversion, *, pair, trajectory, source, samples, cfg, steps, scheduler, denoise, model):
@@ -98,7 +111,9 @@ class Record:
                    sigmas=inv.sigmas.detach().cpu(), nfe=int(inv.nfe), residuals=[float(r) for r in inv.residuals],
                    unconverged=[int(i) for i in inv.unconverged], pair=pair, trajectory=trajectory, source=source,
                    samples=samples, cfg=float(cfg), steps=int(steps), scheduler=scheduler, denoise=float(denoise),
-                   model=describe(model))
+                   model=describe(model), budget=inv.budget, split=[int(i) for i in inv.split],
+                   kept_ddim=[int(i) for i in inv.kept_ddim], costs=[float(c) for c in inv.costs],
+                   summary=summary(inv))
 
     # --- to and from a LATENT -----------------------------------------------------------------
 
@@ -229,11 +244,20 @@ class Record:
         if not (isinstance(r, list) and len(r) <= n and all(_real(v) and v >= 0 for v in r)):
             bad("residuals", f"a list of at most {n} numbers >= 0",
                 f"{len(r)} item(s)" if isinstance(r, list) else type(r).__name__)
-        u = self.unconverged
-        if not (isinstance(u, list) and all(type(i) is int and 0 <= i < n for i in u)
-                and all(a < b for a, b in zip(u, u[1:]))):
-            bad("unconverged", f"a list of increasing step indices from 0 to {n - 1}",
-                repr(u)[:100] if isinstance(u, list) else type(u).__name__)
+        for name, top in (("unconverged", n), ("kept_ddim", n), ("split", self.steps)):
+            u = getattr(self, name)
+            if not (isinstance(u, list) and all(type(i) is int and 0 <= i < top for i in u)
+                    and all(a < b for a, b in zip(u, u[1:]))):
+                bad(name, f"a list of increasing step indices from 0 to {top - 1}",
+                    repr(u)[:100] if isinstance(u, list) else type(u).__name__)
+        c = self.costs
+        if not (isinstance(c, list) and len(c) <= n and all(_real(v) and v >= 0 for v in c)):
+            bad("costs", f"a list of at most {n} numbers >= 0",
+                f"{len(c)} item(s)" if isinstance(c, list) else type(c).__name__)
+        if not (self.budget is None or type(self.budget) is int and self.budget >= 0):
+            bad("budget", "None or a count (an integer >= 0)", repr(self.budget)[:100])
+        if not (isinstance(self.summary, str) and len(self.summary) <= 4096):
+            bad("summary", "a text of at most 4096 characters", type(self.summary).__name__)
         return n
 
     def _check_tensors(self, node, what, m, bad, samples):

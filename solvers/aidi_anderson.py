@@ -1,5 +1,6 @@
 """AIDI-A: fixed-point inversion with Anderson acceleration (type II).
 
+Paper: "Effective Real Image Editing with Accelerated Iterative Diffusion Inversion", arXiv:2309.04907.
 From the iterates ``x_j``, outputs ``g_j = F(x_j)`` and residuals ``r_j = g_j - x_j`` of
 the last ``m`` iterations, take the differences ``dX``, ``dG``, ``dR = dG - dX`` of
 consecutive ones and choose ``gamma`` minimising ``||r_k - dR gamma||``: solve
@@ -11,6 +12,12 @@ step this is the paper's form ``sum_j alpha_j ((1 - beta) x_j + beta g_j)``,
 residual grew at the last iteration, where its system is singular or the result is not
 finite, that item takes the plain step ``g`` instead (the safeguard of the paper's
 re-implementations).
+
+The system is kept up to date as iterates arrive rather than rebuilt: a new column
+``dr = r_k - r_{k-1}`` costs one product ``dR^T dr`` (it is the new row of the Gram matrix
+``dR^T dR``, and ``dR^T r_k = dR^T r_{k-1} + dR^T dr`` for the columns already there), so an
+iteration is O(columns x latent) and the solve itself is on a columns x columns matrix.
+Columns live in fixed slots (carried pairs first, then a ring of the step's own ``m - 1``).
 
 Two things make a step cheaper than the paper's (about 3 model calls per step instead
 of 4 at 10 steps):
@@ -24,42 +31,117 @@ of 4 at 10 steps):
   already a multisecant step rather than a plain one. An item drops them for the rest of
   a step once an iteration fails to halve its residual (strong guidance, where the
   Gaussian model is poor). ``carry=0`` with ``guess="ddim"`` is the paper's method.
+
+Budget, step splitting and the DDIM fallback are ``implicit``'s.
 """
 
 import torch
 
 from .core import SolverError
-from .implicit import invert_implicit
+from .implicit import DEPTH, invert_implicit
+
+# A carried pair stays in an item's solve while each iteration at least divides that
+# item's residual by this; past that it is doing no better than the step's own pairs.
+CARRY_GAIN = 2.0
 
 
-def anderson_weights(dR, r, lam):
-    """Per item ``gamma = argmin ||r - dR gamma||`` (regularised); returns (gamma, solve ok)."""
-    A = dR.transpose(1, 2) @ dR
-    eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
-    reg = lam * A.diagonal(dim1=1, dim2=2).mean(-1) + torch.finfo(A.dtype).tiny
-    gamma, info = torch.linalg.solve_ex(A + reg[:, None, None] * eye, dR.transpose(1, 2) @ r[..., None])
-    return gamma, info == 0
+def anderson_weights(A, b, lam, k, off=None):
+    """Per item ``gamma`` from the Gram matrix ``A = dR^T dR`` of ``k`` columns and ``b = dR^T r``
+    (regularised by ``lam`` times the mean of A's diagonal); returns (gamma, solve ok).
+
+    ``off`` (B, K) is added to the diagonal after regularising: 1 on the empty columns."""
+    reg = lam * A.diagonal(dim1=1, dim2=2).sum(-1) / k + torch.finfo(A.dtype).tiny
+    diag = reg[:, None].expand(A.shape[:-1]) if off is None else reg[:, None] + off
+    gamma, info = torch.linalg.solve_ex(A + torch.diag_embed(diag), b[..., None])
+    return gamma[..., 0], info == 0
+
+
+class Anderson:
+    """One step's Anderson state: columns ``dG``, ``dR`` (and ``dX`` for ``beta < 1``) as (B, K, n),
+    ``A = dR^T dR`` and ``b = dR^T r``."""
+
+    def __init__(self, carried, m, beta, lam, work=None):
+        self.beta, self.lam, self.nc, self.own = beta, lam, len(carried), m - 1
+        self.carried, self.work = carried, {} if work is None else work
+        self.last = None  # (x, g, d, ||d|| / ||x||) of the previous iterate
+        self.count = 0  # own pairs seen so far
+
+    def start(self, x, d):
+        K = self.nc + self.own
+        self.dG, self.dR = self.buffer("dG", x, K), self.buffer("dR", x, K)
+        self.dX = self.buffer("dX", x, K) if self.beta < 1 else None
+        for t in (self.dG, self.dR, self.dX):  # own columns not yet filled (gamma 0 times garbage is not 0)
+            if t is not None:
+                t[:, self.nc:].zero_()
+        for j, (dx, dg) in enumerate(self.carried):
+            self.dG[:, j] = dg
+            torch.sub(dg, dx, out=self.dR[:, j])
+            if self.dX is not None:
+                self.dX[:, j] = dx
+        self.A = self.dR @ self.dR.transpose(1, 2)
+        self.b = (self.dR @ d[..., None])[..., 0]
+        self.active = x.new_zeros(x.shape[0], K, dtype=torch.bool)
+        self.active[:, :self.nc] = True
+
+    def buffer(self, name, x, K):
+        """A (B, K, n) buffer kept from step to step: fresh large tensors cost more than the arithmetic."""
+        shape = (x.shape[0], K, x.shape[1])
+        t = self.work.get(name)
+        if t is None or t.shape != shape or t.dtype != x.dtype or t.device != x.device:
+            t = self.work[name] = x.new_empty(shape)
+        return t
+
+    def plain(self, x, g, d):
+        return g if self.beta == 1 else x + self.beta * d
+
+    def __call__(self, x, g, d, rn):
+        if self.last is None:
+            self.start(x, d)
+            grew = torch.zeros_like(rn, dtype=torch.bool)
+        else:
+            px, pg, pd, prn = self.last
+            grew = rn > prn
+            self.active[:, :self.nc] &= (rn * CARRY_GAIN <= prn)[:, None]
+            if self.own:
+                j = self.nc + self.count % self.own
+                self.count += 1
+                torch.sub(g, pg, out=self.dG[:, j])
+                dr = torch.sub(d, pd, out=self.dR[:, j])
+                if self.dX is not None:
+                    torch.sub(x, px, out=self.dX[:, j])
+            else:
+                dr = d - pd
+            c = (self.dR @ dr[..., None])[..., 0]  # dR^T dr: the new row of A, and b's increment
+            self.b += c
+            if self.own:
+                self.A[:, j], self.A[:, :, j] = c, c
+                self.b[:, j] = (dr * d).sum(1)
+                self.active[:, j] = True
+        self.last = (x, g, d, rn)
+        k = self.nc + min(self.count, self.own)
+        if k == 0:
+            return self.plain(x, g, d)
+        # Columns an item dropped (or has not filled) get gamma = 0 through an identity block.
+        w = self.active.to(x.dtype)
+        gamma, ok = anderson_weights(self.A * w[:, :, None] * w[:, None, :], self.b * w, self.lam, k, 1 - w)
+        gamma = (gamma * w)[:, None]
+        # (1 - beta)(x - dX gamma) + beta (g - dG gamma)
+        mixed = g - (gamma @ self.dG)[:, 0]
+        if self.dX is not None:
+            mixed = self.beta * mixed + (1 - self.beta) * (x - (gamma @ self.dX)[:, 0])
+        # Plain step where the residual grew or the least-squares system was singular.
+        plain = grew | ~ok | ~torch.isfinite(mixed).all(1)
+        return torch.where(plain[:, None], self.plain(x, g, d), mixed) if plain.any() else mixed
 
 
 def anderson(m: int, beta: float, lam: float):
-    def update(xs, gs, rs, carried=()):
-        x, g = xs[-1], gs[-1]
-        pairs = list(carried) + [(xs[j + 1] - xs[j], gs[j + 1] - gs[j]) for j in range(len(xs) - 1)]
-        if not pairs:
-            return g if beta == 1 else (1 - beta) * x + beta * g
-        dX = torch.stack([dx for dx, _ in pairs], 2)  # (B, n, k)
-        dG = torch.stack([dg for _, dg in pairs], 2)
-        gamma, ok = anderson_weights(dG - dX, g - x, lam)
-        mixed = (1 - beta) * (x - (dX @ gamma)[..., 0]) + beta * (g - (dG @ gamma)[..., 0])
-        # Plain step where the residual grew or the least-squares system was singular.
-        grew = rs[-1] > rs[-2] if len(rs) > 1 else torch.zeros_like(ok)
-        plain = grew | ~ok | ~torch.isfinite(mixed).all(1)
-        return torch.where(plain[:, None], g, mixed)
-    return update
+    work = {}  # the buffers, shared by the steps of one inversion (they run one after another)
+    return lambda carried: Anderson(carried, m, beta, lam, work)
 
 
 def invert_aidi_anderson(model, x, sigmas, extra_args=None, callback=None, space="eps", iterations=5,
-                         tol=1e-4, guess="extrapolate", m=3, beta=1.0, lam=1e-6, carry=8, keep_trajectory=False):
+                         tol=1e-4, guess="extrapolate", m=3, beta=1.0, lam=1e-6, carry=8, keep_trajectory=False,
+                         depth=DEPTH):
     if int(m) < 1:
         raise SolverError(f"aidi_anderson: m must be >= 1, got {m}")
     if not 0 < beta <= 1:
@@ -69,6 +151,6 @@ def invert_aidi_anderson(model, x, sigmas, extra_args=None, callback=None, space
     if int(carry) < 0:
         raise SolverError(f"aidi_anderson: carry must be >= 0, got {carry}")
     settings = {"m": int(m), "beta": float(beta), "lam": float(lam), "carry": int(carry)}
-    return invert_implicit("aidi_anderson", anderson(int(m), float(beta), float(lam)), int(m),
-                           model, x, sigmas, extra_args, callback, space, iterations, tol, guess,
-                           keep_trajectory, settings, carry=int(carry))
+    return invert_implicit("aidi_anderson", anderson(int(m), float(beta), float(lam)), model, x, sigmas,
+                           extra_args, callback, space, iterations, tol, guess, keep_trajectory, settings,
+                           carry=int(carry), depth=depth)

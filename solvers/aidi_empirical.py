@@ -1,19 +1,27 @@
 """AIDI-E: fixed-point inversion with empirical acceleration.
 
+Paper: "Effective Real Image Editing with Accelerated Iterative Diffusion Inversion", arXiv:2309.04907.
 ``x_{k+1} = (F(x_k) + F(x_{k-1})) / 2``; ``F(x_{k-1})`` is kept from the previous
 iteration, so each iteration still costs 1 NFE. The first iteration is a plain
 ``x_1 = F(x_0)``. Averaging two consecutive outputs damps the oscillation that makes
-plain iteration diverge where ``F`` has a negative slope.
+plain iteration diverge where ``F`` has a negative slope. Budget, step splitting and the
+DDIM fallback are ``implicit``'s.
 """
 
-from .implicit import invert_implicit
+from .implicit import DEPTH, invert_implicit
 
 
-def average_last_two(xs, gs, rs):
-    return gs[-1] if len(gs) < 2 else 0.5 * (gs[-1] + gs[-2])
+def average_last_two(carried):
+    last = []
+
+    def step(x, g, d, r):
+        nxt = g if not last else 0.5 * (g + last[0])
+        last[:] = [g]
+        return nxt
+    return step
 
 
 def invert_aidi_empirical(model, x, sigmas, extra_args=None, callback=None, space="eps", iterations=5,
-                          tol=1e-4, guess="ddim", keep_trajectory=False):
-    return invert_implicit("aidi_empirical", average_last_two, 2, model, x, sigmas, extra_args,
-                           callback, space, iterations, tol, guess, keep_trajectory)
+                          tol=1e-4, guess="ddim", keep_trajectory=False, depth=DEPTH):
+    return invert_implicit("aidi_empirical", average_last_two, model, x, sigmas, extra_args,
+                           callback, space, iterations, tol, guess, keep_trajectory, depth=depth)

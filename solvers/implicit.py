@@ -1,22 +1,44 @@
-"""The exact inverse of one Euler/DDIM step, found as a fixed point.
+"""The exact inverse of one Euler/DDIM step, found as a fixed point under a budget of model calls.
 
 Sampling steps from ``sb`` down to ``sa`` with ``x_a = x_b + (sa - sb) d(x_b, sb)``. Its
 inverse is the ``x_b`` with ``x_b = F(x_b)``, ``F(x) = x_a + (sb - sa) d(x, sb)``; ``F``
 never divides by ``sa``, so the first step out of sigma = 0 is well defined. The methods
-differ only in how the next iterate is chosen from the history of pairs ``(x_j, F(x_j))``
-(``update``), and in where the iteration starts (``guess``):
+differ only in how the next iterate is chosen (``update``) and in where the iteration
+starts (``guess``):
 
 - ``ddim``: the DDIM guess point ``x_a * sqrt(1 + sb^2) / sqrt(1 + sa^2)`` (flow: ``x_a``),
   whose first ``F`` value is exactly the DDIM inversion step;
 - ``extrapolate``: ``x_a + (sb - sa) e``, with ``e`` the slope of the steps already taken
   extrapolated linearly in sigma to ``sb`` (the first step falls back to ``ddim``).
 
-Per batch item the iteration stops at ``||F(x) - x|| / ||x|| < tol`` and keeps ``F(x)``;
-at the cap it keeps the ``F(x)`` of smallest residual and the step is reported unconverged.
+An item has converged at ``r = ||F(x) - x|| / ||x|| < tol``; a step, when every item
+has. ``r`` is exactly the forward-step error of ``x``: sampling from ``x`` lands at
+``x_a + x - F(x)``. A converged item keeps ``F(x)`` where ``F`` contracts along the last
+move (``||dg|| < ||dx||``; its error is then below ``r``), else ``x`` itself, so the residual
+reported bounds what the reconstruction sees, also where ``F`` expands.
+
+Budget. The whole inversion may spend ``iterations * steps`` model calls (``iterations``
+is the average per step); a step may take up to ``SHARE`` times its fair share of what
+is left, while every step still to do keeps the least it needs (``floor``).
+
+Step-size control. ``J_F = (h / sb) (I - J_D)`` (``h = sb - sa``, ``J_D`` the denoiser's
+Jacobian) decides whether the iteration contracts. A step stalls when, at the rate its
+worst open item has shrunk so far (``(r_k / r_0)^(1/k)``, read from the third
+evaluation on), ``tol`` is out of reach of its share, or when the share is spent. A
+stalled step is split at ``sqrt(sa sb)`` (at ``sb / 2`` out of sigma = 0) and both halves
+are solved in turn, ``DEPTH`` times deep at most. Halving ``h / sb`` halves ``J_F``; the
+first step keeps ``h / sb = 1``, but there ``I - J_D ~ sb^2 / (v + sb^2)`` for data of
+local variance ``v``, so a smaller ``sb`` contracts too. The inserted sigmas become the
+inversion's schedule: everything that samples down ``Inversion.sigmas`` follows them.
+
+Never worse than DDIM. A step that has not converged and cannot be split further (its
+depth or the budget) keeps, per item, the evaluated iterate of smallest residual, or the
+DDIM step where that reproduces the step's start better (its residual is measured with
+the calls the budget kept back for it). The step is listed in ``unconverged``, and in
+``kept_ddim`` where some item took the DDIM step.
 
 A method may also carry secant pairs from step to step (``carry > 0``). Every two
-evaluations of one step give a pair ``(dx, dg)`` with ``dg ~ J_F dx`` and
-``J_F = (h / sb) (I - J_D)``, ``h = sb - sa``, ``J_D`` the denoiser's Jacobian. For Gaussian
+evaluations of one step give a pair ``(dx, dg)`` with ``dg ~ J_F dx``. For Gaussian
 data ``N(mu, S)`` in EPS coordinates ``J_D = S (S + s^2)^-1``, so with ``p = (I - J_D) dx``
 and ``q = s^2 J_D dx`` the relation ``q = S p`` holds at every sigma (``transport_frame``);
 a pair measured at one sigma is then one at any other (``transported``):
@@ -27,31 +49,49 @@ approximate for mixtures and guidance; the method keeps them per item only while
 
 from __future__ import annotations
 
-from typing import Callable
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 
-from .core import EPS, Denoiser, Inversion, SolverError, prepare, rel_norm, run_steps, vp_scale
+from .core import EPS, Denoiser, Inversion, SolverError, check_finite, notify, prepare, rel_norm, vp_scale
 
 GUESSES = ("ddim", "extrapolate")
 
-# update(xs, gs, rs) -> next iterate, flattened (B, n); xs/gs hold the last pairs
-# (oldest first) and rs their per-item residual norms. A method that carries pairs
-# between steps is called update(xs, gs, rs, carried), carried a list of (dx, dg).
-Update = Callable[..., torch.Tensor]
+# update(carried) starts one step and returns next(x, g, d, r) -> the next iterate: it sees
+# every evaluated iterate x with g = F(x), d = g - x (all flattened (B, n)) and the
+# per-item residual r = ||d|| / ||x||, in order. ``carried``: pairs (dx, dg) of earlier
+# steps, at this sigma.
+Update = Callable[[list], Callable[..., torch.Tensor]]
 
-# A carried pair stays in an item's solve while each iteration at least divides that
-# item's residual by this; past that it is doing no better than the step's own pairs.
-CARRY_GAIN = 2.0
+DEPTH = 4  # a step is split at most 4 times over, into up to 16 steps
+SHARE = 2.0  # a step may spend up to twice its fair share of the calls left
+SLOW = 0.5  # a step whose residual shrinks slower than this per call is split, while it can be
 
 
 def check_iteration(iterations: int, tol: float, guess: str, method: str) -> None:
-    if int(iterations) < 1:
-        raise SolverError(f"{method}: iterations must be >= 1, got {iterations}")
-    if not tol > 0:
-        raise SolverError(f"{method}: tol must be > 0, got {tol}")
     if guess not in GUESSES:
         raise SolverError(f"{method}: guess must be one of {GUESSES}, got {guess!r}")
+    if int(iterations) < floor(guess):
+        raise SolverError(f"{method}: iterations must be >= {floor(guess)} with guess {guess!r} (one call to move, "
+                          f"the rest to compare an unsolved step with DDIM's), got {iterations}")
+    if not tol > 0:
+        raise SolverError(f"{method}: tol must be > 0, got {tol}")
+
+
+def reserve(guess: str) -> int:
+    """Calls kept back in each step for measuring the DDIM step should the step fail."""
+    return 1 if guess == "ddim" else 2
+
+
+def floor(guess: str) -> int:
+    """The fewest calls a step is given: one to move, the DDIM check's reserve."""
+    return 1 + reserve(guess)
+
+
+def split_point(sa: float, sb: float) -> float:
+    return math.sqrt(sa * sb) if sa > 0 else 0.5 * sb
 
 
 def guess_point(x_a, sa, sb, space, slopes):
@@ -73,8 +113,8 @@ def transport_frame(dx, dg, sb, h, space):
     (EPS) or ``1 - sb`` (flow). Both are scaled by ``a^2`` so that nothing divides by ``a``.
     """
     a = 1.0 if space == EPS else 1.0 - sb
-    dD = dx - (sb / h) * dg
-    return a * dx - a * a * dD, sb * sb * dD
+    dD = torch.add(dx, dg, alpha=-sb / h)
+    return torch.add(dx, dD, alpha=-a).mul_(a), dD.mul_(sb * sb)
 
 
 def transported(p, q, sb, h, space):
@@ -84,79 +124,144 @@ def transported(p, q, sb, h, space):
     into ``sb = 1`` (``a = 0``, where ``J_F = h I``) still gets a usable pair.
     """
     a = 1.0 if space == EPS else 1.0 - sb
-    u = p + (a / sb) ** 2 * q
-    return u, (h / sb) * (u - (a / (sb * sb)) * q)
+    u = torch.add(p, q, alpha=(a / sb) ** 2)
+    return u, torch.add(u, q, alpha=-a / (sb * sb)).mul_(h / sb)
 
 
-def solve_step(den: Denoiser, x_a, sa, sb, x0, update: Update, iterations, tol, memory, carried=None):
-    """Iterate one implicit step from ``x0``.
+@dataclass
+class Attempt:
+    """One step's iteration: per item the state it keeps ``x`` (its best iterate, or ``F`` of
+    it, see the module's docstring), the best iterate's residual ``r``, which items are
+    ``done``, the secant ``pairs``, and the first two evaluations ``(x, g, r)`` for the DDIM check."""
+    x: torch.Tensor
+    r: torch.Tensor
+    done: torch.Tensor
+    pairs: list
+    first: list
 
-    Returns (x_b, residual per item, the step's secant pairs ``(x_{j+1} - x_j, g_{j+1} - g_j)``).
-    With ``carried`` (pairs from earlier steps, already at this sigma) the update gets them
-    as its fourth argument, zeroed for an item once an iteration fails to divide its
-    residual by ``CARRY_GAIN``.
-    """
+
+def stalls(r0, best, k, left, tol, slow=1.0) -> bool:
+    """Whether an open item cannot reach ``tol`` in ``left`` calls at its mean rate over ``k`` updates."""
+    open_ = best >= tol
+    if left <= 0:
+        return bool(open_.any())
+    if not open_.any():
+        return False
+    rate = (best[open_] / r0[open_].clamp_min(1e-30)) ** (1.0 / k)
+    need = torch.log(tol / best[open_]) / torch.log(rate.clamp_max(1 - 1e-9))
+    return bool(((rate > slow) | (need > left)).any())
+
+
+def solve_step(den: Denoiser, x_a, sa, sb, x0, update: Update, calls: int, tol, carried=(), slow=1.0,
+               secants=False) -> Attempt:
+    """Iterate one implicit step from ``x0`` with at most ``calls`` model calls, stopping early
+    once ``tol`` is out of reach within them or the residual shrinks by less than ``slow`` per call."""
+    shape, flat_a, x = x_a.shape, x_a.flatten(1), x0.flatten(1)
+    step = update(list(carried))
+    c = (sb - sa) / sb
+    first, pairs, prev, best = [], [], None, None
+    inf = x.new_full((x.shape[0],), math.inf)
+    for k in range(int(calls)):
+        g = torch.add(flat_a, x - den(x.view(shape), sb).flatten(1), alpha=c)  # F(x) = x_a + h d(x, sb)
+        d = g - x
+        r = d.norm(dim=1) / x.norm(dim=1).clamp_min(1e-30)
+        if len(first) < 2:
+            first.append((x, g, r))
+        # |J_F| along the last move: below 1, F(x) is closer to the fixed point than x.
+        lip = inf if prev is None else (g - prev[1]).norm(dim=1) / (x - prev[0]).norm(dim=1).clamp_min(1e-30)
+        if secants and prev is not None:
+            pairs.append((x - prev[0], g - prev[1]))
+        prev = (x, g)
+        if best is None:
+            best, r0 = (x, g, r, lip), r
+        elif (r < best[2]).all():
+            best = (x, g, r, lip)
+        elif (r < best[2]).any():
+            w = r < best[2]
+            best = tuple(torch.where(w[:, None] if a.ndim > 1 else w, a, b) for a, b in zip((x, g, r, lip), best))
+        done = best[2] < tol
+        if done.all() or k == int(calls) - 1 or (k >= 2 and stalls(r0, best[2], k, int(calls) - k - 1, tol, slow)):
+            break
+        x = step(x, g, d, r)
+        if done.any():
+            # An item that has converged keeps its accepted value; its later evaluations are
+            # only the price of batching it with the others.
+            x = torch.where(done[:, None], best[0], x)
+    # A converged item where F contracts takes F(x), whose residual is then below r.
+    out = torch.where((done & (best[3] < 1))[:, None], best[1], best[0])
+    return Attempt(out.view(shape), best[2], done, pairs, first)
+
+
+def keep_best(den: Denoiser, att: Attempt, x_a, sa, sb, space):
+    """Per item the better of the attempt's best iterate and the DDIM step; returns (x, r, DDIM taken)."""
     shape = x_a.shape
     flat_a = x_a.flatten(1)
-    x = x0.flatten(1)
-    xs, gs, rs, pairs = [], [], [], []
-    keep = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-    best = best_r = None
-    for k in range(int(iterations)):
-        d = den.slope(x.view(shape), sb).flatten(1)
-        g = flat_a + (sb - sa) * d
-        r = rel_norm(g - x, x)
-        if xs:
-            pairs.append((x - xs[-1], g - gs[-1]))
-            keep &= r * CARRY_GAIN <= rs[-1]
-        if best is None:
-            best, best_r = g, r
-        else:
-            better = r < best_r
-            best = torch.where(better[:, None], g, best)
-            best_r = torch.minimum(r, best_r)
-        done = best_r < tol
-        if done.all() or k == int(iterations) - 1:
-            break
-        xs, gs, rs = (xs + [x])[-memory:], (gs + [g])[-memory:], (rs + [r])[-memory:]
-        if carried is None:
-            nxt = update(xs, gs, rs)
-        else:
-            nxt = update(xs, gs, rs, [(dx * keep[:, None], dg * keep[:, None]) for dx, dg in carried])
-        # An item that has converged keeps its accepted value; its later evaluations are
-        # only the price of batching it with the others.
-        x = torch.where(done[:, None], best, nxt)
-    return best.view(shape), best_r, pairs
+    F = lambda x: flat_a + (sb - sa) * den.slope(x.view(shape), sb).flatten(1)
+    start = (x_a * (vp_scale(sa, space) / vp_scale(sb, space))).flatten(1)
+    x0, g0, _ = att.first[0]
+    ddim = g0 if torch.equal(x0, start) else F(start)
+    seen = [r for x, _, r in att.first[1:] if torch.equal(x, ddim)]
+    r = seen[0] if seen else rel_norm(F(ddim) - ddim, ddim)
+    take = r < att.r
+    return torch.where(take[:, None], ddim, att.x.flatten(1)).view(shape), torch.minimum(r, att.r), take
 
 
-def invert_implicit(method: str, update: Update, memory: int, model, x, sigmas, extra_args=None,
-                    callback=None, space="eps", iterations=5, tol=1e-4, guess="ddim",
-                    keep_trajectory=False, settings=None, carry=0) -> Inversion:
-    """The step loop shared by every fixed-point method; ``update`` keeps ``memory`` pairs.
+def invert_implicit(method: str, update: Update, model, x, sigmas, extra_args=None, callback=None, space="eps",
+                    iterations=5, tol=1e-4, guess="ddim", keep_trajectory=False, settings=None,
+                    carry=0, depth=DEPTH) -> Inversion:
+    """The step loop shared by every fixed-point method: budget, step splitting, DDIM fallback.
 
     With ``carry > 0`` the last ``carry`` secant pairs of the earlier steps are kept in
-    ``transport_frame`` form and handed, transported, to each step's update.
+    ``transport_frame`` form and handed, transported, to each step's update. ``depth=0``
+    keeps the given schedule (for callers that sample back down their own sigmas, such as
+    a host sampler): no step is split, an unsolved one falls back as above.
     """
     check_iteration(iterations, tol, guess, method)
     den, x, sigmas, s = prepare(method, model, x, sigmas, extra_args, space)
-    slopes, residuals, unconverged, frames = [], [], [], []
-
-    def step(i, x_a, sa, sb):
-        h = sb - sa
-        x0 = guess_point(x_a, sa, sb, space, slopes if guess == "extrapolate" else [])
-        carried = [transported(p, q, sb, h, space) for p, q in frames] if carry > 0 else None
-        x_b, r, pairs = solve_step(den, x_a, sa, sb, x0, update, iterations, tol, memory, carried)
-        slopes.append((sb, (x_b - x_a) / h))
-        del slopes[:-2]
+    n, least = len(s) - 1, floor(guess)
+    budget = int(iterations) * n
+    norm0 = x.flatten(1).norm(dim=1).clamp_min(1e-30)
+    sig, traj = [s[0]], [x] if keep_trajectory else None
+    slopes, frames, residuals, unconverged, kept_ddim, split, costs = [], [], [], [], [], [], []
+    todo = [(s[i], s[i + 1], 0, i) for i in reversed(range(n))]  # a stack: the next step last
+    while todo:
+        sa, sb, level, i = todo.pop()
+        den.step, h, left = i, sb - sa, budget - den.nfe
+        share = min(left - least * len(todo), math.ceil(SHARE * left / (len(todo) + 1)))
+        x0 = guess_point(x, sa, sb, space, slopes if guess == "extrapolate" else [])
+        carried = [transported(p, q, sb, h, space) for p, q in frames] if carry > 0 else []
+        att = solve_step(den, x, sa, sb, x0, update, share - reserve(guess), tol, carried,
+                         SLOW if level < depth else 1.0, carry > 0)
         if carry > 0:
-            frames.extend(transport_frame(dx, dg, sb, h, space) for dx, dg in pairs)
+            frames.extend(transport_frame(dx, dg, sb, h, space) for dx, dg in att.pairs)
             del frames[:-carry]
+        x_b, r, took = att.x, att.r, None
+        if not att.done.all():
+            # The new sigma as the schedule will hold it, so that sampling back meets it exactly.
+            sm = float(torch.tensor(split_point(sa, sb), dtype=sigmas.dtype))
+            if level < depth and sa < sm < sb and budget - den.nfe >= least * (len(todo) + 2):
+                todo += [(sm, sb, level + 1, i), (sa, sm, level + 1, i)]
+                split.append(i)
+                continue
+            x_b, r, took = keep_best(den, att, x, sa, sb, space)
+        x_b = check_finite(x_b, method, i)
+        slopes.append((sb, (x_b - x) / h))
+        del slopes[:-2]
+        j = len(residuals)
         residuals.append(float(r.max()))
-        if residuals[-1] >= tol:
-            unconverged.append(i)
-        return x_b
-
-    x, traj = run_steps(method, den, x, s, step, callback, keep_trajectory)
-    return Inversion(latent=x, sigmas=sigmas, method=method, space=space, nfe=den.nfe, sampler="euler",
+        costs.append(float((r * x_b.flatten(1).norm(dim=1) / norm0).max()))
+        if took is not None:
+            unconverged.append(j)
+            if took.any():
+                kept_ddim.append(j)
+        x = x_b
+        sig.append(sb)
+        if traj is not None:
+            traj.append(x)
+        if sb == s[i + 1]:
+            notify(callback, i, x, sb, den.last)
+    return Inversion(latent=x, sigmas=torch.tensor(sig, dtype=sigmas.dtype, device=sigmas.device), method=method,
+                     space=space, nfe=den.nfe, sampler="euler", trajectory=traj, residuals=residuals,
+                     unconverged=unconverged,
                      settings=dict(settings or {}, iterations=int(iterations), tol=float(tol), guess=guess),
-                     trajectory=traj, residuals=residuals, unconverged=unconverged)
+                     budget=budget, base_steps=n, split=sorted(set(split)), kept_ddim=kept_ddim, costs=costs)

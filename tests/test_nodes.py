@@ -56,7 +56,8 @@ def test_invert_then_reconstruct_returns_the_input(kind, method):
     inverted = invert(model, latent, kind, method, **TIGHT.get(method, {}))
     rec = inverted["inversion"]
     assert rec["method"] == method and rec["nfe"] >= 10 and rec["unconverged"] == []
-    assert len(rec["trajectory"]) == 11 and torch.equal(rec["trajectory"][0], latent["samples"])
+    # One latent per sigma of the record's schedule: the implicit methods may split steps.
+    assert len(rec["trajectory"]) == len(rec["sigmas"]) >= 11 and torch.equal(rec["trajectory"][0], latent["samples"])
     out = reconstruct(model, inverted)
     err = rel(out["samples"], latent["samples"])
     print(f"{kind} {method}: round trip {err:.2e}, nfe {rec['nfe']}")

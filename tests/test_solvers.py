@@ -73,12 +73,14 @@ def test_anderson_needs_fewer_calls_than_fixed_point(space, guess):
 
 
 @pytest.mark.parametrize("name", ["fixed_point", "aidi_anderson", "aidi_empirical"])
-def test_cap_is_reported_per_step(name):
-    inv, _ = roundtrip(name, "flow", 10, tol=1e-9, iterations=2)
-    assert inv.unconverged, "steps stopped at the cap must be listed"
-    assert len(inv.residuals) == 10
+def test_budget_is_kept_and_unsolved_steps_reported(name):
+    # The call budget (iterations x steps) is a hard cap; a tolerance out of float32's reach
+    # leaves steps unsolved, each listed with its residual.
+    inv, _ = roundtrip(name, "flow", 10, tol=1e-9, iterations=3)
+    assert inv.unconverged, "steps that did not reach tol must be listed"
+    assert len(inv.residuals) == inv.steps == len(inv.sigmas) - 1 >= 10
     assert all(inv.residuals[i] >= 1e-9 for i in inv.unconverged)
-    assert inv.nfe == 20
+    assert inv.budget == 30 and inv.nfe <= 30
 
 
 @pytest.mark.parametrize("space", SPACES)
@@ -152,7 +154,8 @@ def test_nfe_is_the_true_call_count(name, space):
     assert inv.nfe == den.calls > 0
     calls = den.calls
     reconstruct(den, inv, LABELS)
-    assert den.calls - calls == {"bdia": 6, "edict": 14}.get(name, 7)
+    # Sampling back takes one call per step of the inversion's schedule, split steps included.
+    assert den.calls - calls == {"bdia": 6, "edict": 14}.get(name, inv.steps) and inv.steps >= 7
 
 
 @pytest.mark.parametrize("name", list(METHODS))
@@ -165,7 +168,7 @@ def test_every_method_runs_on_5d_latents_and_keeps_inputs(name):
     inv = invert(name, den, x, karras(6), space="eps", keep_trajectory=True, callback=lambda d: steps.append(d["i"]))
     assert steps == list(range(6))
     assert torch.equal(x, before)
-    assert inv.latent.shape == x.shape and len(inv.trajectory) == 7
+    assert inv.latent.shape == x.shape and len(inv.trajectory) == inv.steps + 1 >= 7
     assert torch.equal(inv.trajectory[0], x) and torch.equal(inv.trajectory[-1], inv.latent)
     assert inv.sampler in SAMPLERS
     assert torch.isfinite(reconstruct(den, inv)).all()
