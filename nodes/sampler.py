@@ -1,9 +1,12 @@
 """InversionSampler: the single-state methods as a SAMPLER for SamplerCustomAdvanced graphs."""
 
+import logging
+
 import comfy.samplers
 from comfy_api.latest import io
 
 from ..solvers import FLOW, METHODS, invert, sampler_for
+from ..solvers.core import summary
 from . import settings
 from .host import fail, space_of
 
@@ -22,7 +25,20 @@ def _with_denoised(callback):
     return call
 
 
+def _at_base(base, callback):
+    """Calls back at the sigmas of the host's schedule only, numbered as the host counts its steps."""
+    if callback is None:
+        return None
+    at = {float(v): i for i, v in enumerate(base[1:])}
+    return lambda d: callback(dict(d, i=at[float(d["sigma"])])) if float(d["sigma"]) in at else None
+
+
 def _function(method, kwargs):
+    # The schedule the last inversion ran, steps split where they stalled, by the host's schedule
+    # it was given (descending): sampling back down that schedule follows the split one, as
+    # Reconstruct follows an Invert record, so that the round trip stays exact.
+    split = {}
+
     def sample(model, x, sigmas, extra_args=None, callback=None, disable=None):
         space = space_of(model.inner_model.model_patcher, NODE)  # model: the host's KSampler wrapper of the guider
         callback = _with_denoised(callback)
@@ -41,7 +57,16 @@ def _function(method, kwargs):
                 sig[0] = 0
             # The state x_N is returned as is: the host's division makes it the LATENT x_N / (1 - s_N),
             # which KSAMPLER (any sampler, DisableNoise) turns back into x_N at s_N.
-            return invert(method, model, x, sig, extra_args, callback, space=space, **kwargs).latent
+            inv = invert(method, model, x, sig, extra_args, callback, space=space, **kwargs)
+            split.clear()
+            if inv.steps != len(sig) - 1:
+                split[tuple(float(v) for v in sig.flip(0))] = inv.sigmas.flip(0).to(sigmas)
+            if inv.unconverged:
+                logging.warning("%s: %s", NODE, summary(inv))
+            return inv.latent
+        down = split.get(tuple(float(v) for v in sigmas))
+        if down is not None:
+            sigmas, callback = down, _at_base(sigmas, callback)
         fn, kw = sampler_for(METHODS[method].sampler, kwargs)
         return fn(model, x, sigmas, extra_args, callback, space=space, **kw)
     return sample

@@ -42,7 +42,7 @@ def test_separated_modes_round_trip_at_the_defaults(kind, caplog):
     err = rel(out["samples"], latent["samples"])
     print(f"{kind}: rel {err:.1e}; {text}")
     assert err <= 1e-4
-    assert rec["unconverged"] == [] and rec["budget"] == 160 and rec["nfe"] <= 160 and rec["base_steps"] == 10
+    assert rec["unconverged"] == [] and rec["budget"] == 160 and rec["nfe"] <= 160 and rec["steps"] == 10  # the node's steps; split ones are in sigmas
     # The record's schedule is the one sampled: split steps are in it, one residual each.
     assert len(rec["sigmas"]) - 1 == len(rec["residuals"]) == len(rec["costs"]) >= 10
     assert rec["summary"] == text and text.startswith("aidi_anderson: 10 steps") and "every step converged" in text
@@ -73,3 +73,29 @@ def test_methods_without_residuals_say_so():
     out = Invert.execute(model=model, latent=latent, positive=UNCOND, method="ddim", steps=4, scheduler="normal",
                          cfg=1.0, denoise=1.0, keep_trajectory=False)
     assert out.ui.value == "ddim: 4 steps, 4 model calls; no residual is measured: its error is its method's."
+
+
+def test_the_sampler_route_samples_back_down_the_split_schedule():
+    """InversionSampler through the host's KSAMPLER: the steps it splits while inverting are
+    followed when it samples back down the host's schedule, so the round trip stays exact
+    (on EPS, where the inversion splits steps on this mixture)."""
+    import comfy.samplers
+    from inversion_suite.nodes.sampler import InversionSampler
+
+    model, latent, inverted, _ = invert("eps")
+    assert len(inverted["inversion"]["sigmas"]) > 11  # the case splits steps
+    sampler = InversionSampler.execute(method="aidi_anderson").result[0]
+    guider = comfy.samplers.CFGGuider(model)
+    guider.set_conds(UNCOND, UNCOND)
+    guider.set_cfg(1.0)
+    down = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 10)
+    up = down.flip(0).clone()
+    up[0] = 1e-4  # as FlipSigmas leaves it
+    zero = torch.zeros_like(latent["samples"])
+    steps = []
+    noise = guider.sample(zero, latent["samples"], sampler, up, disable_pbar=True, seed=0)
+    back = guider.sample(zero, noise, sampler, down, disable_pbar=True, seed=0,
+                         callback=lambda i, x0, x, total: steps.append((i, total)))
+    assert rel(noise, inverted["samples"]) <= 1e-5
+    assert rel(back, latent["samples"]) <= 1e-4
+    assert steps == [(i, 10) for i in range(10)]  # progress counts the host's steps
