@@ -27,11 +27,12 @@ def _tag(widget, users):
 
 
 def _users():
+    """Setting name -> [(method, Setting)], settings of earlier releases first (see ``Setting.added``)."""
     found = {}
     for name, m in METHODS.items():
         for key, s in m.settings.items():
             found.setdefault(key, []).append((name, s))
-    return found
+    return dict(sorted(found.items(), key=lambda kv: kv[1][0][1].added))
 
 
 def inputs(methods=None):

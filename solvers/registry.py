@@ -38,6 +38,9 @@ class Setting:
     hi: Optional[float] = None
     step: Optional[float] = None
     choices: tuple = ()
+    # The pack version that added it ("" = the first release): node widgets are ordered by it,
+    # since a saved workflow holds their values by position.
+    added: str = ""
 
 
 ITER = {
@@ -93,17 +96,17 @@ METHODS = {
                                                        "which measured 5 to 21 dB worse here: it averages in the "
                                                        "first, least converged calls)."),
                        "first_iterations": Setting(6, "Most model calls in a low-noise step (paper: 5 renoising "
-                                                      "steps, so 6).", 1, 100, 1),
+                                                      "steps, so 6).", 1, 100, 1, added="0.2.0"),
                        "first_until": Setting(0.25, "Low-noise steps: those ending below this fraction of the model's "
-                                                    "training timesteps (paper: t < 250 of 1000).", 0.0, 1.0, 0.01),
+                                                    "training timesteps (paper: t < 250 of 1000).", 0.0, 1.0, 0.01, added="0.2.0"),
                        "reg_steps": Setting(0, "Noise regularisation rounds, for editability (paper: 4; 0 = off). "
-                                               "They pull the inversion off the exact round trip.", 0, 20, 1),
+                                               "They pull the inversion off the exact round trip.", 0, 20, 1, added="0.2.0"),
                        "lambda_ac": Setting(20.0, "Weight of the auto-correlation term of the noise regularisation "
-                                                  "(paper: 20).", 0.0, 1000.0, 0.5),
+                                                  "(paper: 20).", 0.0, 1000.0, 0.5, added="0.2.0"),
                        "lambda_kl": Setting(0.065, "Weight of the KL term of the noise regularisation (paper: 0.065).",
-                                            0.0, 10.0, 0.005),
+                                            0.0, 10.0, 0.005, added="0.2.0"),
                        "reg_seed": Setting(0, "Seed of the regularisation's reference noise and random shifts.",
-                                           0, 2 ** 31 - 1, 1)}),
+                                           0, 2 ** 31 - 1, 1, added="0.2.0")}),
     "easyinv": Method(invert_easyinv, "euler",
                       "EasyInv: DDIM inversion blending the state with its past inside a window; no extra calls.",
                       {"eta": Setting(0.5, "Weight of the current state in the blend (1 = DDIM). SD1.x 0.5, SDXL 0.5 to 0.8.", 0.01, 1.0, 0.01),
@@ -116,7 +119,7 @@ METHODS = {
                     {"p": Setting(0.93, "EDICT's mixing weight (paper: 0.93); closer to 1 amplifies rounding less.", 0.5, 1.0, 0.01),
                      "order": Setting("leapfrog", "Which chain updates first: 'leapfrog' alternates every step (the "
                                                   "paper's default), 'fixed' always starts with the first chain.",
-                                      choices=("leapfrog", "fixed"))}),
+                                      choices=("leapfrog", "fixed"), added="0.2.0")}),
 }
 
 # sampler name -> (function, the inversion settings it takes)

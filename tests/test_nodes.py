@@ -212,3 +212,16 @@ def test_sampler_output_refuses_flow_up_to_sigma_one():
     latent = source(model)["samples"]
     with pytest.raises(ValueError, match="use the Invert node"):
         guider.sample(torch.zeros_like(latent), latent, sampler, sigmas, disable_pbar=True, seed=0)
+
+
+# Invert's widgets as version 0.1.0 laid them out: a saved workflow holds widget values by
+# position, so every later setting must come after these (``Setting.added``).
+RELEASED = ["model", "latent", "positive", "method", "steps", "scheduler", "cfg", "denoise", "keep_trajectory",
+            "negative", "iterations", "tol", "guess", "m", "beta", "lam", "carry", "window_from", "window_to",
+            "first_window_from", "first_window_to", "eta", "start", "end", "gamma", "p"]
+
+
+def test_workflows_saved_by_the_first_release_keep_their_widget_positions():
+    names = [i.id for i in Invert.define_schema().inputs]
+    assert names[:len(RELEASED)] == RELEASED, names
+    assert len(names) > len(RELEASED)  # settings added since then come after
