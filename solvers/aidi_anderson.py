@@ -139,9 +139,8 @@ def anderson(m: int, beta: float, lam: float):
     return lambda carried: Anderson(carried, m, beta, lam, work)
 
 
-def invert_aidi_anderson(model, x, sigmas, extra_args=None, callback=None, space="eps", iterations=5,
-                         tol=1e-4, guess="extrapolate", m=3, beta=1.0, lam=1e-6, carry=8, keep_trajectory=False,
-                         depth=DEPTH):
+def invert_aidi_anderson(model, x, sigmas, extra_args=None, callback=None, *, space, iterations, tol, guess, m,
+                         beta, lam, carry, keep_trajectory=False, depth=DEPTH):
     if int(m) < 1:
         raise SolverError(f"aidi_anderson: m must be >= 1, got {m}")
     if not 0 < beta <= 1:

@@ -1,6 +1,7 @@
 """AIDI-E: fixed-point inversion with empirical acceleration.
 
-Paper: "Effective Real Image Editing with Accelerated Iterative Diffusion Inversion", arXiv:2309.04907.
+Paper: Pan et al., "Effective Real Image Editing with Accelerated Iterative Diffusion Inversion", ICCV 2023,
+arXiv:2309.04907.
 ``x_{k+1} = (F(x_k) + F(x_{k-1})) / 2``; ``F(x_{k-1})`` is kept from the previous
 iteration, so each iteration still costs 1 NFE. The first iteration is a plain
 ``x_1 = F(x_0)``. Averaging two consecutive outputs damps the oscillation that makes
@@ -21,7 +22,7 @@ def average_last_two(carried):
     return step
 
 
-def invert_aidi_empirical(model, x, sigmas, extra_args=None, callback=None, space="eps", iterations=5,
-                          tol=1e-4, guess="ddim", keep_trajectory=False, depth=DEPTH):
+def invert_aidi_empirical(model, x, sigmas, extra_args=None, callback=None, *, space, iterations, tol, guess,
+                          keep_trajectory=False, depth=DEPTH):
     return invert_implicit("aidi_empirical", average_last_two, model, x, sigmas, extra_args,
                            callback, space, iterations, tol, guess, keep_trajectory, depth=depth)

@@ -1,6 +1,7 @@
 """Fixed-point inversion: iterate ``x <- F(x)`` (the framing of the AIDI paper).
 
-Paper: "Effective Real Image Editing with Accelerated Iterative Diffusion Inversion", arXiv:2309.04907.
+Paper: Pan et al., "Effective Real Image Editing with Accelerated Iterative Diffusion Inversion", ICCV 2023,
+arXiv:2309.04907.
 ``F(x) = x_a + (sb - sa) d(x, sb)`` is the map whose fixed point inverts one Euler/DDIM
 step exactly (see ``implicit``). Started from the DDIM guess, the first iterate is DDIM
 inversion itself; each further iterate costs 1 NFE. Plain iteration converges only where
@@ -15,7 +16,7 @@ def picard(carried):
     return lambda x, g, d, r: g
 
 
-def invert_fixed_point(model, x, sigmas, extra_args=None, callback=None, space="eps", iterations=5,
-                       tol=1e-4, guess="ddim", keep_trajectory=False, depth=DEPTH):
+def invert_fixed_point(model, x, sigmas, extra_args=None, callback=None, *, space, iterations, tol, guess,
+                       keep_trajectory=False, depth=DEPTH):
     return invert_implicit("fixed_point", picard, model, x, sigmas, extra_args, callback,
                            space, iterations, tol, guess, keep_trajectory, depth=depth)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from inversion_suite.benchmarks.analytic import Mixture, MixtureDenoiser
-from inversion_suite.solvers import invert, reconstruct
+from inversion_suite.solvers import METHODS, invert, reconstruct
 from inversion_suite.solvers import aidi_anderson as aa
 from inversion_suite.solvers.core import Inversion, summary
 
@@ -73,7 +73,8 @@ def test_the_case_needs_step_splitting():
     # Without splitting (depth 0), at the old 5 calls per step, the flow case lands far off:
     # the case is hard, and the bound below is not met by iterating alone.
     den, x, sig = case("flow", 0)
-    inv = aa.invert_aidi_anderson(den, x, sig, space="flow", iterations=5, depth=0)
+    settings = dict(METHODS["aidi_anderson"].defaults(), iterations=5)
+    inv = aa.invert_aidi_anderson(den, x, sig, space="flow", depth=0, **settings)
     assert inv.unconverged and rel(reconstruct(den, inv), x) > 1e-3
 
 

@@ -308,11 +308,12 @@ def test_registry_and_solvers_agree(name):
                 assert prm.default == m.settings[k].default, f"{f.__name__}: {k}={prm.default!r}"
     # and a setting given is the setting recorded
     if "iterations" in m.settings:
-        assert invert(name, den, data(), karras(4), EXTRA, space="eps", iterations=2).settings["iterations"] == 2
+        assert invert(name, den, data(), karras(4), EXTRA, space="eps", iterations=3).settings["iterations"] == 3
 
 
 PAPERS = {"ddim": "2010.02502", "easyinv": "2408.05159", "bdia": "2307.10829", "edict": "2211.12446",
-          "renoise": "2403.14602"}
+          "renoise": "2403.14602", "fixed_point": "2309.04907", "aidi_anderson": "2309.04907",
+          "aidi_empirical": "2309.04907"}
 
 
 @pytest.mark.parametrize("name", sorted(PAPERS))
