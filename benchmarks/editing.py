@@ -290,10 +290,9 @@ def plot(rows, file, steps=10, cap=120.0):
 
 def grid(outs, originals, file, steps=10, cfg=5.0, scale=4):
     """Per space a block: the source, the region (right half lit), a patch of the target photo, each editor."""
-    import numpy as np
-    import torch
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageDraw
     from .data import held_out
+    from .reconstruction import label_font, strip
     x, src, tgt, mask = originals
     keys = [k for k in outs if k[1] == steps and k[2] == cfg]
     spaces = list(dict.fromkeys(k[0] for k in keys))
@@ -302,16 +301,7 @@ def grid(outs, originals, file, steps=10, cfg=5.0, scale=4):
     ex, _ = held_out(16)
     target = ex[8:16][tgt] if len(ex) >= 16 else ex[tgt]  # a second held-out patch of each target photo
     b, _, h, w = x.shape
-
-    def strip(t):
-        t = ((t.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-        pad = np.full((h, 2, 3), 255, np.uint8)
-        return np.concatenate(sum([[im, pad] for im in t], [])[:-1], 1)
-
-    try:
-        font = ImageFont.load_default(size=13)
-    except TypeError:
-        font = ImageFont.load_default()
+    font = label_font()
     label_w, gap, head = 190, 10, 28
     cw, ch = (b * (w + 2) - 2) * scale, h * scale
     rows_ = ["source", "region (right half)", "target photo (example)"] + names

@@ -324,26 +324,32 @@ def plot(rows, file):
     plt.close(fig)
 
 
+def strip(t):
+    """A batch of (3, h, w) images in [-1, 1] side by side, 2 white pixels apart, as uint8 (h, w', 3)."""
+    import numpy as np
+    t = ((t.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    pad = np.full((t.shape[1], 2, 3), 255, np.uint8)
+    return np.concatenate(sum([[im, pad] for im in t], [])[:-1], 1)
+
+
+def label_font():
+    from PIL import ImageFont
+    try:
+        return ImageFont.load_default(size=13)
+    except TypeError:  # Pillow < 10.1 has one fixed-size default font
+        return ImageFont.load_default()
+
+
 def grid(recs, originals, file, steps=None, scale=4):
     """Originals over each case's reconstructions, one column block per (space, cfg) at ``steps``."""
-    import numpy as np
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageDraw
     keys = [k for k in recs if steps is None or k[1] == steps]
     if not keys:
         return
     x = originals[0]
     names = list(recs[keys[0]])
     b, _, h, w = x.shape
-
-    def strip(t):
-        t = ((t.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-        pad = np.full((h, 2, 3), 255, np.uint8)
-        return np.concatenate(sum([[im, pad] for im in t], [])[:-1], 1)
-
-    try:
-        font = ImageFont.load_default(size=13)
-    except TypeError:  # Pillow < 10.1 has one fixed-size default font
-        font = ImageFont.load_default()
+    font = label_font()
     label_w, gap = 150, 8
     cw, ch = (b * (w + 2) - 2) * scale, h * scale
     head = 28

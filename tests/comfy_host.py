@@ -94,8 +94,13 @@ def exact_model(kind, mixture, seed=0):
     in for ``apply_model``), so the host's guidance, batching and patcher stay real.
     A zeroed conditioning is the unconditional branch; ``prompt(k)`` selects component k.
     """
-    m = tiny_model(kind, seed).clone()
-    space = "flow" if kind == "flow" else "eps"
+    return with_mixture(tiny_model(kind, seed), mixture, "flow" if kind == "flow" else "eps")
+
+
+def with_mixture(model, mixture, space):
+    """A clone of ``model`` whose network is the exact ``mixture`` denoiser in ``space``: the
+    conditioning's mean, rounded, less one, selects a component (-1, a zeroed prompt: all)."""
+    m = model.clone()
 
     def wrapper(apply_model, args):
         x, sigma, c = args["input"], args["timestep"], args["c"]["c_crossattn"]

@@ -383,18 +383,7 @@ def tiny_wan(seed=0):
 
 def exact_wan(mixture=VIDEO):
     """Tiny Wan whose network is the exact mixture denoiser on (B, 16, T, H, W) (prompt k: component k)."""
-    m = tiny_wan().clone()
-
-    def wrapper(apply_model, args):
-        x, sigma, c = args["input"], args["timestep"], args["c"]["c_crossattn"]
-        label = c.flatten(1).mean(1).round().long() - 1
-        mask = torch.zeros(x.shape[0], len(mixture.mu), dtype=torch.bool)
-        mask[label >= 0, label[label >= 0]] = True
-        mask[label < 0] = True
-        return mixture.denoise(x, sigma, "flow", mask)
-
-    m.set_model_unet_function_wrapper(wrapper)
-    return m
+    return comfy_host.with_mixture(tiny_wan(), mixture, "flow")
 
 
 def wan_prompt(label):
