@@ -100,7 +100,9 @@ class Denoiser:
                 f"{self.method}: the denoiser returned {getattr(out, 'shape', type(out))}, "
                 f"expected a tensor of the latent's shape {tuple(x.shape)}"
             )
-        out = out.to(x.dtype)
+        # Solvers never differentiate through the model: a host that runs it with autograd on
+        # (a sampler called outside inference mode) must not drag its graph into their buffers.
+        out = out.detach().to(x.dtype)
         if not torch.isfinite(out).all():
             raise NonFiniteError(
                 f"{self.method}: the denoiser returned non-finite values at step {self.step + 1} "

@@ -257,3 +257,15 @@ def test_non_finite_denoiser_names_method_and_step(name, bad):
 
     with pytest.raises(NonFiniteError, match=rf"{name}: .*step \d+"):
         invert(name, broken, data(), karras(10), LABELS)
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_a_model_run_with_autograd_on_gives_the_same_inversion(name):
+    """A host may call the model with autograd on (a sampler called outside inference mode):
+    the solvers' arithmetic must neither fail on, nor keep, the model's graph."""
+    den = MixtureDenoiser(MIX, "eps")
+    w = torch.ones((), requires_grad=True)
+    tracked = lambda x, sigma, **kw: den(x, sigma, **kw) * w  # noqa: E731  (output requires grad)
+    plain = invert(name, den, data(), karras(6), space="eps")
+    inv = invert(name, tracked, data(), karras(6), space="eps")
+    assert not inv.latent.requires_grad and torch.equal(inv.latent, plain.latent)
