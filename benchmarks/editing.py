@@ -115,10 +115,10 @@ def run_editor(editor, model, x, src, tgt, mask, space, n, cfg_edit, clf, region
     c0, k0 = model.calls, model.net
     extra = {"inversion": method, "nfe_inversion": inv.nfe}
     if editor in ("peer", "ddim+target"):
-        out = sample_euler(model, inv.latent, sig.flip(0), {"label": tgt, "cfg": cfg_edit}, space=space)
+        out = sample_euler(model, inv.latent, inv.sigmas.flip(0), {"label": tgt, "cfg": cfg_edit}, space=space)
     elif editor.startswith("blended"):
         fn, kw = sampler_for(inv.sampler, inv.settings)
-        out, _ = edit_blended(two, inv.latent, sig.flip(0), mask, 1.0, cfg_edit, sampler=fn, sampler_args=kw,
+        out, _ = edit_blended(two, inv.latent, inv.sigmas.flip(0), mask, 1.0, cfg_edit, sampler=fn, sampler_args=kw,
                               pair=inv.pair, space=space)
     elif editor == "direct":
         out, _ = edit_direct(two, inv.trajectory, inv.sigmas, mask, 1.0, cfg_edit, space=space)
