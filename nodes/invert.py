@@ -10,9 +10,6 @@ from . import settings
 from .host import check_latent, fail, guided, no_noise_mask, progress, sigmas_for, space_of, to_vae
 from .record import Record
 
-METHOD_HELP = "The inversion method; only its settings are shown below.\n" + "\n".join(
-    f"- {name}: {m.summary}" for name, m in METHODS.items())
-
 
 class Invert(io.ComfyNode):
     @classmethod
@@ -30,7 +27,7 @@ class Invert(io.ComfyNode):
                 io.Model.Input("model", tooltip="The model to invert with; Reconstruct and the editors need the same one."),
                 io.Latent.Input("latent", tooltip="The image to invert, encoded with the model's VAE."),
                 io.Conditioning.Input("positive", tooltip="The source prompt: a description of the image as it is."),
-                io.Combo.Input("method", options=list(METHODS), default="aidi_anderson", tooltip=METHOD_HELP),
+                io.Combo.Input("method", options=list(METHODS), default="aidi_anderson", tooltip=settings.method_help(METHODS)),
                 io.Int.Input("steps", default=20, min=1, max=1000,
                              tooltip="Inversion steps; Reconstruct and the editors sample back over the same schedule."),
                 io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="normal",

@@ -86,7 +86,7 @@ class InversionSampler(io.ComfyNode):
                         "from that sigma. BDIA and EDICT need their pair of states and are only in "
                         "Invert/Reconstruct.",
             inputs=[io.Combo.Input("method", options=SINGLE, default="aidi_anderson",
-                                   tooltip=" ".join(f"{n}: {METHODS[n].summary}" for n in SINGLE)),
+                                   tooltip=settings.method_help(SINGLE)),
                     *settings.inputs(SINGLE)],
             outputs=[io.Sampler.Output(display_name="sampler", tooltip="For SamplerCustomAdvanced: inverts with ascending (FlipSigmas) sigmas, samples deterministically with descending ones.")],
         )

@@ -20,6 +20,12 @@ USERS = "inversion_methods"  # widget option read by web/js/inversion_suite.js
 FINE = 1e-9
 
 
+def method_help(names):
+    """The method widget's tooltip: a lead line, then one line per method (the frontend keeps line breaks)."""
+    return "The inversion method; only its settings are shown below.\n" + "\n".join(
+        f"- {name}: {METHODS[name].summary}" for name in names)
+
+
 def _tag(widget, users):
     # V3 inputs emit ``extra_dict`` into their options; the older host's Combo/Int/Float take no argument for it.
     widget.extra_dict = dict(widget.extra_dict or {}, **{USERS: [n for n, _ in users]})
