@@ -222,3 +222,34 @@ def text_prompt(seed, tokens=16, pooled=True, width=CONTEXT):
     g = torch.Generator().manual_seed(seed)
     extra = {"pooled_output": torch.randn(1, POOLED, generator=g)} if pooled else {}
     return [[torch.randn(1, tokens, width, generator=g), extra]]
+
+
+def counted(model):
+    """``model`` (a clone with a unet function wrapper) with a count of every network evaluation."""
+    calls = [0]
+    inner = model.model_options["model_function_wrapper"]
+
+    def wrapper(apply_model, args):
+        calls[0] += 1
+        return inner(apply_model, args)
+
+    model.set_model_unet_function_wrapper(wrapper)
+    return model, calls
+
+
+def server(port, config, dirs):
+    """(command, environment) of a headless host with only this pack, on loopback at ``port``.
+
+    ``config`` is an extra-model-paths file naming the pack's custom_nodes folder; ``dirs`` the
+    output, input, temp and user folders. The pack's root must not be on PYTHONPATH, where its
+    ``nodes/`` would shadow the host's ``nodes.py``.
+    """
+    cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
+           "--extra-model-paths-config", str(config), "--output-directory", str(dirs["output"]),
+           "--input-directory", str(dirs["input"]), "--temp-directory", str(dirs["temp"]),
+           "--user-directory", str(dirs["user"]), "--database-url", "sqlite:///:memory:",
+           # only this pack, even where the checkout has others (or this one) in its own custom_nodes
+           "--disable-all-custom-nodes", "--whitelist-custom-nodes", "inversion-suite"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("PYTHONPATH", None)
+    return cmd, env

@@ -19,11 +19,9 @@ import io
 import json
 import os
 import re
-import pathlib
 import shutil
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -101,7 +99,7 @@ def server(tmp_path_factory):
         (models / folder).mkdir(parents=True)
         for n in names:
             (models / folder / n).write_bytes(b"")
-    lines = [f"inversion_suite_test:", f"  base_path: {tmp}", f"  custom_nodes: {packs}"]
+    lines = ["inversion_suite_test:", f"  base_path: {tmp}", f"  custom_nodes: {packs}"]
     lines += [f"  {folder}: models/{folder}" for folder in MODELS]
     config = tmp / "extra_model_paths.yaml"
     config.write_text("\n".join(lines) + "\n")
@@ -119,13 +117,7 @@ def server(tmp_path_factory):
         "LiteGraph.Canvas.MinFontSizeForLOD": 1}))  # text drawn at the screenshots' zoom
     port = free_port()
     log_path = tmp / "server.log"
-    cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
-           "--extra-model-paths-config", str(config), "--output-directory", str(dirs["output"]),
-           "--input-directory", str(dirs["input"]), "--temp-directory", str(dirs["temp"]),
-           "--user-directory", str(dirs["user"]), "--database-url", "sqlite:///:memory:",
-           "--disable-all-custom-nodes", "--whitelist-custom-nodes", "inversion-suite"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env.pop("PYTHONPATH", None)
+    cmd, env = comfy_host.server(port, config, dirs)
     base = f"http://127.0.0.1:{port}"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=comfy_host.path(), stdout=log, stderr=subprocess.STDOUT, env=env)

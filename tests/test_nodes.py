@@ -122,16 +122,7 @@ def test_partial_denoise_inverts_part_way():
 # --- bad input, refused before any model evaluation -----------------------------------------
 
 def counting(kind="eps"):
-    model = exact_model(kind, MIX)
-    calls = [0]
-    inner = model.model_options["model_function_wrapper"]
-
-    def wrapper(apply_model, args):
-        calls[0] += 1
-        return inner(apply_model, args)
-
-    model.set_model_unet_function_wrapper(wrapper)
-    return model, calls
+    return comfy_host.counted(exact_model(kind, MIX))
 
 
 def test_bad_invert_inputs_are_refused_early():

@@ -49,16 +49,7 @@ def folders(tmp_path, monkeypatch):
 
 def counting(kind="eps"):
     """The exact mixture model, with a count of every network evaluation."""
-    model = exact_model(kind, MIX)
-    calls = [0]
-    inner = model.model_options["model_function_wrapper"]
-
-    def wrapper(apply_model, args):
-        calls[0] += 1
-        return inner(apply_model, args)
-
-    model.set_model_unet_function_wrapper(wrapper)
-    return model, calls
+    return comfy_host.counted(exact_model(kind, MIX))
 
 
 def invert(model, method="bdia", steps=3, **kw):

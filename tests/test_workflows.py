@@ -12,11 +12,9 @@ templates over HTTP.
 
 import asyncio
 import json
-import os
 import pathlib
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -318,14 +316,7 @@ def test_the_headless_server_lists_the_pack(tmp_path):
         d.mkdir()
     port = free_port()
     log_path = tmp_path / "server.log"
-    cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
-           "--extra-model-paths-config", str(config), "--output-directory", str(dirs["output"]),
-           "--input-directory", str(dirs["input"]), "--temp-directory", str(dirs["temp"]),
-           "--user-directory", str(dirs["user"]), "--database-url", "sqlite:///:memory:",
-           # only this pack, even where the checkout has others (or this one) in its own custom_nodes
-           "--disable-all-custom-nodes", "--whitelist-custom-nodes", "inversion-suite"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env.pop("PYTHONPATH", None)  # the pack's root must not shadow the host's nodes.py
+    cmd, env = comfy_host.server(port, config, dirs)
     base = f"http://127.0.0.1:{port}"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=comfy, stdout=log, stderr=subprocess.STDOUT, env=env)
