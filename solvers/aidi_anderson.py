@@ -73,13 +73,21 @@ class Anderson:
         for t in (self.dG, self.dR, self.dX):  # own columns not yet filled (gamma 0 times garbage is not 0)
             if t is not None:
                 t[:, self.nc:].zero_()
-        for j, (dx, dg) in enumerate(self.carried):
-            self.dG[:, j] = dg
-            torch.sub(dg, dx, out=self.dR[:, j])
-            if self.dX is not None:
-                self.dX[:, j] = dx
-        self.A = self.dR @ self.dR.transpose(1, 2)
-        self.b = (self.dR @ d[..., None])[..., 0]
+        nc, B = self.nc, x.shape[0]
+        if hasattr(self.carried, "write"):  # implicit.Carried: all pairs at once, in place
+            self.carried.write(self.dG[:, :nc], self.dR[:, :nc], None if self.dX is None else self.dX[:, :nc])
+        else:
+            for j, (dx, dg) in enumerate(self.carried):
+                self.dG[:, j] = dg
+                torch.sub(dg, dx, out=self.dR[:, j])
+                if self.dX is not None:
+                    self.dX[:, j] = dx
+        # Only the carried columns are filled yet: the rest of A and b is 0.
+        self.A, self.b = x.new_zeros(B, K, K), x.new_zeros(B, K)
+        if nc:
+            R = self.dR[:, :nc]
+            self.A[:, :nc, :nc] = R @ R.transpose(1, 2)
+            self.b[:, :nc] = (R @ d[..., None])[..., 0]
         self.active = x.new_zeros(x.shape[0], K, dtype=torch.bool)
         self.active[:, :self.nc] = True
 
@@ -111,7 +119,11 @@ class Anderson:
                     torch.sub(x, px, out=self.dX[:, j])
             else:
                 dr = d - pd
-            c = (self.dR @ dr[..., None])[..., 0]  # dR^T dr: the new row of A, and b's increment
+            # dR^T dr over the filled columns (the others are 0): the new row of A, and b's increment
+            f = self.nc + min(self.count, self.own)
+            c = x.new_zeros(self.b.shape)
+            if f:
+                c[:, :f] = (self.dR[:, :f] @ dr[..., None])[..., 0]
             self.b += c
             if self.own:
                 self.A[:, j], self.A[:, :, j] = c, c
@@ -124,13 +136,17 @@ class Anderson:
         # Columns an item dropped (or has not filled) get gamma = 0 through an identity block.
         w = self.active.to(x.dtype)
         gamma, ok = anderson_weights(self.A * w[:, :, None] * w[:, None, :], self.b * w, self.lam, k, 1 - w)
-        gamma = (gamma * w)[:, None]
+        gamma = (gamma * w)[:, None, :k]  # the unfilled columns are the last ones
         # (1 - beta)(x - dX gamma) + beta (g - dG gamma)
-        mixed = g - (gamma @ self.dG)[:, 0]
+        mixed = torch.baddbmm(g[:, None], gamma, self.dG[:, :k], alpha=-1)[:, 0]
         if self.dX is not None:
-            mixed = self.beta * mixed + (1 - self.beta) * (x - (gamma @ self.dX)[:, 0])
-        # Plain step where the residual grew or the least-squares system was singular.
-        plain = grew | ~ok | ~torch.isfinite(mixed).all(1)
+            mixed = self.beta * mixed + (1 - self.beta) * torch.baddbmm(x[:, None], gamma, self.dX[:, :k], alpha=-1)[:, 0]
+        # Plain step where the residual grew or the least-squares system was singular. A finite
+        # sum has no non-finite term; the elementwise check (slower by far) runs only otherwise.
+        finite = torch.isfinite(mixed.sum(1))
+        if not finite.all():
+            finite = torch.isfinite(mixed).all(1)
+        plain = grew | ~ok | ~finite
         return torch.where(plain[:, None], self.plain(x, g, d), mixed) if plain.any() else mixed
 
 
