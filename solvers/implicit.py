@@ -13,9 +13,10 @@ starts (``guess``):
 
 An item has converged at ``r = ||F(x) - x|| / ||x|| < tol``; a step, when every item
 has. ``r`` is exactly the forward-step error of ``x``: sampling from ``x`` lands at
-``x_a + x - F(x)``. A converged item keeps ``F(x)`` where ``F`` contracts along the last
-move (``||dg|| < ||dx||``; its error is then below ``r``), else ``x`` itself, so the residual
-reported bounds what the reconstruction sees, also where ``F`` expands.
+``x_a + x - F(x)``. In a converged step an item keeps ``F(x)`` where ``F`` contracts along
+the last move (``||dg|| < ||dx||``; its error is then below ``r`` to the extent that the
+last move stands for the rest), else ``x`` itself. In a step that did not converge every
+item keeps its ``x``, so the residual reported there is exactly what the reconstruction sees.
 
 Budget. The whole inversion may spend ``iterations * steps`` model calls (``iterations``
 is the average per step); a step may take up to ``SHARE`` times its fair share of what
@@ -165,8 +166,9 @@ class Frames:
 
 @dataclass
 class Carried:
-    """The carried pairs of one step, transported (``transported``) into an update's columns
-    by ``write``, two or three buffer-wide operations for all pairs together."""
+    """The carried pairs of one step, transported (``transported``) into an update's columns:
+    ``dR = J_F u - u`` written by ``write`` (two buffer-wide operations for all pairs), and
+    ``dX = u``, ``dG = J_F u`` never formed, applied by ``mix`` straight from ``P``, ``Q``."""
     P: torch.Tensor
     Q: torch.Tensor
     coef: tuple
@@ -174,13 +176,17 @@ class Carried:
     def __len__(self):
         return self.P.shape[1]
 
-    def write(self, dG, dR, dX=None):
-        """dG = J_F u, dR = J_F u - u (and dX = u) into (B, k, n) slices."""
-        for t, (cp, cq) in zip((dX, dG, dR), self.coef):
-            if t is not None:
-                torch.mul(self.P, cp, out=t)
-                if cq != 0:
-                    t.add_(self.Q, alpha=cq)
+    def write(self, dR):
+        cp, cq = self.coef[2]
+        torch.mul(self.P, cp, out=dR)
+        if cq != 0:
+            dR.add_(self.Q, alpha=cq)
+
+    def mix(self, base, gamma, kind):
+        """``base - D gamma``, D the columns dG (kind "g") or dX ("x"); base (B, 1, n), gamma (B, 1, k)."""
+        cp, cq = self.coef[1 if kind == "g" else 0]
+        out = torch.baddbmm(base, gamma * cp, self.P, alpha=-1)
+        return out.baddbmm_(gamma * cq, self.Q, alpha=-1) if cq != 0 else out
 
 
 @dataclass
@@ -246,8 +252,11 @@ def solve_step(den: Denoiser, x_a, sa, sb, x0, update: Update, calls: int, tol, 
             # An item that has converged keeps its accepted value; its later evaluations are
             # only the price of batching it with the others.
             x = torch.where(done[:, None], best[0], x)
-    # A converged item where F contracts takes F(x), whose residual is then below r.
-    out = torch.where((done & (best[3] < 1))[:, None], best[1], best[0])
+    # In a converged step an item where F contracts takes F(x), whose residual is then below r
+    # (along the last move: an estimate). In an unconverged one every item keeps the x whose
+    # residual is measured, so that the residual the step reports is exactly what it keeps.
+    take = done & (best[3] < 1) if done.all() else done & False
+    out = best[1] if take.all() else best[0] if not take.any() else torch.where(take[:, None], best[1], best[0])
     return Attempt(out.view(shape), best[2], done, pairs, first)
 
 
