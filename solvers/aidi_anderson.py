@@ -68,6 +68,7 @@ class Pairs:
 
     def write(self, dR):
         torch.sub(self.dG, self.dX, out=dR)
+        return 1.0
 
     def mix(self, base, gamma, kind):
         return torch.baddbmm(base, gamma, self.dG if kind == "g" else self.dX, alpha=-1)
@@ -76,7 +77,8 @@ class Pairs:
 class Anderson:
     """One step's Anderson state: the columns ``dR`` as (B, K, n) (carried ones first, then a ring of
     the step's own), the own columns of ``dG`` (and ``dX`` for ``beta < 1``) as (B, m - 1, n),
-    ``A = dR^T dR`` and ``b = dR^T r``. The carried columns of ``dG``, ``dX`` are never formed:
+    ``A = dR^T dR`` and ``b = dR^T r``. The carried columns of dR are held divided by
+    ``scale`` (the products that read them multiply it back). Those of ``dG``, ``dX`` are never formed:
     ``carried.mix`` applies them (``implicit.Carried`` from its two frame buffers)."""
 
     def __init__(self, carried, m, beta, lam, work=None):
@@ -96,9 +98,9 @@ class Anderson:
         self.A, self.b = x.new_zeros(B, K, K), x.new_zeros(B, K)
         if nc:
             R = self.dR[:, :nc]
-            self.carried.write(R)
-            self.A[:, :nc, :nc] = R @ R.transpose(1, 2)
-            self.b[:, :nc] = (R @ d[..., None])[..., 0]
+            self.scale = self.carried.write(R)  # the carried columns of dR are scale * R
+            self.A[:, :nc, :nc] = (R @ R.transpose(1, 2)).mul_(self.scale ** 2)
+            self.b[:, :nc] = (R @ d[..., None])[..., 0].mul_(self.scale)
         self.active = x.new_zeros(B, K, dtype=torch.bool)
         self.active[:, :nc] = True
 
@@ -146,6 +148,7 @@ class Anderson:
             c = x.new_zeros(self.b.shape)
             if f:
                 c[:, :f] = (self.dR[:, :f] @ dr[..., None])[..., 0]
+                c[:, :self.nc] *= self.scale if self.nc else 1.0
             self.b += c
             if self.own:
                 self.A[:, j], self.A[:, :, j] = c, c

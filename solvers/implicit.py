@@ -103,8 +103,8 @@ def guess_point(x_a, sa, sb, space, slopes):
     e = e1
     if len(slopes) > 1:
         s0, e0 = slopes[-2]
-        e = e1 + (e1 - e0) * ((sb - s1) / (s1 - s0))
-    return x_a + (sb - sa) * e
+        e = torch.sub(e1, e0).mul_((sb - s1) / (s1 - s0)).add_(e1)
+    return torch.add(x_a, e, alpha=sb - sa)
 
 
 def transport_frame(dx, dg, sb, h, space, out=None):
@@ -115,10 +115,13 @@ def transport_frame(dx, dg, sb, h, space, out=None):
     ``out``: (p, q) to write into.
     """
     a = 1.0 if space == EPS else 1.0 - sb
-    p, q = out if out is not None else (None, None)
-    dD = torch.add(dx, dg, alpha=-sb / h, out=q) if q is not None else torch.add(dx, dg, alpha=-sb / h)
-    p = torch.add(dx, dD, alpha=-a, out=p) if p is not None else torch.add(dx, dD, alpha=-a)
-    return p.mul_(a), dD.mul_(sb * sb)
+    p, q = out if out is not None else (torch.empty_like(dx), torch.empty_like(dx))
+    dD = torch.add(dx, dg, alpha=-sb / h, out=q)
+    if a == 1.0:  # p = dx - dD = (sb / h) dg
+        torch.mul(dg, sb / h, out=p)
+    else:
+        torch.add(dx, dD, alpha=-a, out=p).mul_(a)
+    return p, dD.mul_(sb * sb)
 
 
 def transport_coefficients(sb, h, space):
@@ -167,7 +170,7 @@ class Frames:
 @dataclass
 class Carried:
     """The carried pairs of one step, transported (``transported``) into an update's columns:
-    ``dR = J_F u - u`` written by ``write`` (two buffer-wide operations for all pairs), and
+    ``dR = J_F u - u`` written by ``write`` (one buffer-wide operation for all pairs), and
     ``dX = u``, ``dG = J_F u`` never formed, applied by ``mix`` straight from ``P``, ``Q``."""
     P: torch.Tensor
     Q: torch.Tensor
@@ -177,10 +180,14 @@ class Carried:
         return self.P.shape[1]
 
     def write(self, dR):
+        """Writes ``dR / s`` into ``dR`` and returns ``s``: one buffer-wide operation (the scale
+        goes onto the small products of these columns instead)."""
         cp, cq = self.coef[2]
-        torch.mul(self.P, cp, out=dR)
-        if cq != 0:
-            dR.add_(self.Q, alpha=cq)
+        if cq == 0:
+            torch.mul(self.P, cp, out=dR)
+            return 1.0
+        torch.add(self.Q, self.P, alpha=cp / cq, out=dR)
+        return cq
 
     def mix(self, base, gamma, kind):
         """``base - D gamma``, D the columns dG (kind "g") or dX ("x"); base (B, 1, n), gamma (B, 1, k)."""
