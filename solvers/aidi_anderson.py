@@ -18,6 +18,9 @@ The system is kept up to date as iterates arrive rather than rebuilt: a new colu
 ``dR^T dR``, and ``dR^T r_k = dR^T r_{k-1} + dR^T dr`` for the columns already there), so an
 iteration is O(columns x latent) and the solve itself is on a columns x columns matrix.
 Columns live in fixed slots (carried pairs first, then a ring of the step's own ``m - 1``).
+Carried pairs are never copied into ``dG`` or ``dX``: every pair of a step is transported
+by the same two coefficients (``implicit.transport_coefficients``), so one buffer-wide
+operation writes their ``dR`` and the mix reads ``implicit.Frames``' buffers directly.
 
 Two things make a step cheaper than the paper's (about 3 model calls per step instead
 of 4 at 10 steps):
