@@ -18,6 +18,9 @@ The system is kept up to date as iterates arrive rather than rebuilt: a new colu
 ``dR^T dR``, and ``dR^T r_k = dR^T r_{k-1} + dR^T dr`` for the columns already there), so an
 iteration is O(columns x latent) and the solve itself is on a columns x columns matrix.
 Columns live in fixed slots (carried pairs first, then a ring of the step's own ``m - 1``).
+Carried pairs are never copied into ``dG`` or ``dX``: every pair of a step is transported
+by the same two coefficients (``implicit.transport_coefficients``), so one buffer-wide
+operation writes their ``dR`` and the mix reads ``implicit.Frames``' buffers directly.
 
 Two things make a step cheaper than the paper's (about 3 model calls per step instead
 of 4 at 10 steps):
@@ -56,32 +59,53 @@ def anderson_weights(A, b, lam, k, off=None):
     return gamma[..., 0], info == 0
 
 
+class Pairs:
+    """Carried pairs given as a list of ``(dx, dg)``, behind the interface of ``implicit.Carried``."""
+
+    def __init__(self, pairs):
+        self.dX = torch.stack([dx for dx, _ in pairs], 1) if pairs else None
+        self.dG = torch.stack([dg for _, dg in pairs], 1) if pairs else None
+
+    def __len__(self):
+        return 0 if self.dX is None else self.dX.shape[1]
+
+    def write(self, dR):
+        torch.sub(self.dG, self.dX, out=dR)
+        return 1.0
+
+    def mix(self, base, gamma, kind):
+        return torch.baddbmm(base, gamma, self.dG if kind == "g" else self.dX, alpha=-1)
+
+
 class Anderson:
-    """One step's Anderson state: columns ``dG``, ``dR`` (and ``dX`` for ``beta < 1``) as (B, K, n),
-    ``A = dR^T dR`` and ``b = dR^T r``."""
+    """One step's Anderson state: the columns ``dR`` as (B, K, n) (carried ones first, then a ring of
+    the step's own), the own columns of ``dG`` (and ``dX`` for ``beta < 1``) as (B, m - 1, n),
+    ``A = dR^T dR`` and ``b = dR^T r``. The carried columns of dR are held divided by
+    ``scale`` (the products that read them multiply it back). Those of ``dG``, ``dX`` are never formed:
+    ``carried.mix`` applies them (``implicit.Carried`` from its two frame buffers)."""
 
     def __init__(self, carried, m, beta, lam, work=None):
+        carried = carried if hasattr(carried, "mix") else Pairs(list(carried))
         self.beta, self.lam, self.nc, self.own = beta, lam, len(carried), m - 1
         self.carried, self.work = carried, {} if work is None else work
         self.last = None  # (x, g, d, ||d|| / ||x||) of the previous iterate
         self.count = 0  # own pairs seen so far
 
     def start(self, x, d):
-        K = self.nc + self.own
-        self.dG, self.dR = self.buffer("dG", x, K), self.buffer("dR", x, K)
-        self.dX = self.buffer("dX", x, K) if self.beta < 1 else None
-        for t in (self.dG, self.dR, self.dX):  # own columns not yet filled (gamma 0 times garbage is not 0)
-            if t is not None:
-                t[:, self.nc:].zero_()
-        for j, (dx, dg) in enumerate(self.carried):
-            self.dG[:, j] = dg
-            torch.sub(dg, dx, out=self.dR[:, j])
-            if self.dX is not None:
-                self.dX[:, j] = dx
-        self.A = self.dR @ self.dR.transpose(1, 2)
-        self.b = (self.dR @ d[..., None])[..., 0]
-        self.active = x.new_zeros(x.shape[0], K, dtype=torch.bool)
-        self.active[:, :self.nc] = True
+        K, nc, B = self.nc + self.own, self.nc, x.shape[0]
+        self.dR = self.buffer("dR", x, K)
+        self.dG = self.buffer("dG", x, self.own)
+        self.dX = self.buffer("dX", x, self.own) if self.beta < 1 else None
+        # Only the carried columns are filled yet: the rest of A and b is 0. Columns not yet
+        # filled are never read (every product below stops at the filled ones).
+        self.A, self.b = x.new_zeros(B, K, K), x.new_zeros(B, K)
+        if nc:
+            R = self.dR[:, :nc]
+            self.scale = self.carried.write(R)  # the carried columns of dR are scale * R
+            self.A[:, :nc, :nc] = (R @ R.transpose(1, 2)).mul_(self.scale ** 2)
+            self.b[:, :nc] = (R @ d[..., None])[..., 0].mul_(self.scale)
+        self.active = x.new_zeros(B, K, dtype=torch.bool)
+        self.active[:, :nc] = True
 
     def buffer(self, name, x, K):
         """A (B, K, n) buffer kept from step to step: fresh large tensors cost more than the arithmetic."""
@@ -94,6 +118,16 @@ class Anderson:
     def plain(self, x, g, d):
         return g if self.beta == 1 else x + self.beta * d
 
+    def mix(self, base, gamma, own, kind):
+        """``base - D gamma`` for D = dG (kind "g") or dX ("x"): carried columns, then ``own`` filled own ones."""
+        nc, base = self.nc, base[:, None]
+        out = self.carried.mix(base, gamma[:, None, :nc], kind) if nc else None
+        if own:
+            D = (self.dG if kind == "g" else self.dX)[:, :own]
+            out = torch.baddbmm(base, gamma[:, None, nc:nc + own], D, alpha=-1) if out is None else \
+                out.baddbmm_(gamma[:, None, nc:nc + own], D, alpha=-1)
+        return out[:, 0]
+
     def __call__(self, x, g, d, rn):
         if self.last is None:
             self.start(x, d)
@@ -103,34 +137,45 @@ class Anderson:
             grew = rn > prn
             self.active[:, :self.nc] &= (rn * CARRY_GAIN <= prn)[:, None]
             if self.own:
-                j = self.nc + self.count % self.own
+                o = self.count % self.own
+                j = self.nc + o
                 self.count += 1
-                torch.sub(g, pg, out=self.dG[:, j])
+                torch.sub(g, pg, out=self.dG[:, o])
                 dr = torch.sub(d, pd, out=self.dR[:, j])
                 if self.dX is not None:
-                    torch.sub(x, px, out=self.dX[:, j])
+                    torch.sub(x, px, out=self.dX[:, o])
             else:
                 dr = d - pd
-            c = (self.dR @ dr[..., None])[..., 0]  # dR^T dr: the new row of A, and b's increment
+            # dR^T dr over the filled columns (the others are 0): the new row of A, and b's increment
+            f = self.nc + min(self.count, self.own)
+            c = x.new_zeros(self.b.shape)
+            if f:
+                c[:, :f] = (self.dR[:, :f] @ dr[..., None])[..., 0]
+                c[:, :self.nc] *= self.scale if self.nc else 1.0
             self.b += c
             if self.own:
                 self.A[:, j], self.A[:, :, j] = c, c
                 self.b[:, j] = (dr * d).sum(1)
                 self.active[:, j] = True
         self.last = (x, g, d, rn)
-        k = self.nc + min(self.count, self.own)
+        own = min(self.count, self.own)
+        k = self.nc + own
         if k == 0:
             return self.plain(x, g, d)
         # Columns an item dropped (or has not filled) get gamma = 0 through an identity block.
         w = self.active.to(x.dtype)
         gamma, ok = anderson_weights(self.A * w[:, :, None] * w[:, None, :], self.b * w, self.lam, k, 1 - w)
-        gamma = (gamma * w)[:, None]
+        gamma = gamma * w
         # (1 - beta)(x - dX gamma) + beta (g - dG gamma)
-        mixed = g - (gamma @ self.dG)[:, 0]
+        mixed = self.mix(g, gamma, own, "g")
         if self.dX is not None:
-            mixed = self.beta * mixed + (1 - self.beta) * (x - (gamma @ self.dX)[:, 0])
-        # Plain step where the residual grew or the least-squares system was singular.
-        plain = grew | ~ok | ~torch.isfinite(mixed).all(1)
+            mixed = self.beta * mixed + (1 - self.beta) * self.mix(x, gamma, own, "x")
+        # Plain step where the residual grew or the least-squares system was singular. A finite
+        # sum has no non-finite term; the elementwise check (slower by far) runs only otherwise.
+        finite = torch.isfinite(mixed.sum(1))
+        if not finite.all():
+            finite = torch.isfinite(mixed).all(1)
+        plain = grew | ~ok | ~finite
         return torch.where(plain[:, None], self.plain(x, g, d), mixed) if plain.any() else mixed
 
 

@@ -13,9 +13,10 @@ starts (``guess``):
 
 An item has converged at ``r = ||F(x) - x|| / ||x|| < tol``; a step, when every item
 has. ``r`` is exactly the forward-step error of ``x``: sampling from ``x`` lands at
-``x_a + x - F(x)``. A converged item keeps ``F(x)`` where ``F`` contracts along the last
-move (``||dg|| < ||dx||``; its error is then below ``r``), else ``x`` itself, so the residual
-reported bounds what the reconstruction sees, also where ``F`` expands.
+``x_a + x - F(x)``. In a converged step an item keeps ``F(x)`` where ``F`` contracts along
+the last move (``||dg|| < ||dx||``; its error is then below ``r`` to the extent that the
+last move stands for the rest), else ``x`` itself. In a step that did not converge every
+item keeps its ``x``, so the residual reported there is exactly what the reconstruction sees.
 
 Budget. The whole inversion may spend ``iterations * steps`` model calls (``iterations``
 is the average per step); a step may take up to ``SHARE`` times its fair share of what
@@ -62,7 +63,7 @@ GUESSES = ("ddim", "extrapolate")
 # update(carried) starts one step and returns next(x, g, d, r) -> the next iterate: it sees
 # every evaluated iterate x with g = F(x), d = g - x (all flattened (B, n)) and the
 # per-item residual r = ||d|| / ||x||, in order. ``carried``: pairs (dx, dg) of earlier
-# steps, at this sigma.
+# steps, at this sigma (a list, or a ``Carried`` that writes them into the update's buffers).
 Update = Callable[[list], Callable[..., torch.Tensor]]
 
 DEPTH = 4  # a step is split at most 4 times over, into up to 16 steps
@@ -102,19 +103,35 @@ def guess_point(x_a, sa, sb, space, slopes):
     e = e1
     if len(slopes) > 1:
         s0, e0 = slopes[-2]
-        e = e1 + (e1 - e0) * ((sb - s1) / (s1 - s0))
-    return x_a + (sb - sa) * e
+        e = torch.sub(e1, e0).mul_((sb - s1) / (s1 - s0)).add_(e1)
+    return torch.add(x_a, e, alpha=sb - sa)
 
 
-def transport_frame(dx, dg, sb, h, space):
+def transport_frame(dx, dg, sb, h, space, out=None):
     """A pair of one step in sigma-free form: ``p = a dx - a^2 dD``, ``q = sb^2 dD``.
 
     ``dD = J_D dx = dx - (sb / h) dg`` is the change of the denoised estimate; ``a = 1``
     (EPS) or ``1 - sb`` (flow). Both are scaled by ``a^2`` so that nothing divides by ``a``.
+    ``out``: (p, q) to write into.
     """
     a = 1.0 if space == EPS else 1.0 - sb
-    dD = torch.add(dx, dg, alpha=-sb / h)
-    return torch.add(dx, dD, alpha=-a).mul_(a), dD.mul_(sb * sb)
+    p, q = out if out is not None else (torch.empty_like(dx), torch.empty_like(dx))
+    dD = torch.add(dx, dg, alpha=-sb / h, out=q)
+    if a == 1.0:  # p = dx - dD = (sb / h) dg
+        torch.mul(dg, sb / h, out=p)
+    else:
+        torch.add(dx, dD, alpha=-a, out=p).mul_(a)
+    return p, dD.mul_(sb * sb)
+
+
+def transport_coefficients(sb, h, space):
+    """``(u, J_F u, J_F u - u)`` of ``transported`` as ``c_p p + c_q q``: three (c_p, c_q).
+
+    The same for every pair of a step, so a step transports all its carried pairs at once."""
+    a = 1.0 if space == EPS else 1.0 - sb
+    cu = a * a / (sb * sb)  # written so that in EPS (a = 1) cg is exactly 0
+    cg = (h / sb) * (cu - a / (sb * sb))
+    return (1.0, cu), (h / sb, cg), (h / sb - 1.0, cg - cu)
 
 
 def transported(p, q, sb, h, space):
@@ -126,6 +143,57 @@ def transported(p, q, sb, h, space):
     a = 1.0 if space == EPS else 1.0 - sb
     u = torch.add(p, q, alpha=(a / sb) ** 2)
     return u, torch.add(u, q, alpha=-a / (sb * sb)).mul_(h / sb)
+
+
+class Frames:
+    """The last ``carry`` pairs in ``transport_frame`` form, kept in two (B, carry, n) ring
+    buffers ``P``, ``Q``: a step writes its new pairs in place and hands the update a
+    ``Carried`` view instead of fresh full-size tensors per pair (their order in the
+    least-squares system does not matter)."""
+
+    def __init__(self, carry):
+        self.carry, self.P, self.Q, self.count = carry, None, None, 0
+
+    def add(self, dx, dg, sb, h, space):
+        if self.P is None:
+            self.P = dx.new_empty(dx.shape[0], self.carry, dx.shape[1])
+            self.Q = torch.empty_like(self.P)
+        j = self.count % self.carry
+        self.count += 1
+        transport_frame(dx, dg, sb, h, space, out=(self.P[:, j], self.Q[:, j]))
+
+    def at(self, sb, h, space):
+        n = min(self.count, self.carry)
+        return Carried(self.P[:, :n], self.Q[:, :n], transport_coefficients(sb, h, space)) if n else []
+
+
+@dataclass
+class Carried:
+    """The carried pairs of one step, transported (``transported``) into an update's columns:
+    ``dR = J_F u - u`` written by ``write`` (one buffer-wide operation for all pairs), and
+    ``dX = u``, ``dG = J_F u`` never formed, applied by ``mix`` straight from ``P``, ``Q``."""
+    P: torch.Tensor
+    Q: torch.Tensor
+    coef: tuple
+
+    def __len__(self):
+        return self.P.shape[1]
+
+    def write(self, dR):
+        """Writes ``dR / s`` into ``dR`` and returns ``s``: one buffer-wide operation (the scale
+        goes onto the small products of these columns instead)."""
+        cp, cq = self.coef[2]
+        if cq == 0:
+            torch.mul(self.P, cp, out=dR)
+            return 1.0
+        torch.add(self.Q, self.P, alpha=cp / cq, out=dR)
+        return cq
+
+    def mix(self, base, gamma, kind):
+        """``base - D gamma``, D the columns dG (kind "g") or dX ("x"); base (B, 1, n), gamma (B, 1, k)."""
+        cp, cq = self.coef[1 if kind == "g" else 0]
+        out = torch.baddbmm(base, gamma * cp, self.P, alpha=-1)
+        return out.baddbmm_(gamma * cq, self.Q, alpha=-1) if cq != 0 else out
 
 
 @dataclass
@@ -157,7 +225,7 @@ def solve_step(den: Denoiser, x_a, sa, sb, x0, update: Update, calls: int, tol, 
     """Iterate one implicit step from ``x0`` with at most ``calls`` model calls, stopping early
     once ``tol`` is out of reach within them or the residual shrinks by less than ``slow`` per call."""
     shape, flat_a, x = x_a.shape, x_a.flatten(1), x0.flatten(1)
-    step = update(list(carried))
+    step = update(carried if isinstance(carried, Carried) else list(carried))
     c = (sb - sa) / sb
     first, pairs, prev, best = [], [], None, None
     inf = x.new_full((x.shape[0],), math.inf)
@@ -168,9 +236,13 @@ def solve_step(den: Denoiser, x_a, sa, sb, x0, update: Update, calls: int, tol, 
         if len(first) < 2:
             first.append((x, g, r))
         # |J_F| along the last move: below 1, F(x) is closer to the fixed point than x.
-        lip = inf if prev is None else (g - prev[1]).norm(dim=1) / (x - prev[0]).norm(dim=1).clamp_min(1e-30)
-        if secants and prev is not None:
-            pairs.append((x - prev[0], g - prev[1]))
+        if prev is None:
+            lip = inf
+        else:
+            dx, dg = x - prev[0], g - prev[1]
+            lip = dg.norm(dim=1) / dx.norm(dim=1).clamp_min(1e-30)
+            if secants:
+                pairs.append((dx, dg))
         prev = (x, g)
         if best is None:
             best, r0 = (x, g, r, lip), r
@@ -187,8 +259,11 @@ def solve_step(den: Denoiser, x_a, sa, sb, x0, update: Update, calls: int, tol, 
             # An item that has converged keeps its accepted value; its later evaluations are
             # only the price of batching it with the others.
             x = torch.where(done[:, None], best[0], x)
-    # A converged item where F contracts takes F(x), whose residual is then below r.
-    out = torch.where((done & (best[3] < 1))[:, None], best[1], best[0])
+    # In a converged step an item where F contracts takes F(x), whose residual is then below r
+    # (along the last move: an estimate). In an unconverged one every item keeps the x whose
+    # residual is measured, so that the residual the step reports is exactly what it keeps.
+    take = done & (best[3] < 1) if done.all() else done & False
+    out = best[1] if take.all() else best[0] if not take.any() else torch.where(take[:, None], best[1], best[0])
     return Attempt(out.view(shape), best[2], done, pairs, first)
 
 
@@ -212,7 +287,7 @@ def invert_implicit(method: str, update: Update, model, x, sigmas, extra_args=No
     """The step loop shared by every fixed-point method: budget, step splitting, DDIM fallback.
 
     With ``carry > 0`` the last ``carry`` secant pairs of the earlier steps are kept in
-    ``transport_frame`` form and handed, transported, to each step's update. ``depth=0``
+    ``transport_frame`` form (``Frames``) and handed, transported, to each step's update. ``depth=0``
     keeps the given schedule (for callers that sample back down their own sigmas, such as
     a host sampler): no step is split, an unsolved one falls back as above.
     """
@@ -222,19 +297,20 @@ def invert_implicit(method: str, update: Update, model, x, sigmas, extra_args=No
     budget = int(iterations) * n
     norm0 = x.flatten(1).norm(dim=1).clamp_min(1e-30)
     sig, traj = [s[0]], [x] if keep_trajectory else None
-    slopes, frames, residuals, unconverged, kept_ddim, split, costs = [], [], [], [], [], [], []
+    frames = Frames(carry) if carry > 0 else None
+    slopes, residuals, unconverged, kept_ddim, split, costs = [], [], [], [], [], []
     todo = [(s[i], s[i + 1], 0, i) for i in reversed(range(n))]  # a stack: the next step last
     while todo:
         sa, sb, level, i = todo.pop()
         den.step, h, left = i, sb - sa, budget - den.nfe
         share = min(left - least * len(todo), math.ceil(SHARE * left / (len(todo) + 1)))
         x0 = guess_point(x, sa, sb, space, slopes if guess == "extrapolate" else [])
-        carried = [transported(p, q, sb, h, space) for p, q in frames] if carry > 0 else []
+        carried = frames.at(sb, h, space) if carry > 0 else []
         att = solve_step(den, x, sa, sb, x0, update, share - reserve(guess), tol, carried,
                          SLOW if level < depth else 1.0, carry > 0)
         if carry > 0:
-            frames.extend(transport_frame(dx, dg, sb, h, space) for dx, dg in att.pairs)
-            del frames[:-carry]
+            for dx, dg in att.pairs[-carry:]:
+                frames.add(dx, dg, sb, h, space)
         x_b, r, took = att.x, att.r, None
         if not att.done.all():
             # The new sigma as the schedule will hold it, so that sampling back meets it exactly.
@@ -244,7 +320,8 @@ def invert_implicit(method: str, update: Update, model, x, sigmas, extra_args=No
                 split.append(i)
                 continue
             x_b, r, took = keep_best(den, att, x, sa, sb, space)
-        x_b = check_finite(x_b, method, i)
+        if not torch.isfinite(x_b.sum()):  # a finite sum has no non-finite term: the full check only then
+            x_b = check_finite(x_b, method, i)
         slopes.append((sb, (x_b - x) / h))
         del slopes[:-2]
         j = len(residuals)

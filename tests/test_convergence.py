@@ -196,3 +196,35 @@ def test_incremental_anderson_equals_the_rebuilt_solve(m, beta, carry):
         assert torch.allclose(nxt, ref, rtol=1e-12, atol=1e-12), (k, (nxt - ref).abs().max())
         x = nxt
     assert (F(x) - x).norm() < 1e-4 * x.norm()  # and the iteration is converging
+
+
+@pytest.mark.parametrize("space,sb,h,beta", [("eps", 2.0, 0.7, 1.0), ("flow", 0.6, 0.1, 1.0), ("flow", 0.6, 0.1, 0.7),
+                                            ("flow", 1.0, 0.05, 1.0)])
+def test_carried_buffers_equal_the_transported_pairs(space, sb, h, beta):
+    # The frames kept in place (implicit.Frames: their columns written and mixed straight
+    # from the buffers, dR held divided by a scale) give the iterates of the same pairs
+    # transported one by one (implicit.transported) and handed over as a list.
+    from inversion_suite.solvers import implicit as im
+    g0 = torch.Generator().manual_seed(3)
+    B, n, carry = 2, 48, 4
+    target = torch.randn(B, n, generator=g0, dtype=torch.float64)
+    W = 0.5 * torch.randn(n, n, generator=g0, dtype=torch.float64) / math.sqrt(n)
+    F = lambda x: target + torch.tanh(x @ W)
+    frames, kept = im.Frames(carry), []
+    for j in range(6):  # more pairs than the ring holds: the last `carry` stay
+        dx = torch.randn(B, n, generator=g0, dtype=torch.float64)
+        dg = F(dx) - F(torch.zeros_like(dx)) + 0.1 * dx
+        s_old, h_old = 1.5 * sb if space == "eps" else min(0.9, sb + 0.2), 0.3 * h
+        frames.add(dx, dg, s_old, h_old, space)
+        kept = (kept + [im.transport_frame(dx, dg, s_old, h_old, space)])[-carry:]
+    listed = [im.transported(p, q, sb, h, space) for p, q in kept]
+    a, b = aa.Anderson(frames.at(sb, h, space), 3, beta, 1e-6), aa.Anderson(listed, 3, beta, 1e-6)
+    assert a.nc == b.nc == carry
+    x = torch.zeros(B, n, dtype=torch.float64)
+    for k in range(6):
+        g = F(x)
+        r = (g - x).norm(dim=1) / x.norm(dim=1).clamp_min(1e-30)
+        xa, xb = a(x, g, g - x, r), b(x, g, g - x, r)
+        assert torch.allclose(xa, xb, rtol=1e-10, atol=1e-12), (k, (xa - xb).abs().max())
+        assert not torch.equal(xa, g)  # the carried columns took part (not the plain step)
+        x = xa
