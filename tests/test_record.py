@@ -609,10 +609,7 @@ def test_save_inversion_declares_the_workflow_and_stores_it(monkeypatch):
     async def run():
         ok, err, outputs, node_errors = await execution.validate_prompt("r", graph, None)
         assert ok, (err, node_errors)
-        kw = {"cache_type": execution.CacheType.CLASSIC}
-        if "cache_args" in execution.PromptExecutor.__init__.__code__.co_varnames:
-            kw["cache_args"] = {"lru": 0, "ram": 0, "ram_inactive": 0}
-        ex = execution.PromptExecutor(Server(), **kw)
+        ex = comfy_host.executor(Server())
         await ex.execute_async(graph, "r", extra_data={"extra_pnginfo": {"workflow": workflow}}, execute_outputs=outputs)
         return ex
     ex = asyncio.run(run())
