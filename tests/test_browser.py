@@ -377,9 +377,21 @@ const nav = await until(() => [...document.querySelectorAll('*')].find(
 if (!nav) throw new Error('the template browser shows no category ' + module);
 nav.click();
 const dialog = () => [...document.querySelectorAll('[role=dialog]')].pop();
-// One loaded picture per card (the newer frontend shows them through blob: URLs).
+// One loaded picture per card of this pack (the newer frontend shows them through blob: URLs).
+// Right after the click the dialog may still show the previous category's cards: a picture
+// counts only inside a card titled with one of this pack's templates (an ancestor holding
+// that title and no other picture), and only once every title is shown.
+const ours = img => {
+  for (let e = img.parentElement; e && e !== dialog(); e = e.parentElement) {
+    if (e.querySelectorAll('img').length > 1) return false;
+    if (names.some(n => (e.innerText ?? '').includes(n))) return true;
+  }
+  return false;
+};
 const thumbs = await until(() => {
-  const imgs = [...(dialog()?.querySelectorAll('img') ?? [])].filter(i => i.complete && i.naturalWidth > 0);
+  const d = dialog();
+  if (!d || !names.every(n => (d.innerText ?? '').includes(n))) return null;
+  const imgs = [...d.querySelectorAll('img')].filter(i => i.complete && i.naturalWidth > 0 && ours(i));
   return imgs.length >= names.length ? imgs : null;
 }, 20000) ?? [];
 await new Promise(r => setTimeout(r, 500));
