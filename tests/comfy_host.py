@@ -6,9 +6,16 @@ holds, the tests that need it skip with one reason. Models are the host's own
 ``ModelPatcher``, so conditioning, guidance, patches and model sampling are all the host's.
 """
 
+import contextlib
+import json
 import os
 import pathlib
+import socket
+import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 
 import pytest
 
@@ -237,13 +244,24 @@ def counted(model):
     return model, calls
 
 
-def server(port, config, dirs):
-    """(command, environment) of a headless host with only this pack, on loopback at ``port``.
+LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never through a proxy
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serving(config, dirs, log_path, timeout=120):
+    """A headless host with only this pack on a free loopback port; yields (base URL, /object_info).
 
     ``config`` is an extra-model-paths file naming the pack's custom_nodes folder; ``dirs`` the
-    output, input, temp and user folders. The pack's root must not be on PYTHONPATH, where its
-    ``nodes/`` would shadow the host's ``nodes.py``.
+    output, input, temp and user folders; the server's output goes to ``log_path``. The
+    pack's root must not be on PYTHONPATH, where its ``nodes/`` would shadow the host's ``nodes.py``.
     """
+    port = free_port()
     cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
            "--extra-model-paths-config", str(config), "--output-directory", str(dirs["output"]),
            "--input-directory", str(dirs["input"]), "--temp-directory", str(dirs["temp"]),
@@ -252,4 +270,47 @@ def server(port, config, dirs):
            "--disable-all-custom-nodes", "--whitelist-custom-nodes", "inversion-suite"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env.pop("PYTHONPATH", None)
-    return cmd, env
+    base = f"http://127.0.0.1:{port}"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=path(), stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline, info = time.monotonic() + timeout, None
+        while time.monotonic() < deadline and info is None:
+            if proc.poll() is not None:
+                pytest.fail(f"server exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
+            try:
+                with LOCAL.open(base + "/object_info", timeout=30) as r:
+                    info = json.loads(r.read())
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                time.sleep(1)
+        assert info is not None, f"no /object_info within {timeout} s:\n{log_path.read_text()[-4000:]}"
+        yield base, info
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def execute_graph(graph, extra_data=None):
+    """Validate and run an API-format ``graph`` with the host's own executor; returns the executor."""
+    import asyncio
+
+    import execution
+
+    class Server:
+        client_id = None
+        last_node_id = None
+
+        def send_sync(self, *args, **kwargs):
+            pass
+
+    async def run():
+        ok, err, outputs, node_errors = await execution.validate_prompt("r", graph, None)
+        assert ok, (err, node_errors)
+        ex = executor(Server())
+        await ex.execute_async(graph, "r", extra_data=extra_data or {}, execute_outputs=outputs)
+        return ex
+    return asyncio.run(run())

@@ -20,11 +20,7 @@ import json
 import os
 import re
 import shutil
-import socket
-import subprocess
 import time
-import urllib.error
-import urllib.request
 
 import pytest
 
@@ -67,21 +63,12 @@ if not (CHROMIUM and DRIVER):
     pytest.skip("no Chromium and chromedriver found (Debian: apt-get install chromium chromium-driver; or set "
                 "CHROME_BIN and CHROMEDRIVER)", allow_module_level=True)
 
-LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never through a proxy
-
-
 def expected_settings(method):
     """The widgets a method's settings become (a (lo, hi) pair is two), from the registry."""
     names = []
     for key, s in METHODS[method].settings.items():
         names += [f"{key}_from", f"{key}_to"] if isinstance(s.default, tuple) else [key]
     return names
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -115,31 +102,9 @@ def server(tmp_path_factory):
         "Comfy.TutorialCompleted": True, "Comfy.Validation.Workflows": True,
         "Comfy.Minimap.Visible": False, "Comfy.Graph.CanvasMenu": False,
         "LiteGraph.Canvas.MinFontSizeForLOD": 1}))  # text drawn at the screenshots' zoom
-    port = free_port()
     log_path = tmp / "server.log"
-    cmd, env = comfy_host.server(port, config, dirs)
-    base = f"http://127.0.0.1:{port}"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=comfy_host.path(), stdout=log, stderr=subprocess.STDOUT, env=env)
-    try:
-        deadline, info = time.monotonic() + 120, None
-        while time.monotonic() < deadline and info is None:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-            try:
-                with LOCAL.open(base + "/object_info", timeout=30) as r:
-                    info = json.loads(r.read())
-            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-                time.sleep(1)
-        assert info is not None, f"no /object_info within 120 s:\n{log_path.read_text()[-4000:]}"
+    with comfy_host.serving(config, dirs, log_path) as (base, info):
         yield {"base": base, "info": info, "log": log_path}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture(scope="module")

@@ -120,6 +120,18 @@ def test_attention_mask_is_the_direct_softmax_of_the_chosen_tokens(monkeypatch):
     assert 0 < expect.mean() < 1
 
 
+def spied(monkeypatch):
+    """The (branch, q, k, kwargs) of every attention call the capture's override sees, as it sees them."""
+    seen, hook = [], capture.Capture.override
+
+    def spy(self, func, *args, **kwargs):
+        seen.append((self.branch, args[0].clone(), args[1].clone(), dict(kwargs)))
+        return hook(self, func, *args, **kwargs)
+
+    monkeypatch.setattr(capture.Capture, "override", spy)
+    return seen
+
+
 def test_flux_attention_mask_is_the_direct_softmax_over_the_joint_sequence(monkeypatch):
     threshold = 0.9
     model = tiny_flux()
@@ -127,14 +139,7 @@ def test_flux_attention_mask_is_the_direct_softmax_over_the_joint_sequence(monke
     src, tgt = flux_prompt(1), flux_prompt(2)
     inv = Invert.execute(model=model, latent=latent, positive=src, method="bdia", steps=4, scheduler="simple",
                          cfg=1.0, denoise=1.0, keep_trajectory=True).result[0]
-    seen = []
-    hook = capture.Capture.override
-
-    def spy(self, func, *args, **kwargs):
-        seen.append((self.branch, args[0].clone(), args[1].clone(), dict(kwargs)))
-        return hook(self, func, *args, **kwargs)
-
-    monkeypatch.setattr(capture.Capture, "override", spy)
+    seen = spied(monkeypatch)
     _, mask = blended(model, inv, src, tgt, clip=clip(comfy.text_encoders.flux.FluxTokenizer), source_text=SOURCE_TEXT,
                       target_text=TARGET_TEXT, threshold=threshold, dilation=0, local_blend=False,
                       cfg_inversion=1.0, cfg_edit=1.0)
@@ -452,14 +457,7 @@ def test_wan_attention_region_is_per_latent_frame(monkeypatch):
     latent = {"samples": torch.randn(1, 16, 3, 8, 8, generator=torch.Generator().manual_seed(0))}
     inv = Invert.execute(model=model, latent=latent, positive=src, method="bdia", steps=4, scheduler="simple",
                          cfg=1.0, denoise=1.0, keep_trajectory=True).result[0]
-    seen = []
-    hook = capture.Capture.override
-
-    def spy(self, func, *args, **kwargs):
-        seen.append((self.branch, args[0].clone(), args[1].clone(), dict(kwargs)))
-        return hook(self, func, *args, **kwargs)
-
-    monkeypatch.setattr(capture.Capture, "override", spy)
+    seen = spied(monkeypatch)
     _, mask = blended(model, inv, src, tgt, clip=clip(comfy.text_encoders.flux.FluxTokenizer), source_text=SOURCE_TEXT,
                       target_text=TARGET_TEXT, threshold=threshold, dilation=0, local_blend=False,
                       cfg_inversion=1.0, cfg_edit=1.0)

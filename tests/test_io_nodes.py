@@ -1,6 +1,5 @@
 """SaveInversion, LoadInversion and ReconstructionReport inside the real ComfyUI host."""
 
-import asyncio
 import copy
 import json
 import os
@@ -250,7 +249,6 @@ def test_report_refuses_bad_inputs():
 
 
 def test_report_shows_its_text_when_the_host_runs_it(monkeypatch):
-    import execution
 
     for cls in NODES:
         monkeypatch.setitem(core.NODE_CLASS_MAPPINGS, cls.GET_SCHEMA().node_id, cls)
@@ -258,20 +256,7 @@ def test_report_shows_its_text_when_the_host_runs_it(monkeypatch):
              "2": {"class_type": "EmptyImage", "inputs": {"width": 16, "height": 16, "batch_size": 2, "color": 0x808080}},
              "3": {"class_type": "InversionSuite_ReconstructionReport", "inputs": {"image_a": ["2", 0], "image_b": ["1", 0]}}}
 
-    class Server:
-        client_id = None
-        last_node_id = None
-
-        def send_sync(self, *args, **kwargs):
-            pass
-
-    async def run():
-        ok, err, outputs, node_errors = await execution.validate_prompt("r", graph, None)
-        assert ok, (err, node_errors)
-        ex = comfy_host.executor(Server())
-        await ex.execute_async(graph, "r", extra_data={}, execute_outputs=outputs)
-        return ex
-    ex = asyncio.run(run())
+    ex = comfy_host.execute_graph(graph)
     assert ex.success, ex.status_messages
     text = ex.history_result["outputs"]["3"]["text"][0]
     assert text.splitlines()[0] == "2 item(s), images, data range 1" and "mean" in text

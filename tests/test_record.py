@@ -571,10 +571,6 @@ def test_solver_errors_carry_one_prefix_and_are_not_input_errors():
 
 
 def test_save_inversion_declares_the_workflow_and_stores_it(monkeypatch):
-    import asyncio
-
-    import execution
-
     from comfy_api.latest import io
 
     # Declared, not left to the host (both hosts also add them to any output node today).
@@ -599,20 +595,7 @@ def test_save_inversion_declares_the_workflow_and_stores_it(monkeypatch):
              "2": {"class_type": "InversionSuite_SaveInversion", "inputs": {"latent": ["1", 0], "filename_prefix": "wf"}}}
     workflow = {"nodes": [{"id": 1}, {"id": 2}], "links": []}
 
-    class Server:
-        client_id = None
-        last_node_id = None
-
-        def send_sync(self, *args, **kwargs):
-            pass
-
-    async def run():
-        ok, err, outputs, node_errors = await execution.validate_prompt("r", graph, None)
-        assert ok, (err, node_errors)
-        ex = comfy_host.executor(Server())
-        await ex.execute_async(graph, "r", extra_data={"extra_pnginfo": {"workflow": workflow}}, execute_outputs=outputs)
-        return ex
-    ex = asyncio.run(run())
+    ex = comfy_host.execute_graph(graph, {"extra_pnginfo": {"workflow": workflow}})
     assert ex.success, ex.status_messages
     saved = ex.history_result["outputs"]["2"]["latents"][0]
     path = os.path.join(folder_paths.get_output_directory(), saved["subfolder"], saved["filename"])

@@ -13,11 +13,6 @@ templates over HTTP.
 import asyncio
 import json
 import pathlib
-import socket
-import subprocess
-import time
-import urllib.error
-import urllib.request
 
 import comfy_host  # skips this module where no ComfyUI is found
 import pytest
@@ -287,22 +282,14 @@ def test_every_node_has_a_help_page(name):
 
 # ---------------------------------------------------------------- the real server
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never through a proxy
 
 
 def get(url, timeout=10):
-    with LOCAL.open(url, timeout=timeout) as r:
+    with comfy_host.LOCAL.open(url, timeout=timeout) as r:
         return r.status, r.read()
 
 
 def test_the_headless_server_lists_the_pack(tmp_path):
-    comfy = comfy_host.path()
     packs = tmp_path / "custom_nodes"
     packs.mkdir()
     try:
@@ -314,25 +301,8 @@ def test_the_headless_server_lists_the_pack(tmp_path):
     dirs = {k: tmp_path / k for k in ("output", "input", "temp", "user")}
     for d in dirs.values():
         d.mkdir()
-    port = free_port()
     log_path = tmp_path / "server.log"
-    cmd, env = comfy_host.server(port, config, dirs)
-    base = f"http://127.0.0.1:{port}"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=comfy, stdout=log, stderr=subprocess.STDOUT, env=env)
-    try:
-        deadline, info = time.monotonic() + 90, None
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-            try:
-                status, body = get(base + "/object_info", timeout=30)
-                if status == 200:
-                    info = json.loads(body)
-                    break
-            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-                time.sleep(1)
-        assert info is not None, f"no /object_info within 90 s:\n{log_path.read_text()[-4000:]}"
+    with comfy_host.serving(config, dirs, log_path, timeout=90) as (base, info):
         assert PACK_NODES <= set(info)
         assert {info[name]["python_module"] for name in PACK_NODES} == {"custom_nodes.inversion-suite"}
         status, page = get(f"{base}/extensions/inversion-suite/docs/InversionSuite_Invert.md")  # the help page
@@ -341,13 +311,6 @@ def test_the_headless_server_lists_the_pack(tmp_path):
         assert set(json.loads(templates).get("inversion-suite", [])) >= set(EXPECTED)
         missing = {name: missing_help(info[name]) for name in sorted(PACK_NODES)}
         assert {k: v for k, v in missing.items() if v} == {}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
     log = log_path.read_text()
     bad = [line for line in log.splitlines() if "inversion-suite" in line and
            ("IMPORT FAILED" in line or "Cannot import" in line or "Traceback" in line)]
