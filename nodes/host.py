@@ -209,10 +209,3 @@ def resume(node: str, latent, model, what: str = "inverted"):
 
     rec = Record.read(node, latent, what, model)
     return latent["samples"], rec
-
-
-def image_mask(mask: torch.Tensor, model) -> torch.Tensor:
-    """A (B, 1, h, w) latent-resolution mask as a MASK at image resolution."""
-    ratio = getattr(model.model.latent_format, "spacial_downscale_ratio", 8)
-    m = torch.nn.functional.interpolate(mask.float(), scale_factor=ratio, mode="nearest")
-    return m[:, 0].clamp(0, 1).to(comfy.model_management.intermediate_device())
