@@ -63,10 +63,7 @@ class Region:
         self.node, self.mode = node, mask_mode
         self.layers = capture.unet_layers(model)
         self.threshold, self.softness, self.dilation = threshold, softness, dilation
-        dims = getattr(model.model.latent_format, "latent_dimensions", 2)
-        if latent.ndim == 5 and dims != 3:
-            fail(node, "inverted", f"is a video latent {tuple(latent.shape)} but this model's latents are images "
-                                   "(B, C, H, W)")
+        # ``latent`` comes through host.resume, whose check_latent matched its dimensionality to the model's.
         self.batch, self.size = latent.shape[0], tuple(latent.shape[2:])
         self.ratio = getattr(model.model.latent_format, "spacial_downscale_ratio", 8)
         self.frames = temporal_factor(model) if latent.ndim == 5 else 1
