@@ -16,11 +16,13 @@ re-implementations).
 The system is kept up to date as iterates arrive rather than rebuilt: a new column
 ``dr = r_k - r_{k-1}`` costs one product ``dR^T dr`` (it is the new row of the Gram matrix
 ``dR^T dR``, and ``dR^T r_k = dR^T r_{k-1} + dR^T dr`` for the columns already there), so an
-iteration is O(columns x latent) and the solve itself is on a columns x columns matrix.
-Columns live in fixed slots (carried pairs first, then a ring of the step's own ``m - 1``).
-Carried pairs are never copied into ``dG`` or ``dX``: every pair of a step is transported
-by the same two coefficients (``implicit.transport_coefficients``), so one buffer-wide
-operation writes their ``dR`` and the mix reads ``implicit.Frames``' buffers directly.
+iteration is O(columns x latent). The columns x columns system lives per item in Python
+floats (float64), where a handful of columns costs less than torch's per-call overhead.
+The step's own ``m - 1`` columns live in ring buffers. Carried pairs are never formed as
+columns: every pair of a step is transported by the same two coefficients
+(``implicit.transport_coefficients``), so their products come from the Gram matrices
+``implicit.Frames`` keeps as pairs arrive and from one product of its buffer with ``dr``,
+and the mix reads that buffer directly.
 
 Two things make a step cheaper than the paper's (about 3 model calls per step instead
 of 4 at 10 steps):
@@ -28,7 +30,7 @@ of 4 at 10 steps):
 - ``guess="extrapolate"`` (default): each step starts from the slopes of the previous
   steps extrapolated to the new sigma, which needs no model evaluation and starts far
   closer to the fixed point than the DDIM guess;
-- ``carry`` (default 8): the last ``carry`` difference pairs of the earlier steps join
+- ``carry`` (default 2): the last ``carry`` difference pairs of the earlier steps join
   the columns of ``dX``, ``dG``, transported to the new sigma under the Gaussian model of
   the denoiser (``implicit.transported``). The first update after the guess is then
   already a multisecant step rather than a plain one. An item drops them for the rest of
@@ -38,145 +40,173 @@ of 4 at 10 steps):
 Budget, step splitting and the DDIM fallback are ``implicit``'s.
 """
 
+import math
+
 import torch
 
 from .core import SolverError
-from .implicit import DEPTH, invert_implicit
+from .implicit import DEPTH, Carried, invert_implicit
 
 # A carried pair stays in an item's solve while each iteration at least divides that
 # item's residual by this; past that it is doing no better than the step's own pairs.
 CARRY_GAIN = 2.0
+TINY = torch.finfo(torch.float32).tiny  # keeps an all-zero system solvable (gamma = 0)
 
 
-def anderson_weights(A, b, lam, k, off=None):
-    """Per item ``gamma`` from the Gram matrix ``A = dR^T dR`` of ``k`` columns and ``b = dR^T r``
-    (regularised by ``lam`` times the mean of A's diagonal); returns (gamma, solve ok).
-
-    ``off`` (B, K) is added to the diagonal after regularising: 1 on the empty columns."""
-    reg = lam * A.diagonal(dim1=1, dim2=2).sum(-1) / k + torch.finfo(A.dtype).tiny
-    diag = reg[:, None].expand(A.shape[:-1]) if off is None else reg[:, None] + off
-    gamma, info = torch.linalg.solve_ex(A + torch.diag_embed(diag), b[..., None])
-    return gamma[..., 0], info == 0
-
-
-class Pairs:
-    """Carried pairs given as a list of ``(dx, dg)``, behind the interface of ``implicit.Carried``."""
-
-    def __init__(self, pairs):
-        self.dX = torch.stack([dx for dx, _ in pairs], 1) if pairs else None
-        self.dG = torch.stack([dg for _, dg in pairs], 1) if pairs else None
-
-    def __len__(self):
-        return 0 if self.dX is None else self.dX.shape[1]
-
-    def write(self, dR):
-        torch.sub(self.dG, self.dX, out=dR)
-        return 1.0
-
-    def mix(self, base, gamma, kind):
-        return torch.baddbmm(base, gamma, self.dG if kind == "g" else self.dX, alpha=-1)
+def weights(A, b, lam, k):
+    """``gamma`` solving ``(A + reg I) gamma = b``, ``reg = lam tr(A) / k``, for one item's Gram
+    matrix ``A`` and ``b`` (lists; ``k`` the filled columns, dropped ones included); None where
+    the system is singular or gamma is not finite. Gaussian elimination with partial pivoting."""
+    n = len(b)
+    reg = lam * sum(A[i][i] for i in range(n)) / k + TINY
+    M = [[A[i][j] + (reg if i == j else 0.0) for j in range(n)] + [b[i]] for i in range(n)]
+    for col in range(n):
+        piv = max(range(col, n), key=lambda i: abs(M[i][col]))
+        if M[piv][col] == 0:
+            return None
+        M[col], M[piv] = M[piv], M[col]
+        for i in range(col + 1, n):
+            f = M[i][col] / M[col][col]
+            for j in range(col, n + 1):
+                M[i][j] -= f * M[col][j]
+    gamma = [0.0] * n
+    for i in reversed(range(n)):
+        gamma[i] = (M[i][n] - sum(M[i][j] * gamma[j] for j in range(i + 1, n))) / M[i][i]
+    return gamma if all(map(math.isfinite, gamma)) else None
 
 
 class Anderson:
-    """One step's Anderson state: the columns ``dR`` as (B, K, n) (carried ones first, then a ring of
-    the step's own), the own columns of ``dG`` (and ``dX`` for ``beta < 1``) as (B, m - 1, n),
-    ``A = dR^T dR`` and ``b = dR^T r``. The carried columns of dR are held divided by
-    ``scale`` (the products that read them multiply it back). Those of ``dG``, ``dX`` are never formed:
-    ``carried.mix`` applies them (``implicit.Carried`` from its two frame buffers)."""
+    """One step's Anderson state: the carried pairs (``implicit.Carried``, or a list of ``(dx, dg)``),
+    then a ring of the step's own ``m - 1`` columns ``dG``, ``dR`` (and ``dX`` for ``beta < 1``)
+    in (B, m - 1, n) buffers; per item ``A = dR^T dR``, ``b = dR^T r`` and the columns that take
+    part, as Python lists."""
 
     def __init__(self, carried, m, beta, lam, work=None):
-        carried = carried if hasattr(carried, "mix") else Pairs(list(carried))
-        self.beta, self.lam, self.nc, self.own = beta, lam, len(carried), m - 1
-        self.carried, self.work = carried, {} if work is None else work
-        self.last = None  # (x, g, d, ||d|| / ||x||) of the previous iterate
+        self.carried = carried if isinstance(carried, Carried) else Carried.of(list(carried)) if carried else None
+        self.nc = len(self.carried) if self.carried else 0
+        self.beta, self.lam, self.own = beta, lam, m - 1
+        self.work = {} if work is None else work
+        self.last = None  # (x, g, d, r) of the previous iterate
         self.count = 0  # own pairs seen so far
 
-    def start(self, x, d):
-        K, nc, B = self.nc + self.own, self.nc, x.shape[0]
-        self.dR = self.buffer("dR", x, K)
-        self.dG = self.buffer("dG", x, self.own)
-        self.dX = self.buffer("dX", x, self.own) if self.beta < 1 else None
-        # Only the carried columns are filled yet: the rest of A and b is 0. Columns not yet
-        # filled are never read (every product below stops at the filled ones).
-        self.A, self.b = x.new_zeros(B, K, K), x.new_zeros(B, K)
-        if nc:
-            R = self.dR[:, :nc]
-            self.scale = self.carried.write(R)  # the carried columns of dR are scale * R
-            self.A[:, :nc, :nc] = (R @ R.transpose(1, 2)).mul_(self.scale ** 2)
-            self.b[:, :nc] = (R @ d[..., None])[..., 0].mul_(self.scale)
-        self.active = x.new_zeros(B, K, dtype=torch.bool)
-        self.active[:, :nc] = True
-
-    def buffer(self, name, x, K):
-        """A (B, K, n) buffer kept from step to step: fresh large tensors cost more than the arithmetic."""
-        shape = (x.shape[0], K, x.shape[1])
+    def buffer(self, name, x):
+        """A (B, m - 1, n) buffer kept from step to step: fresh large tensors cost more than the arithmetic."""
+        shape = (x.shape[0], self.own, x.shape[1])
         t = self.work.get(name)
         if t is None or t.shape != shape or t.dtype != x.dtype or t.device != x.device:
             t = self.work[name] = x.new_empty(shape)
         return t
 
-    def plain(self, x, g, d):
-        return g if self.beta == 1 else x + self.beta * d
+    def carried_dots(self, row):
+        """``dR_i . v`` of the carried columns from the products ``PQ v`` (one item's list)."""
+        (rp, rq), c = self.carried.coef[2], self.carried.c
+        return [rp * row[i] + rq * row[c + i] for i in range(self.nc)]
 
-    def mix(self, base, gamma, own, kind):
-        """``base - D gamma`` for D = dG (kind "g") or dX ("x"): carried columns, then ``own`` filled own ones."""
-        nc, base = self.nc, base[:, None]
-        out = self.carried.mix(base, gamma[:, None, :nc], kind) if nc else None
+    def start(self, x, d):
+        B, nc, K = x.shape[0], self.nc, self.nc + self.own
+        if self.own:
+            self.dR, self.dG = self.buffer("dR", x), self.buffer("dG", x)
+            self.dX = self.buffer("dX", x) if self.beta < 1 else None
+        self.A = [[[0.0] * K for _ in range(K)] for _ in range(B)]
+        self.b = [[0.0] * K for _ in range(B)]
+        self.active = [[i < nc for i in range(K)] for _ in range(B)]
+        if nc:
+            car, (rp, rq) = self.carried, self.carried.coef[2]
+            c = car.c
+            for A, G in zip(self.A, car.G):  # R R^T with R = rp P + rq Q, from the Gram matrices of P, Q
+                for i in range(nc):
+                    for k in range(nc):
+                        A[i][k] = rp * rp * G[i][k] + rp * rq * (G[i][c + k] + G[c + i][k]) + rq * rq * G[c + i][c + k]
+            for b, row in zip(self.b, torch.bmm(car.PQ, d[..., None])[..., 0].tolist()):
+                b[:nc] = self.carried_dots(row)
+
+    def update(self, x, g, d, r):
+        """Takes the new iterate into the system."""
+        px, pg, pd, pr = self.last
+        nc = self.nc
+        for act, a, b in zip(self.active, r, pr):
+            if a * CARRY_GAIN > b:
+                act[:nc] = [False] * nc
+        j = None
+        if self.own:
+            o = self.count % self.own
+            j, self.count = nc + o, self.count + 1
+            torch.sub(g, pg, out=self.dG[:, o])
+            dr = torch.sub(d, pd, out=self.dR[:, o])
+            if self.dX is not None:
+                torch.sub(x, px, out=self.dX[:, o])
+        else:
+            dr = d - pd
+        f = min(self.count, self.own)
+        # dR^T dr (the new row of A, and b's increment) and dr . d, in one list per item
+        parts = [torch.bmm(self.carried.PQ, dr[..., None])[..., 0]] if nc else []
+        if f:
+            parts.append(torch.bmm(self.dR[:, :f], dr[..., None])[..., 0])
+        parts.append(torch.bmm(dr[:, None], d[..., None])[..., 0])
+        for A, b, act, row in zip(self.A, self.b, self.active, torch.cat(parts, 1).tolist()):
+            c = (self.carried_dots(row) if nc else []) + row[len(row) - 1 - f:-1]
+            for i, v in enumerate(c):
+                b[i] += v
+            if j is not None:
+                for i, v in enumerate(c):
+                    A[j][i] = A[i][j] = v
+                b[j], act[j] = row[-1], True
+
+    def mix(self, base, gammas, kind):
+        """``base - D gamma`` for D the columns dG (kind "g") or dX ("x"), every item at once."""
+        own = min(self.count, self.own)
+        cols = []
+        if self.nc:
+            (cp, cq), c = self.carried.coef[1 if kind == "g" else 0], self.carried.c
+            width = c if cq == 0 else 2 * c  # EPS's dG has no Q part
+            cols.append((self.carried.PQ[:, :width], [[cp * v for v in gm[:self.nc]] + [0.0] * (c - self.nc) +
+                                                      [cq * v for v in gm[:self.nc]] + [0.0] * (c - self.nc)
+                                                      for gm in gammas], width))
         if own:
             D = (self.dG if kind == "g" else self.dX)[:, :own]
-            out = torch.baddbmm(base, gamma[:, None, nc:nc + own], D, alpha=-1) if out is None else \
-                out.baddbmm_(gamma[:, None, nc:nc + own], D, alpha=-1)
+            cols.append((D, [gm[self.nc:] for gm in gammas], own))
+        out = None
+        for D, coef, width in cols:
+            w = torch.tensor([row[:width] for row in coef], dtype=base.dtype, device=base.device)[:, None]
+            out = torch.baddbmm(base[:, None], w, D, alpha=-1) if out is None else out.baddbmm_(w, D, alpha=-1)
         return out[:, 0]
 
-    def __call__(self, x, g, d, rn):
+    def __call__(self, x, g, d, r):
+        r = r if isinstance(r, list) else r.tolist()
         if self.last is None:
             self.start(x, d)
-            grew = torch.zeros_like(rn, dtype=torch.bool)
+            grew = [False] * len(r)
         else:
-            px, pg, pd, prn = self.last
-            grew = rn > prn
-            self.active[:, :self.nc] &= (rn * CARRY_GAIN <= prn)[:, None]
-            if self.own:
-                o = self.count % self.own
-                j = self.nc + o
-                self.count += 1
-                torch.sub(g, pg, out=self.dG[:, o])
-                dr = torch.sub(d, pd, out=self.dR[:, j])
-                if self.dX is not None:
-                    torch.sub(x, px, out=self.dX[:, o])
-            else:
-                dr = d - pd
-            # dR^T dr over the filled columns (the others are 0): the new row of A, and b's increment
-            f = self.nc + min(self.count, self.own)
-            c = x.new_zeros(self.b.shape)
-            if f:
-                c[:, :f] = (self.dR[:, :f] @ dr[..., None])[..., 0]
-                c[:, :self.nc] *= self.scale if self.nc else 1.0
-            self.b += c
-            if self.own:
-                self.A[:, j], self.A[:, :, j] = c, c
-                self.b[:, j] = (dr * d).sum(1)
-                self.active[:, j] = True
-        self.last = (x, g, d, rn)
-        own = min(self.count, self.own)
-        k = self.nc + own
-        if k == 0:
-            return self.plain(x, g, d)
-        # Columns an item dropped (or has not filled) get gamma = 0 through an identity block.
-        w = self.active.to(x.dtype)
-        gamma, ok = anderson_weights(self.A * w[:, :, None] * w[:, None, :], self.b * w, self.lam, k, 1 - w)
-        gamma = gamma * w
-        # (1 - beta)(x - dX gamma) + beta (g - dG gamma)
-        mixed = self.mix(g, gamma, own, "g")
-        if self.dX is not None:
-            mixed = self.beta * mixed + (1 - self.beta) * self.mix(x, gamma, own, "x")
-        # Plain step where the residual grew or the least-squares system was singular. A finite
-        # sum has no non-finite term; the elementwise check (slower by far) runs only otherwise.
-        finite = torch.isfinite(mixed.sum(1))
-        if not finite.all():
-            finite = torch.isfinite(mixed).all(1)
-        plain = grew | ~ok | ~finite
-        return torch.where(plain[:, None], self.plain(x, g, d), mixed) if plain.any() else mixed
+            grew = [a > b for a, b in zip(r, self.last[3])]
+            self.update(x, g, d, r)
+        self.last = (x, g, d, r)
+        k = self.nc + min(self.count, self.own)
+        plain = g if self.beta == 1 else x + self.beta * d
+        if k == 0 or all(grew):
+            return plain
+        # Per item, over the columns it keeps (the others get gamma = 0); the plain step where
+        # its residual grew or its system is singular.
+        gammas, use = [], []
+        for A, b, act, up in zip(self.A, self.b, self.active, grew):
+            idx = [i for i in range(k) if act[i]]
+            gm = None if up or not idx else weights([[A[i][q] for q in idx] for i in idx], [b[i] for i in idx],
+                                                    self.lam, k)
+            full = [0.0] * k
+            for i, v in zip(idx, gm or []):
+                full[i] = v
+            gammas.append(full)
+            use.append(gm is not None)
+        if not any(use):
+            return plain
+        mixed = self.mix(g, gammas, "g")
+        if self.beta < 1:
+            mixed = self.beta * mixed + (1 - self.beta) * self.mix(x, gammas, "x")
+        # A finite sum has no non-finite term: the elementwise check (slower by far) runs only otherwise.
+        if not math.isfinite(float(mixed.sum())):
+            use = [a and b for a, b in zip(use, torch.isfinite(mixed).all(1).tolist())]
+        if all(use):
+            return mixed
+        return torch.where(torch.tensor(use, device=x.device)[:, None], mixed, plain)
 
 
 def anderson(m: int, beta: float, lam: float):

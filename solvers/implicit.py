@@ -51,12 +51,13 @@ approximate for mixtures and guidance; the method keeps them per item only while
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 
-from .core import EPS, Denoiser, Inversion, SolverError, check_finite, notify, prepare, rel_norm, vp_scale
+from .core import EPS, Denoiser, Inversion, NonFiniteError, SolverError, notify, prepare, rel_norm, vp_scale
 
 GUESSES = ("ddim", "extrapolate")
 
@@ -95,16 +96,18 @@ def split_point(sa: float, sb: float) -> float:
     return math.sqrt(sa * sb) if sa > 0 else 0.5 * sb
 
 
-def guess_point(x_a, sa, sb, space, slopes):
-    """Where the iteration of one step starts; ``slopes`` are (sigma, slope) of past steps."""
-    if not slopes:
+def guess_point(x_a, sa, sb, space, moves):
+    """Where the iteration of one step starts; ``moves`` are (sigma, h, x_b - x_a) of past steps."""
+    if not moves:
         return x_a * (vp_scale(sa, space) / vp_scale(sb, space))
-    s1, e1 = slopes[-1]
-    e = e1
-    if len(slopes) > 1:
-        s0, e0 = slopes[-2]
-        e = torch.sub(e1, e0).mul_((sb - s1) / (s1 - s0)).add_(e1)
-    return torch.add(x_a, e, alpha=sb - sa)
+    s1, h1, m1 = moves[-1]
+    h = sb - sa
+    if len(moves) == 1:
+        return torch.add(x_a, m1, alpha=h / h1)
+    # The slope e = m / h extrapolated linearly in sigma: e1 + (sb - s1) (e1 - e0) / (s1 - s0).
+    s0, h0, m0 = moves[-2]
+    k = (sb - s1) / (s1 - s0)
+    return torch.add(x_a, m1, alpha=h * (1 + k) / h1).add_(m0, alpha=-h * k / h0)
 
 
 def transport_frame(dx, dg, sb, h, space, out=None):
@@ -145,126 +148,157 @@ def transported(p, q, sb, h, space):
     return u, torch.add(u, q, alpha=-a / (sb * sb)).mul_(h / sb)
 
 
-class Frames:
-    """The last ``carry`` pairs in ``transport_frame`` form, kept in two (B, carry, n) ring
-    buffers ``P``, ``Q``: a step writes its new pairs in place and hands the update a
-    ``Carried`` view instead of fresh full-size tensors per pair (their order in the
-    least-squares system does not matter)."""
-
-    def __init__(self, carry):
-        self.carry, self.P, self.Q, self.count = carry, None, None, 0
-
-    def add(self, dx, dg, sb, h, space):
-        if self.P is None:
-            self.P = dx.new_empty(dx.shape[0], self.carry, dx.shape[1])
-            self.Q = torch.empty_like(self.P)
-        j = self.count % self.carry
-        self.count += 1
-        transport_frame(dx, dg, sb, h, space, out=(self.P[:, j], self.Q[:, j]))
-
-    def at(self, sb, h, space):
-        n = min(self.count, self.carry)
-        return Carried(self.P[:, :n], self.Q[:, :n], transport_coefficients(sb, h, space)) if n else []
-
-
 @dataclass
 class Carried:
-    """The carried pairs of one step, transported (``transported``) into an update's columns:
-    ``dR = J_F u - u`` written by ``write`` (one buffer-wide operation for all pairs), and
-    ``dX = u``, ``dG = J_F u`` never formed, applied by ``mix`` straight from ``P``, ``Q``."""
-    P: torch.Tensor
-    Q: torch.Tensor
+    """Pairs as columns of one (B, 2c, n) buffer ``PQ`` (``P`` in slots 0..c-1, ``Q`` in c..2c-1;
+    the first ``n`` of each are filled) with their Gram matrices ``G = PQ PQ^T`` per item (lists).
+    ``coef`` gives ``dX``, ``dG`` and ``dR`` as ``c_p P + c_q Q`` (``transport_coefficients``), so an
+    update reads every column and product of the pairs from these, and no column is formed."""
+    PQ: torch.Tensor
+    c: int
+    n: int
+    G: list
     coef: tuple
 
     def __len__(self):
-        return self.P.shape[1]
+        return self.n
 
-    def write(self, dR):
-        """Writes ``dR / s`` into ``dR`` and returns ``s``: one buffer-wide operation (the scale
-        goes onto the small products of these columns instead)."""
-        cp, cq = self.coef[2]
-        if cq == 0:
-            torch.mul(self.P, cp, out=dR)
-            return 1.0
-        torch.add(self.Q, self.P, alpha=cp / cq, out=dR)
-        return cq
+    @classmethod
+    def of(cls, pairs):
+        """Pairs ``(dx, dg)`` as given: ``P = dx``, ``Q = dg``."""
+        PQ = torch.stack([dx for dx, _ in pairs] + [dg for _, dg in pairs], 1)
+        return cls(PQ, len(pairs), len(pairs), (PQ @ PQ.transpose(1, 2)).tolist(), ((1.0, 0.0), (0.0, 1.0), (-1.0, 1.0)))
 
-    def mix(self, base, gamma, kind):
-        """``base - D gamma``, D the columns dG (kind "g") or dX ("x"); base (B, 1, n), gamma (B, 1, k)."""
-        cp, cq = self.coef[1 if kind == "g" else 0]
-        out = torch.baddbmm(base, gamma * cp, self.P, alpha=-1)
-        return out.baddbmm_(gamma * cq, self.Q, alpha=-1) if cq != 0 else out
+
+class Frames:
+    """The last ``carry`` pairs in ``transport_frame`` form, kept in one ring buffer with their Gram
+    matrices (``Carried``): a new pair is written in place and costs one product with the others."""
+
+    def __init__(self, carry):
+        self.carry, self.PQ, self.G, self.count = carry, None, None, 0
+
+    def add(self, dx, dg, sb, h, space):
+        c = self.carry
+        if self.PQ is None:
+            self.PQ = dx.new_zeros(dx.shape[0], 2 * c, dx.shape[1])
+            self.G = [[[0.0] * (2 * c) for _ in range(2 * c)] for _ in range(dx.shape[0])]
+        j = self.count % c
+        self.count += 1
+        transport_frame(dx, dg, sb, h, space, out=(self.PQ[:, j], self.PQ[:, c + j]))
+        rows = torch.bmm(self.PQ, self.PQ[:, j::c].transpose(1, 2)).tolist()  # slots j and c + j: a view
+        for G, row in zip(self.G, rows):
+            for i, (vp, vq) in enumerate(row):
+                G[i][j] = G[j][i] = vp
+                G[i][c + j] = G[c + j][i] = vq
+
+    def at(self, sb, h, space):
+        n = min(self.count, self.carry)
+        return Carried(self.PQ, self.carry, n, self.G, transport_coefficients(sb, h, space)) if n else []
 
 
 @dataclass
 class Attempt:
     """One step's iteration: per item the state it keeps ``x`` (its best iterate, or ``F`` of
-    it, see the module's docstring), the best iterate's residual ``r``, which items are
-    ``done``, the secant ``pairs``, and the first two evaluations ``(x, g, r)`` for the DDIM check."""
+    it, see the module's docstring), the best iterate's residual ``r`` and which items are
+    ``done`` (lists), the last secant ``pairs`` (dx, dg), and what the DDIM check can reuse: the
+    DDIM step ``ddim`` (F of the first iterate when that was the DDIM start) and its residual ``ddim_r``."""
     x: torch.Tensor
-    r: torch.Tensor
-    done: torch.Tensor
+    r: list
+    done: list
     pairs: list
-    first: list
+    ddim: Optional[torch.Tensor] = None
+    ddim_r: Optional[list] = None
 
 
 def stalls(r0, best, k, left, tol, slow=1.0) -> bool:
     """Whether an open item cannot reach ``tol`` in ``left`` calls at its mean rate over ``k`` updates."""
-    open_ = best >= tol
-    if left <= 0:
-        return bool(open_.any())
-    if not open_.any():
-        return False
-    rate = (best[open_] / r0[open_].clamp_min(1e-30)) ** (1.0 / k)
-    need = torch.log(tol / best[open_]) / torch.log(rate.clamp_max(1 - 1e-9))
-    return bool(((rate > slow) | (need > left)).any())
+    open_ = [i for i, b in enumerate(best) if b >= tol]
+    if left <= 0 or not open_:
+        return bool(open_)
+    for i in open_:
+        rate = (best[i] / max(r0[i], 1e-30)) ** (1.0 / k)
+        if rate > slow or math.log(tol / best[i]) / math.log(min(rate, 1 - 1e-9)) > left:
+            return True
+    return False
+
+
+def norms(*ts):
+    """Per item norms of (B, n) tensors, as lists (one transfer)."""
+    return torch.stack([torch.linalg.vector_norm(t, dim=1) for t in ts]).tolist()
+
+
+def residual(den: Denoiser, x, d, out):
+    """Per item ``||d|| / ||x||`` as floats. A finite one means d, x and the model's output are
+    finite, so this one reduction stands in for the denoiser's own check of ``out``."""
+    dn, xn = norms(d, x)
+    r = [a / max(b, 1e-30) for a, b in zip(dn, xn)]
+    if not all(map(math.isfinite, r)):
+        den.check(out)
+        raise NonFiniteError(f"{den.method}: the state became non-finite at step {den.step + 1}")
+    return r
+
+
+def mask(flags, like):
+    return torch.tensor(flags, device=like.device)[:, None]
 
 
 def solve_step(den: Denoiser, x_a, sa, sb, x0, update: Update, calls: int, tol, carried=(), slow=1.0,
-               secants=False) -> Attempt:
+               keep=0, ddim=False) -> Attempt:
     """Iterate one implicit step from ``x0`` with at most ``calls`` model calls, stopping early
-    once ``tol`` is out of reach within them or the residual shrinks by less than ``slow`` per call."""
+    once ``tol`` is out of reach within them or the residual shrinks by less than ``slow`` per call.
+
+    ``keep``: how many of the last moves to return as secant pairs; ``ddim``: ``x0`` is the
+    DDIM start, so F(x0) is the DDIM step (kept for ``keep_best``)."""
     shape, flat_a, x = x_a.shape, x_a.flatten(1), x0.flatten(1)
-    step = update(carried if isinstance(carried, Carried) else list(carried))
+    step = update(carried)
     c = (sb - sa) / sb
-    first, pairs, prev, best = [], [], None, None
-    inf = x.new_full((x.shape[0],), math.inf)
+    B = x.shape[0]
+    seen = deque(maxlen=keep + 1)  # (x, g) of the last evaluations, for the pairs
+    best_x = best_g = att_ddim = ddim_r = None
+    best, lip, r0, prev, k, last = [math.inf] * B, [math.inf] * B, None, None, 0, []
     for k in range(int(calls)):
-        g = torch.add(flat_a, x - den(x.view(shape), sb).flatten(1), alpha=c)  # F(x) = x_a + h d(x, sb)
+        out = den(x.view(shape), sb, check=False).flatten(1)
+        g = torch.add(flat_a, torch.sub(x, out), alpha=c)  # F(x) = x_a + h d(x, sb)
         d = g - x
-        r = d.norm(dim=1) / x.norm(dim=1).clamp_min(1e-30)
-        if len(first) < 2:
-            first.append((x, g, r))
-        # |J_F| along the last move: below 1, F(x) is closer to the fixed point than x.
-        if prev is None:
-            lip = inf
-        else:
-            dx, dg = x - prev[0], g - prev[1]
-            lip = dg.norm(dim=1) / dx.norm(dim=1).clamp_min(1e-30)
-            if secants:
-                pairs.append((dx, dg))
+        r = residual(den, x, d, out)
+        if ddim and k == 0:
+            att_ddim = g
+        elif att_ddim is not None and k == 1 and x is att_ddim:
+            ddim_r = r
+        r0 = r0 or r
+        better = [a < b for a, b in zip(r, best)]
+        if all(better):
+            best_x, best_g = x, g
+        elif any(better):
+            w = mask(better, x)
+            best_x, best_g = torch.where(w, x, best_x), torch.where(w, g, best_g)
+        # |J_F| along the move into an item's first converged iterate: below 1, F(x) is closer to
+        # the fixed point than x. Measured once, when an item converges (the move is also a pair).
+        now = [a and r[i] < tol <= b for i, (a, b) in enumerate(zip(better, best))]
+        if any(now) and prev is not None:
+            last = [(k, x - prev[0], g - prev[1])]
+            lip = [a / max(b, 1e-30) if n else v for a, b, n, v in zip(*norms(last[0][2], last[0][1]), now, lip)]
+        best = [min(a, b) for a, b in zip(r, best)]
+        seen.append((x, g))
         prev = (x, g)
-        if best is None:
-            best, r0 = (x, g, r, lip), r
-        elif (r < best[2]).all():
-            best = (x, g, r, lip)
-        elif (r < best[2]).any():
-            w = r < best[2]
-            best = tuple(torch.where(w[:, None] if a.ndim > 1 else w, a, b) for a, b in zip((x, g, r, lip), best))
-        done = best[2] < tol
-        if done.all() or k == int(calls) - 1 or (k >= 2 and stalls(r0, best[2], k, int(calls) - k - 1, tol, slow)):
+        done = [b < tol for b in best]
+        if all(done) or k == int(calls) - 1 or (k >= 2 and stalls(r0, best, k, int(calls) - k - 1, tol, slow)):
             break
         x = step(x, g, d, r)
-        if done.any():
+        if any(done):
             # An item that has converged keeps its accepted value; its later evaluations are
             # only the price of batching it with the others.
-            x = torch.where(done[:, None], best[0], x)
+            x = torch.where(mask(done, x), best_x, x)
     # In a converged step an item where F contracts takes F(x), whose residual is then below r
     # (along the last move: an estimate). In an unconverged one every item keeps the x whose
     # residual is measured, so that the residual the step reports is exactly what it keeps.
-    take = done & (best[3] < 1) if done.all() else done & False
-    out = best[1] if take.all() else best[0] if not take.any() else torch.where(take[:, None], best[1], best[0])
-    return Attempt(out.view(shape), best[2], done, pairs, first)
+    take = [a and b < 1 for a, b in zip(done, lip)] if all(done) else [False] * B
+    out = best_g if all(take) else best_x if not any(take) else torch.where(mask(take, best_x), best_g, best_x)
+    seen, pairs = list(seen), []
+    for i in range(1, len(seen)):
+        moved = last and last[0][0] == k - len(seen) + 1 + i
+        pairs.append(last[0][1:] if moved else (seen[i][0] - seen[i - 1][0], seen[i][1] - seen[i - 1][1]))
+    return Attempt(out.view(shape), best, done, pairs, att_ddim, ddim_r)
 
 
 def keep_best(den: Denoiser, att: Attempt, x_a, sa, sb, space):
@@ -272,13 +306,10 @@ def keep_best(den: Denoiser, att: Attempt, x_a, sa, sb, space):
     shape = x_a.shape
     flat_a = x_a.flatten(1)
     F = lambda x: flat_a + (sb - sa) * den.slope(x.view(shape), sb).flatten(1)
-    start = (x_a * (vp_scale(sa, space) / vp_scale(sb, space))).flatten(1)
-    x0, g0, _ = att.first[0]
-    ddim = g0 if torch.equal(x0, start) else F(start)
-    seen = [r for x, _, r in att.first[1:] if torch.equal(x, ddim)]
-    r = seen[0] if seen else rel_norm(F(ddim) - ddim, ddim)
-    take = r < att.r
-    return torch.where(take[:, None], ddim, att.x.flatten(1)).view(shape), torch.minimum(r, att.r), take
+    ddim = att.ddim if att.ddim is not None else F((x_a * (vp_scale(sa, space) / vp_scale(sb, space))).flatten(1))
+    r = att.ddim_r if att.ddim_r is not None else rel_norm(F(ddim) - ddim, ddim).tolist()
+    take = [a < b for a, b in zip(r, att.r)]
+    return torch.where(mask(take, ddim), ddim, att.x.flatten(1)).view(shape), list(map(min, r, att.r)), take
 
 
 def invert_implicit(method: str, update: Update, model, x, sigmas, extra_args=None, callback=None, space="eps",
@@ -295,24 +326,23 @@ def invert_implicit(method: str, update: Update, model, x, sigmas, extra_args=No
     den, x, sigmas, s = prepare(method, model, x, sigmas, extra_args, space)
     n, least = len(s) - 1, floor(guess)
     budget = int(iterations) * n
-    norm0 = x.flatten(1).norm(dim=1).clamp_min(1e-30)
+    norm0 = [max(v, 1e-30) for v in norms(x.flatten(1))[0]]
     sig, traj = [s[0]], [x] if keep_trajectory else None
     frames = Frames(carry) if carry > 0 else None
-    slopes, residuals, unconverged, kept_ddim, split, costs = [], [], [], [], [], []
+    moves, residuals, unconverged, kept_ddim, split, costs = [], [], [], [], [], []
     todo = [(s[i], s[i + 1], 0, i) for i in reversed(range(n))]  # a stack: the next step last
     while todo:
         sa, sb, level, i = todo.pop()
         den.step, h, left = i, sb - sa, budget - den.nfe
         share = min(left - least * len(todo), math.ceil(SHARE * left / (len(todo) + 1)))
-        x0 = guess_point(x, sa, sb, space, slopes if guess == "extrapolate" else [])
+        x0 = guess_point(x, sa, sb, space, moves if guess == "extrapolate" else [])
         carried = frames.at(sb, h, space) if carry > 0 else []
         att = solve_step(den, x, sa, sb, x0, update, share - reserve(guess), tol, carried,
-                         SLOW if level < depth else 1.0, carry > 0)
-        if carry > 0:
-            for dx, dg in att.pairs[-carry:]:
-                frames.add(dx, dg, sb, h, space)
+                         SLOW if level < depth else 1.0, carry, not moves or guess == "ddim")
+        for dx, dg in att.pairs:
+            frames.add(dx, dg, sb, h, space)
         x_b, r, took = att.x, att.r, None
-        if not att.done.all():
+        if not all(att.done):
             # The new sigma as the schedule will hold it, so that sampling back meets it exactly.
             sm = float(torch.tensor(split_point(sa, sb), dtype=sigmas.dtype))
             if level < depth and sa < sm < sb and budget - den.nfe >= least * (len(todo) + 2):
@@ -320,16 +350,15 @@ def invert_implicit(method: str, update: Update, model, x, sigmas, extra_args=No
                 split.append(i)
                 continue
             x_b, r, took = keep_best(den, att, x, sa, sb, space)
-        if not torch.isfinite(x_b.sum()):  # a finite sum has no non-finite term: the full check only then
-            x_b = check_finite(x_b, method, i)
-        slopes.append((sb, (x_b - x) / h))
-        del slopes[:-2]
+        # x_b is finite: it is an evaluated iterate or F of one, and its residual was finite.
+        moves.append((sb, h, x_b - x))
+        del moves[:-2]
         j = len(residuals)
-        residuals.append(float(r.max()))
-        costs.append(float((r * x_b.flatten(1).norm(dim=1) / norm0).max()))
+        residuals.append(max(r))
+        costs.append(max(a * b / c for a, b, c in zip(r, norms(x_b.flatten(1))[0], norm0)))
         if took is not None:
             unconverged.append(j)
-            if took.any():
+            if any(took):
                 kept_ddim.append(j)
         x = x_b
         sig.append(sb)

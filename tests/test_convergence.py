@@ -170,7 +170,10 @@ def rebuilt(history, carried, m, beta, lam):
     dX = torch.stack([c[0] for c in cols], 1)
     dR = torch.stack([c[1] - c[0] for c in cols], 1)
     A, b = dR @ dR.transpose(1, 2), (dR @ (g - x)[..., None])[..., 0]
-    gamma, ok = aa.anderson_weights(A, b, lam, len(cols))
+    # (A + reg I) gamma = b, reg = lam * tr(A) / columns: one torch solve per item
+    reg = lam * A.diagonal(dim1=1, dim2=2).sum(-1) / len(cols) + aa.TINY
+    gamma, info = torch.linalg.solve_ex(A + reg[:, None, None] * torch.eye(len(cols), dtype=A.dtype), b[..., None])
+    gamma, ok = gamma[..., 0], info == 0
     mixed = (1 - beta) * (x - (gamma[:, None] @ dX)[:, 0]) + beta * (g - (gamma[:, None] @ (dR + dX))[:, 0])
     grew = rs[-1] > rs[-2] if len(rs) > 1 else torch.zeros_like(ok)
     return torch.where((grew | ~ok)[:, None], (1 - beta) * x + beta * g, mixed)
