@@ -81,21 +81,15 @@ class Anderson:
     in (B, m - 1, n) buffers; per item ``A = dR^T dR``, ``b = dR^T r`` and the columns that take
     part, as Python lists."""
 
-    def __init__(self, carried, m, beta, lam, work=None):
+    def __init__(self, carried, m, beta, lam):
         self.carried = carried if isinstance(carried, Carried) else Carried.of(list(carried)) if carried else None
         self.nc = len(self.carried) if self.carried else 0
         self.beta, self.lam, self.own = beta, lam, m - 1
-        self.work = {} if work is None else work
         self.last = None  # (x, g, d, r) of the previous iterate
         self.count = 0  # own pairs seen so far
 
-    def buffer(self, name, x):
-        """A (B, m - 1, n) buffer kept from step to step: fresh large tensors cost more than the arithmetic."""
-        shape = (x.shape[0], self.own, x.shape[1])
-        t = self.work.get(name)
-        if t is None or t.shape != shape or t.dtype != x.dtype or t.device != x.device:
-            t = self.work[name] = x.new_empty(shape)
-        return t
+    def buffer(self, x):
+        return x.new_empty(x.shape[0], self.own, x.shape[1])
 
     def carried_dots(self, row):
         """``dR_i . v`` of the carried columns from the products ``PQ v`` (one item's list)."""
@@ -104,9 +98,6 @@ class Anderson:
 
     def start(self, x, d):
         B, nc, K = x.shape[0], self.nc, self.nc + self.own
-        if self.own:
-            self.dR, self.dG = self.buffer("dR", x), self.buffer("dG", x)
-            self.dX = self.buffer("dX", x) if self.beta < 1 else None
         self.A = [[[0.0] * K for _ in range(K)] for _ in range(B)]
         self.b = [[0.0] * K for _ in range(B)]
         self.active = [[i < nc for i in range(K)] for _ in range(B)]
@@ -129,6 +120,9 @@ class Anderson:
                 act[:nc] = [False] * nc
         j = None
         if self.own:
+            if not self.count:  # a step that converges at its second call never needs them
+                self.dR, self.dG = self.buffer(x), self.buffer(x)
+                self.dX = self.buffer(x) if self.beta < 1 else None
             o = self.count % self.own
             j, self.count = nc + o, self.count + 1
             torch.sub(g, pg, out=self.dG[:, o])
@@ -210,8 +204,7 @@ class Anderson:
 
 
 def anderson(m: int, beta: float, lam: float):
-    work = {}  # the buffers, shared by the steps of one inversion (they run one after another)
-    return lambda carried: Anderson(carried, m, beta, lam, work)
+    return lambda carried: Anderson(carried, m, beta, lam)
 
 
 def invert_aidi_anderson(model, x, sigmas, extra_args=None, callback=None, *, space, iterations, tol, guess, m,

@@ -94,6 +94,7 @@ class Denoiser:
     def __call__(self, x: torch.Tensor, sigma, check: bool = True) -> torch.Tensor:
         """``check=False``: the caller checks the output's finiteness itself (with ``check``)."""
         s = torch.full((x.shape[0],), float(sigma), dtype=x.dtype, device=x.device)
+        self.last = None  # not held while the model runs: one latent less at the peak
         out = self.model(x, s, **self.extra_args)
         self.nfe += 1
         if not isinstance(out, torch.Tensor) or out.shape != x.shape:

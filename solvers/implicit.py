@@ -341,6 +341,7 @@ def invert_implicit(method: str, update: Update, model, x, sigmas, extra_args=No
                          SLOW if level < depth else 1.0, carry, not moves or guess == "ddim")
         for dx, dg in att.pairs:
             frames.add(dx, dg, sb, h, space)
+        att.pairs = []  # the attempt outlives the step (until the next one returns): keep nothing large
         x_b, r, took = att.x, att.r, None
         if not all(att.done):
             # The new sigma as the schedule will hold it, so that sampling back meets it exactly.
@@ -350,6 +351,7 @@ def invert_implicit(method: str, update: Update, model, x, sigmas, extra_args=No
                 split.append(i)
                 continue
             x_b, r, took = keep_best(den, att, x, sa, sb, space)
+        att.ddim = x0 = None
         # x_b is finite: it is an evaluated iterate or F of one, and its residual was finite.
         moves.append((sb, h, x_b - x))
         del moves[:-2]
