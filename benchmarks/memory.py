@@ -1,7 +1,8 @@
 """Peak memory of the Invert node above idle, through the real ComfyUI host, on CPU.
 
     COMFYUI_PATH=<ComfyUI checkout> python benchmarks/memory.py
-    COMFYUI_PATH=... python benchmarks/memory.py --methods aidi_anderson ddim bdia --steps 10 20 --carry 8 0
+    COMFYUI_PATH=... python benchmarks/memory.py --methods aidi_anderson ddim bdia --steps 10 20 --carry 2 0 8
+    COMFYUI_PATH=... python benchmarks/memory.py --tol 1e-7   # longer steps: every buffer in use
 
 Needs ComfyUI (its requirements in this interpreter). The model is the host's own, with a
 video latent format (Wan 2.1: 16 channels, B,C,T,H,W) and its network replaced through the
@@ -37,7 +38,7 @@ def status(key):
     raise RuntimeError(f"no {key} in /proc/self/status")
 
 
-def measure(method, steps, shape, carry, pack):
+def measure(method, steps, shape, carry, pack, tol=None):
     host = os.environ.get("COMFYUI_PATH")
     if not host:
         sys.exit("set COMFYUI_PATH to a ComfyUI checkout")
@@ -80,6 +81,8 @@ def measure(method, steps, shape, carry, pack):
     model.set_model_unet_function_wrapper(gaussian)
     positive = [[torch.ones(1, 77, 32), {}]]
     extra = {"carry": carry} if method == "aidi_anderson" else {}
+    if tol is not None and method in ("aidi_anderson", "fixed_point", "aidi_empirical"):
+        extra["tol"] = tol  # a tighter tol makes steps take more calls, and more of the method's buffers
 
     def run(latent):
         return Invert.execute(model=model, latent=latent, positive=positive, method=method, steps=steps,
@@ -114,14 +117,16 @@ def main(argv=None):
     p.add_argument("--steps", nargs="+", type=int, default=[10])
     p.add_argument("--carry", nargs="+", type=int, default=[8], help="aidi_anderson's carry values to run")
     p.add_argument("--shape", nargs="+", type=int, default=[1, 16, 13, 60, 104])
+    p.add_argument("--tol", type=float, default=None, help="tol of the fixed-point methods (default: theirs)")
     p.add_argument("--pack", type=pathlib.Path, default=HERE.parent, help="the pack to measure (default: this one)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.child:
-        print(json.dumps(measure(a.methods[0], a.steps[0], tuple(a.shape), a.carry[0], a.pack)))
+        print(json.dumps(measure(a.methods[0], a.steps[0], tuple(a.shape), a.carry[0], a.pack, a.tol)))
         return
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_WAIT_POLICY="PASSIVE")
-    print(f"latent {'x'.join(map(str, a.shape))}, float32, CPU; peak = high-water mark above idle")
+    print(f"latent {'x'.join(map(str, a.shape))}, float32, CPU; peak = high-water mark above idle"
+          + (f"; tol {a.tol:g}" if a.tol is not None else ""))
     print("| method | carry | steps | NFE | one latent MiB | record MiB | peak MiB | peak - record, latents |")
     print("|---|---|---|---|---|---|---|---|")
     for method in a.methods:
@@ -129,6 +134,7 @@ def main(argv=None):
             for carry in (a.carry if method == "aidi_anderson" else [0]):
                 cmd = [sys.executable, __file__, "--child", "--methods", method, "--steps", str(steps), "--carry",
                        str(carry), "--pack", str(a.pack), "--shape", *map(str, a.shape)]
+                cmd += ["--tol", str(a.tol)] if a.tol is not None else []
                 done = subprocess.run(cmd, env=env, capture_output=True, text=True)
                 if done.returncode:
                     sys.exit(done.stderr[-3000:])
