@@ -62,9 +62,9 @@ from .core import EPS, Denoiser, Inversion, NonFiniteError, SolverError, notify,
 GUESSES = ("ddim", "extrapolate")
 
 # update(carried) starts one step and returns next(x, g, d, r) -> the next iterate: it sees
-# every evaluated iterate x with g = F(x), d = g - x (all flattened (B, n)) and the
-# per-item residual r = ||d|| / ||x||, in order. ``carried``: pairs (dx, dg) of earlier
-# steps, at this sigma (a list, or a ``Carried`` that writes them into the update's buffers).
+# every evaluated iterate but the last x with g = F(x), d = g - x (all flattened (B, n)) and
+# the per-item residual r = ||d|| / ||x|| (a list of floats), in order. ``carried``: pairs
+# (dx, dg) of earlier steps, at this sigma (a list, or a ``Carried`` view of ``Frames``).
 Update = Callable[[list], Callable[..., torch.Tensor]]
 
 DEPTH = 4  # a step is split at most 4 times over, into up to 16 steps
