@@ -341,7 +341,7 @@ def invert_implicit(method: str, update: Update, model, x, sigmas, extra_args=No
                          SLOW if level < depth else 1.0, carry, not moves or guess == "ddim")
         for dx, dg in att.pairs:
             frames.add(dx, dg, sb, h, space)
-        att.pairs = []  # the attempt outlives the step (until the next one returns): keep nothing large
+        att.pairs = x0 = None  # these outlive the step (until the next one returns): keep nothing large
         x_b, r, took = att.x, att.r, None
         if not all(att.done):
             # The new sigma as the schedule will hold it, so that sampling back meets it exactly.
@@ -349,9 +349,10 @@ def invert_implicit(method: str, update: Update, model, x, sigmas, extra_args=No
             if level < depth and sa < sm < sb and budget - den.nfe >= least * (len(todo) + 2):
                 todo += [(sm, sb, level + 1, i), (sa, sm, level + 1, i)]
                 split.append(i)
+                att = None
                 continue
             x_b, r, took = keep_best(den, att, x, sa, sb, space)
-        att.ddim = x0 = None
+        att = None
         # x_b is finite: it is an evaluated iterate or F of one, and its residual was finite.
         moves.append((sb, h, x_b - x))
         del moves[:-2]
