@@ -247,6 +247,18 @@ def counted(model):
 LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never through a proxy
 
 
+@pytest.fixture
+def folders(tmp_path, monkeypatch):
+    """Output and input folders of our own, as the host's folder_paths reports them."""
+    import folder_paths
+    out, inp = tmp_path / "output", tmp_path / "input"
+    out.mkdir()
+    inp.mkdir()
+    monkeypatch.setattr(folder_paths, "output_directory", str(out))
+    monkeypatch.setattr(folder_paths, "input_directory", str(inp))
+    return out, inp
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

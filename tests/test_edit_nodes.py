@@ -132,17 +132,24 @@ def spied(monkeypatch):
     return seen
 
 
-def test_flux_attention_mask_is_the_direct_softmax_over_the_joint_sequence(monkeypatch):
-    threshold = 0.9
-    model = tiny_flux()
-    latent = {"samples": torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(3))}
-    src, tgt = flux_prompt(1), flux_prompt(2)
+def word_attention(monkeypatch, model, latent, src, tgt, threshold):
+    """Invert with BDIA, then one unguided Blended Guidance Edit whose region comes from the words
+    of SOURCE_TEXT and TARGET_TEXT; returns (every attention call it saw, its mask)."""
     inv = Invert.execute(model=model, latent=latent, positive=src, method="bdia", steps=4, scheduler="simple",
                          cfg=1.0, denoise=1.0, keep_trajectory=True).result[0]
     seen = spied(monkeypatch)
     _, mask = blended(model, inv, src, tgt, clip=clip(comfy.text_encoders.flux.FluxTokenizer), source_text=SOURCE_TEXT,
                       target_text=TARGET_TEXT, threshold=threshold, dilation=0, local_blend=False,
                       cfg_inversion=1.0, cfg_edit=1.0)
+    return seen, mask
+
+
+def test_flux_attention_mask_is_the_direct_softmax_over_the_joint_sequence(monkeypatch):
+    threshold = 0.9
+    model = tiny_flux()
+    latent = {"samples": torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(3))}
+    src, tgt = flux_prompt(1), flux_prompt(2)
+    seen, mask = word_attention(monkeypatch, model, latent, src, tgt, threshold)
     tok = clip(comfy.text_encoders.flux.FluxTokenizer)
     where = {}
     for branch, text, word in (("source", SOURCE_TEXT, "cat"), ("target", TARGET_TEXT, "dog")):
@@ -455,12 +462,7 @@ def test_wan_attention_region_is_per_latent_frame(monkeypatch):
     src = [[torch.randn(1, 16, comfy_host.CONTEXT, generator=g), {}]]
     tgt = [[torch.randn(1, 16, comfy_host.CONTEXT, generator=g), {}]]
     latent = {"samples": torch.randn(1, 16, 3, 8, 8, generator=torch.Generator().manual_seed(0))}
-    inv = Invert.execute(model=model, latent=latent, positive=src, method="bdia", steps=4, scheduler="simple",
-                         cfg=1.0, denoise=1.0, keep_trajectory=True).result[0]
-    seen = spied(monkeypatch)
-    _, mask = blended(model, inv, src, tgt, clip=clip(comfy.text_encoders.flux.FluxTokenizer), source_text=SOURCE_TEXT,
-                      target_text=TARGET_TEXT, threshold=threshold, dilation=0, local_blend=False,
-                      cfg_inversion=1.0, cfg_edit=1.0)
+    seen, mask = word_attention(monkeypatch, model, latent, src, tgt, threshold)
     maps = {"source": [], "target": []}
     for branch, q, k, kwargs in seen:
         if branch is None or k.shape[1] != 16:  # cross attention on the 16 context tokens only

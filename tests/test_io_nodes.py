@@ -10,7 +10,7 @@ import pytest
 import safetensors
 import safetensors.torch
 import torch
-from comfy_host import exact_model, prompt, vae_scale
+from comfy_host import exact_model, folders, prompt, vae_scale  # noqa: F401  (folders: a fixture)
 
 import folder_paths
 import utils.extra_config  # noqa: F401  (before the host's nodes.py, as main.py does)
@@ -28,15 +28,7 @@ MIX = Mixture((4, 8, 8), components=3, seed=0)
 SCHEDULER = {"eps": "karras", "v": "normal", "flow": "simple"}
 
 
-@pytest.fixture(autouse=True)
-def folders(tmp_path, monkeypatch):
-    """Output and input folders of our own, as the host's folder_paths reports them."""
-    out, inp = tmp_path / "output", tmp_path / "input"
-    out.mkdir()
-    inp.mkdir()
-    monkeypatch.setattr(folder_paths, "output_directory", str(out))
-    monkeypatch.setattr(folder_paths, "input_directory", str(inp))
-    return out, inp
+pytestmark = pytest.mark.usefixtures("folders")  # comfy_host's: input and output folders of the test's own
 
 
 def inverted(model, kind="eps", method="bdia", steps=3):

@@ -18,7 +18,7 @@ import pytest
 import safetensors
 import safetensors.torch
 import torch
-from comfy_host import exact_model, prompt, vae_scale
+from comfy_host import exact_model, folders, prompt, vae_scale  # noqa: F401  (folders: a fixture)
 
 import comfy.samplers
 import folder_paths
@@ -37,14 +37,7 @@ MIX = Mixture((4, 8, 8), components=3, seed=0)
 DATA = pathlib.Path(__file__).parent / "data"
 
 
-@pytest.fixture(autouse=True)
-def folders(tmp_path, monkeypatch):
-    out, inp = tmp_path / "output", tmp_path / "input"
-    out.mkdir()
-    inp.mkdir()
-    monkeypatch.setattr(folder_paths, "output_directory", str(out))
-    monkeypatch.setattr(folder_paths, "input_directory", str(inp))
-    return out, inp
+pytestmark = pytest.mark.usefixtures("folders")  # comfy_host's: input and output folders of the test's own
 
 
 def counting(kind="eps"):
