@@ -166,7 +166,6 @@ class Anderson:
         return out[:, 0]
 
     def __call__(self, x, g, d, r):
-        r = r if isinstance(r, list) else r.tolist()
         if self.last is None:
             self.start(x, d)
             grew = [False] * len(r)

@@ -70,7 +70,7 @@ def check_latent(x: torch.Tensor, name: str = "latent") -> torch.Tensor:
         raise SolverError(f"{name} must be 4D (B,C,H,W) or 5D (B,C,T,H,W), got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise SolverError(f"{name} must be a floating-point tensor, got {x.dtype}")
-    if not torch.isfinite(x).all():
+    if not finite(x):
         raise SolverError(f"{name} holds non-finite values")
     return x
 

@@ -253,9 +253,9 @@ def solve_step(den: Denoiser, x_a, sa, sb, x0, update: Update, calls: int, tol, 
     step = update(carried)
     c = (sb - sa) / sb
     B = x.shape[0]
-    seen = deque(maxlen=keep + 1)  # (x, g) of the last evaluations, for the pairs
+    seen = deque(maxlen=keep + 1)  # (k, x, g) of the last evaluations, for the pairs
     best_x = best_g = att_ddim = ddim_r = None
-    best, lip, r0, prev, k, last = [math.inf] * B, [math.inf] * B, None, None, 0, []
+    best, lip, r0, prev, moved = [math.inf] * B, [math.inf] * B, None, None, None
     for k in range(int(calls)):
         out = den(x.view(shape), sb, check=False).flatten(1)
         g = torch.add(flat_a, torch.sub(x, out), alpha=c)  # F(x) = x_a + h d(x, sb)
@@ -276,10 +276,10 @@ def solve_step(den: Denoiser, x_a, sa, sb, x0, update: Update, calls: int, tol, 
         # the fixed point than x. Measured once, when an item converges (the move is also a pair).
         now = [a and r[i] < tol <= b for i, (a, b) in enumerate(zip(better, best))]
         if any(now) and prev is not None:
-            last = [(k, x - prev[0], g - prev[1])]
-            lip = [a / max(b, 1e-30) if n else v for a, b, n, v in zip(*norms(last[0][2], last[0][1]), now, lip)]
+            moved = (k, x - prev[0], g - prev[1])  # the move into evaluation k: (dx, dg)
+            lip = [a / max(b, 1e-30) if n else v for a, b, n, v in zip(*norms(moved[2], moved[1]), now, lip)]
         best = [min(a, b) for a, b in zip(r, best)]
-        seen.append((x, g))
+        seen.append((k, x, g))
         prev = (x, g)
         done = [b < tol for b in best]
         if all(done) or k == int(calls) - 1 or (k >= 2 and stalls(r0, best, k, int(calls) - k - 1, tol, slow)):
@@ -294,10 +294,9 @@ def solve_step(den: Denoiser, x_a, sa, sb, x0, update: Update, calls: int, tol, 
     # residual is measured, so that the residual the step reports is exactly what it keeps.
     take = [a and b < 1 for a, b in zip(done, lip)] if all(done) else [False] * B
     out = best_g if all(take) else best_x if not any(take) else torch.where(mask(take, best_x), best_g, best_x)
-    seen, pairs = list(seen), []
-    for i in range(1, len(seen)):
-        moved = last and last[0][0] == k - len(seen) + 1 + i
-        pairs.append(last[0][1:] if moved else (seen[i][0] - seen[i - 1][0], seen[i][1] - seen[i - 1][1]))
+    seen = list(seen)
+    pairs = [moved[1:] if moved and moved[0] == kb else (xb - xa, gb - ga)
+             for (_, xa, ga), (kb, xb, gb) in zip(seen, seen[1:])]
     return Attempt(out.view(shape), best, done, pairs, att_ddim, ddim_r)
 
 

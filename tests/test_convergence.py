@@ -194,7 +194,7 @@ def test_incremental_anderson_equals_the_rebuilt_solve(m, beta, carry):
         g = F(x)
         r = (g - x).norm(dim=1) / x.norm(dim=1).clamp_min(1e-30)
         history.append((x, g, r))
-        nxt = state(x, g, g - x, r)
+        nxt = state(x, g, g - x, r.tolist())
         ref = rebuilt(history, carried, m, beta, 1e-6)
         assert torch.allclose(nxt, ref, rtol=1e-12, atol=1e-12), (k, (nxt - ref).abs().max())
         x = nxt
@@ -227,7 +227,7 @@ def test_carried_buffers_equal_the_transported_pairs(space, sb, h, beta):
     for k in range(6):
         g = F(x)
         r = (g - x).norm(dim=1) / x.norm(dim=1).clamp_min(1e-30)
-        xa, xb = a(x, g, g - x, r), b(x, g, g - x, r)
+        xa, xb = a(x, g, g - x, r.tolist()), b(x, g, g - x, r.tolist())
         assert torch.allclose(xa, xb, rtol=1e-10, atol=1e-12), (k, (xa - xb).abs().max())
         assert not torch.equal(xa, g)  # the carried columns took part (not the plain step)
         x = xa
