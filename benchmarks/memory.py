@@ -1,7 +1,7 @@
 """Peak memory of the Invert node above idle, through the real ComfyUI host, on CPU.
 
     COMFYUI_PATH=<ComfyUI checkout> python benchmarks/memory.py
-    COMFYUI_PATH=... python benchmarks/memory.py --methods aidi_anderson ddim bdia --steps 10 20 --carry 2 0 8
+    COMFYUI_PATH=... python benchmarks/memory.py --methods aidi_anderson ddim bdia --steps 10 20 --carry 0 1 2 8
     COMFYUI_PATH=... python benchmarks/memory.py --tol 1e-7   # longer steps: every buffer in use
 
 Needs ComfyUI (its requirements in this interpreter). The model is the host's own, with a
@@ -115,7 +115,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Peak memory of Invert above idle on a Wan-480p-sized latent.")
     p.add_argument("--methods", nargs="+", default=["aidi_anderson"])
     p.add_argument("--steps", nargs="+", type=int, default=[10])
-    p.add_argument("--carry", nargs="+", type=int, default=[8], help="aidi_anderson's carry values to run")
+    p.add_argument("--carry", nargs="+", type=int, default=[0], help="aidi_anderson's carry values to run (its default: 0)")
     p.add_argument("--shape", nargs="+", type=int, default=[1, 16, 13, 60, 104])
     p.add_argument("--tol", type=float, default=None, help="tol of the fixed-point methods (default: theirs)")
     p.add_argument("--pack", type=pathlib.Path, default=HERE.parent, help="the pack to measure (default: this one)")

@@ -11,6 +11,8 @@ times; the fastest run counts (CPU time of the process, so neighbours on a share
 do not move it). Printed per method: model calls per step, solver ms per step, its ratio
 to DDIM's, and its share of a step where one model call costs ``--model-ms`` (default: the
 bundled TinyUNet on a 3-channel input of the latent's height and width, measured here).
+The last row is a floor, not a method: what any step that checks its result must compute
+(``checked_steps``).
 """
 
 import argparse
@@ -59,6 +61,27 @@ def model_ms(shape, threads):
     return 1e3 * best
 
 
+def checked_steps(model, x, sigmas, space):
+    """The least a step that checks its own result computes, in the implicit loop's own pieces:
+    the extrapolated start, then two evaluations of ``F`` with their residuals, the second at
+    ``F`` of the first (as if the update between them were free). It solves nothing; its time
+    is the floor under any verified method's solver work."""
+    import torch
+    from inversion_suite.solvers.core import Denoiser
+    from inversion_suite.solvers.implicit import guess_point, residual
+    den, s, states = Denoiser(model, None, "floor"), [float(v) for v in sigmas], []
+    for sa, sb in zip(s, s[1:]):
+        flat_a, xi = x.flatten(1), guess_point(x, sa, sb, space, states[-2:]).flatten(1)
+        for _ in range(2):
+            out = den(xi.view(x.shape), sb, check=False).flatten(1)
+            g = torch.add(flat_a, torch.sub(xi, out), alpha=(sb - sa) / sb)
+            residual(den, xi, g - xi, out)
+            xi = g
+        states.append((sa, x))
+        x = xi.view(x.shape)
+    return x
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Solver work per inversion step, apart from the model.")
     p.add_argument("--shape", nargs="+", type=int, default=[1, 4, 128, 128])
@@ -81,18 +104,18 @@ def main(argv=None):
     rows = []
     runs = [(n, n, {}) for n in a.methods or list(METHODS)]
     runs += [(f"aidi_anderson carry={c}", "aidi_anderson", {"carry": c}) for c in a.carry]
+    runs.append(("floor of a checked step: start + 2 evaluations", None, {}))
     for name, method, kw in runs:
         best = None
         for _ in range(a.repeat):
             den = Gaussian(a.space)
             t = time.process_time()
-            inv = invert(method, den, x, sig, space=a.space, **kw)
+            inv = invert(method, den, x, sig, space=a.space, **kw) if method else checked_steps(den, x, sig, a.space)
             spent = time.process_time() - t - den.seconds
             if best is None or spent < best[0]:
-                best = (spent, inv)
-        spent, inv = best
-        rows.append((name, inv.nfe / inv.base_steps if inv.base_steps else inv.nfe / a.steps,
-                     1e3 * spent / a.steps, len(inv.unconverged)))
+                best = (spent, inv, den.calls)
+        spent, inv, calls = best
+        rows.append((name, calls / a.steps, 1e3 * spent / a.steps, len(inv.unconverged) if method else "-"))
     ddim = next((r[2] for r in rows if r[0] == "ddim"), None)
     print(f"latent {'x'.join(map(str, a.shape))}, {a.space}, {a.steps} steps, {a.threads} thread(s), torch "
           f"{torch.__version__}; one model call: {call:.1f} ms ({'given' if a.model_ms is not None else 'TinyUNet, measured'})")

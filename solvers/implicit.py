@@ -64,7 +64,9 @@ GUESSES = ("ddim", "extrapolate")
 # update(carried) starts one step and returns next(x, g, d, r) -> the next iterate: it sees
 # every evaluated iterate but the last x with g = F(x), d = g - x (all flattened (B, n)) and
 # the per-item residual r = ||d|| / ||x|| (a list of floats), in order. ``carried``: pairs
-# (dx, dg) of earlier steps, at this sigma (a list, or a ``Carried`` view of ``Frames``).
+# (dx, dg) of earlier steps, at this sigma (a list, or a ``Carried`` view of ``Frames``). A next
+# that keeps secant columns of its own may give the last n of them as ``next.pairs(n)`` (a list of
+# (dx, dg), oldest first), so that the step needs to hold no earlier iterate to carry them.
 Update = Callable[[list], Callable[..., torch.Tensor]]
 
 DEPTH = 4  # a step is split at most 4 times over, into up to 16 steps
@@ -96,18 +98,22 @@ def split_point(sa: float, sb: float) -> float:
     return math.sqrt(sa * sb) if sa > 0 else 0.5 * sb
 
 
-def guess_point(x_a, sa, sb, space, moves):
-    """Where the iteration of one step starts; ``moves`` are (sigma, h, x_b - x_a) of past steps."""
-    if not moves:
+def guess_point(x_a, sa, sb, space, states):
+    """Where the iteration of one step starts; ``states``: (sigma, x) of the states before ``x_a``,
+    newest last (the trajectory's, so the extrapolation holds no latent of its own)."""
+    if not states:
         return x_a * (vp_scale(sa, space) / vp_scale(sb, space))
-    s1, h1, m1 = moves[-1]
     h = sb - sa
-    if len(moves) == 1:
-        return torch.add(x_a, m1, alpha=h / h1)
-    # The slope e = m / h extrapolated linearly in sigma: e1 + (sb - s1) (e1 - e0) / (s1 - s0).
-    s0, h0, m0 = moves[-2]
-    k = (sb - s1) / (s1 - s0)
-    return torch.add(x_a, m1, alpha=h * (1 + k) / h1).add_(m0, alpha=-h * k / h0)
+    s1, x1 = states[-1]
+    a1 = h / (sa - s1)  # the last step's slope (x_a - x1) / (sa - s1), carried over h
+    if len(states) == 1:
+        return torch.mul(x_a, 1 + a1).sub_(x1, alpha=a1)
+    # The slope e extrapolated linearly in sigma: e1 + (sb - sa) (e1 - e0) / (sa - s1), with e0
+    # the slope of the step before; written in the states, x_a + a1 (x_a - x1) - a0 (x1 - x0).
+    s0, x0 = states[-2]
+    k = h / (sa - s1)
+    a1, a0 = a1 * (1 + k), h * k / (s1 - s0)
+    return torch.mul(x_a, 1 + a1).add_(x1, alpha=-(a1 + a0)).add_(x0, alpha=a0)
 
 
 def transport_frame(dx, dg, sb, h, space, out=None):
@@ -199,13 +205,15 @@ class Frames:
 @dataclass
 class Attempt:
     """One step's iteration: per item the state it keeps ``x`` (its best iterate, or ``F`` of
-    it, see the module's docstring), the best iterate's residual ``r`` and which items are
-    ``done`` (lists), the last secant ``pairs`` (dx, dg), and what the DDIM check can reuse: the
-    DDIM step ``ddim`` (F of the first iterate when that was the DDIM start) and its residual ``ddim_r``."""
+    it, see the module's docstring), the best iterate's residual ``r``, its norm ``size`` and
+    which items are ``done`` (lists), the last secant ``pairs`` (dx, dg), and what the DDIM
+    check can reuse: the DDIM step ``ddim`` (F of the first iterate when that was the DDIM
+    start) and its residual ``ddim_r``."""
     x: torch.Tensor
     r: list
     done: list
     pairs: list
+    size: list
     ddim: Optional[torch.Tensor] = None
     ddim_r: Optional[list] = None
 
@@ -228,14 +236,14 @@ def norms(*ts):
 
 
 def residual(den: Denoiser, x, d, out):
-    """Per item ``||d|| / ||x||`` as floats. A finite one means d, x and the model's output are
-    finite, so this one reduction stands in for the denoiser's own check of ``out``."""
+    """Per item ``||d|| / ||x||`` and ``||x||`` as floats. A finite residual means d, x and the
+    model's output are finite, so this one reduction stands in for the denoiser's own check of ``out``."""
     dn, xn = norms(d, x)
     r = [a / max(b, 1e-30) for a, b in zip(dn, xn)]
     if not all(map(math.isfinite, r)):
         den.check(out)
         raise NonFiniteError(f"{den.method}: the state became non-finite at step {den.step + 1}")
-    return r
+    return r, xn
 
 
 def mask(flags, like):
@@ -247,20 +255,21 @@ def solve_step(den: Denoiser, x_a, sa, sb, x0, update: Update, calls: int, tol, 
     """Iterate one implicit step from ``x0`` with at most ``calls`` model calls, stopping early
     once ``tol`` is out of reach within them or the residual shrinks by less than ``slow`` per call.
 
-    ``keep``: how many of the last moves to return as secant pairs; ``ddim``: ``x0`` is the
-    DDIM start, so F(x0) is the DDIM step (kept for ``keep_best``)."""
+    ``keep``: how many of the last moves to return as secant pairs (the update's own columns,
+    see ``Update``, and the last move); ``ddim``: ``x0`` is the DDIM start, so F(x0) is the
+    DDIM step (kept for ``keep_best``)."""
     shape, flat_a, x = x_a.shape, x_a.flatten(1), x0.flatten(1)
     step = update(carried)
     c = (sb - sa) / sb
     B = x.shape[0]
-    seen = deque(maxlen=keep + 1)  # (k, x, g) of the last evaluations, for the pairs
     best_x = best_g = att_ddim = ddim_r = None
-    best, lip, r0, prev, moved = [math.inf] * B, [math.inf] * B, None, None, None
+    best, size, lip, r0, prev, moved = [math.inf] * B, [0.0] * B, [math.inf] * B, None, None, None
     for k in range(int(calls)):
         out = den(x.view(shape), sb, check=False).flatten(1)
         g = torch.add(flat_a, torch.sub(x, out), alpha=c)  # F(x) = x_a + h d(x, sb)
         d = g - x
-        r = residual(den, x, d, out)
+        r, xn = residual(den, x, d, out)
+        out = None
         if ddim and k == 0:
             att_ddim = g
         elif att_ddim is not None and k == 1 and x is att_ddim:
@@ -272,6 +281,7 @@ def solve_step(den: Denoiser, x_a, sa, sb, x0, update: Update, calls: int, tol, 
         elif any(better):
             w = mask(better, x)
             best_x, best_g = torch.where(w, x, best_x), torch.where(w, g, best_g)
+        size = [a if w else b for a, b, w in zip(xn, size, better)]
         # |J_F| along the move into an item's first converged iterate: below 1, F(x) is closer to
         # the fixed point than x. Measured once, when an item converges (the move is also a pair).
         now = [a and r[i] < tol <= b for i, (a, b) in enumerate(zip(better, best))]
@@ -279,25 +289,24 @@ def solve_step(den: Denoiser, x_a, sa, sb, x0, update: Update, calls: int, tol, 
             moved = (k, x - prev[0], g - prev[1])  # the move into evaluation k: (dx, dg)
             lip = [a / max(b, 1e-30) if n else v for a, b, n, v in zip(*norms(moved[2], moved[1]), now, lip)]
         best = [min(a, b) for a, b in zip(r, best)]
-        seen.append((k, x, g))
-        prev = (x, g)
         done = [b < tol for b in best]
         if all(done) or k == int(calls) - 1 or (k >= 2 and stalls(r0, best, k, int(calls) - k - 1, tol, slow)):
             break
-        x = step(x, g, d, r)
-        if any(done):
-            # An item that has converged keeps its accepted value; its later evaluations are
-            # only the price of batching it with the others.
-            x = torch.where(mask(done, x), best_x, x)
+        nxt = step(x, g, d, r)
+        prev, d = (x, g), None  # d is not held through the next call
+        # An item that has converged keeps its accepted value; its later evaluations are only
+        # the price of batching it with the others.
+        x = nxt if not any(done) else torch.where(mask(done, nxt), best_x, nxt)
     # In a converged step an item where F contracts takes F(x), whose residual is then below r
     # (along the last move: an estimate). In an unconverged one every item keeps the x whose
     # residual is measured, so that the residual the step reports is exactly what it keeps.
     take = [a and b < 1 for a, b in zip(done, lip)] if all(done) else [False] * B
     out = best_g if all(take) else best_x if not any(take) else torch.where(mask(take, best_x), best_g, best_x)
-    seen = list(seen)
-    pairs = [moved[1:] if moved and moved[0] == kb else (xb - xa, gb - ga)
-             for (_, xa, ga), (kb, xb, gb) in zip(seen, seen[1:])]
-    return Attempt(out.view(shape), best, done, pairs, att_ddim, ddim_r)
+    pairs = []
+    if keep and prev is not None:  # the update's own columns, then the move into the last evaluation
+        pairs = getattr(step, "pairs", lambda n: [])(keep - 1)
+        pairs.append(moved[1:] if moved and moved[0] == k else (x - prev[0], g - prev[1]))
+    return Attempt(out.view(shape), best, done, pairs[-keep:] if keep else [], size, att_ddim, ddim_r)
 
 
 def keep_best(den: Denoiser, att: Attempt, x_a, sa, sb, space):
@@ -328,20 +337,20 @@ def invert_implicit(method: str, update: Update, model, x, sigmas, extra_args=No
     norm0 = [max(v, 1e-30) for v in norms(x.flatten(1))[0]]
     sig, traj = [s[0]], [x] if keep_trajectory else None
     frames = Frames(carry) if carry > 0 else None
-    moves, residuals, unconverged, kept_ddim, split, costs = [], [], [], [], [], []
+    states, residuals, unconverged, kept_ddim, split, costs = deque(maxlen=2), [], [], [], [], []
     todo = [(s[i], s[i + 1], 0, i) for i in reversed(range(n))]  # a stack: the next step last
     while todo:
         sa, sb, level, i = todo.pop()
         den.step, h, left = i, sb - sa, budget - den.nfe
         share = min(left - least * len(todo), math.ceil(SHARE * left / (len(todo) + 1)))
-        x0 = guess_point(x, sa, sb, space, moves if guess == "extrapolate" else [])
+        x0 = guess_point(x, sa, sb, space, states if guess == "extrapolate" else ())
         carried = frames.at(sb, h, space) if carry > 0 else []
         att = solve_step(den, x, sa, sb, x0, update, share - reserve(guess), tol, carried,
-                         SLOW if level < depth else 1.0, carry, not moves or guess == "ddim")
+                         SLOW if level < depth else 1.0, carry, not states or guess == "ddim")
         for dx, dg in att.pairs:
             frames.add(dx, dg, sb, h, space)
         att.pairs = x0 = None  # these outlive the step (until the next one returns): keep nothing large
-        x_b, r, took = att.x, att.r, None
+        x_b, r, size, took = att.x, att.r, att.size, None
         if not all(att.done):
             # The new sigma as the schedule will hold it, so that sampling back meets it exactly.
             sm = float(torch.tensor(split_point(sa, sb), dtype=sigmas.dtype))
@@ -351,13 +360,15 @@ def invert_implicit(method: str, update: Update, model, x, sigmas, extra_args=No
                 att = None
                 continue
             x_b, r, took = keep_best(den, att, x, sa, sb, space)
+            size = norms(x_b.flatten(1))[0]
         att = None
         # x_b is finite: it is an evaluated iterate or F of one, and its residual was finite.
-        moves.append((sb, h, x_b - x))
-        del moves[:-2]
+        # The states before x_b, for the next guess: the trajectory's own when it is kept.
+        if guess == "extrapolate":
+            states.append((sa, x))
         j = len(residuals)
         residuals.append(max(r))
-        costs.append(max(a * b / c for a, b, c in zip(r, norms(x_b.flatten(1))[0], norm0)))
+        costs.append(max(a * b / c for a, b, c in zip(r, size, norm0)))  # ||x_b|| read at the best iterate
         if took is not None:
             unconverged.append(j)
             if any(took):

@@ -78,8 +78,8 @@ def test_the_case_needs_step_splitting():
     assert inv.unconverged and rel(reconstruct(den, inv), x) > 1e-3
 
 
-# NFE measured at the defaults: see the bounds below.
-NFE = {"eps": 36, "flow": 56}
+# NFE measured at the defaults (carry 0): eps 35 to 44, flow 48 to 53 over the three seeds.
+NFE = {"eps": 48, "flow": 56}
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
