@@ -231,3 +231,30 @@ def test_carried_buffers_equal_the_transported_pairs(space, sb, h, beta):
         assert torch.allclose(xa, xb, rtol=1e-10, atol=1e-12), (k, (xa - xb).abs().max())
         assert not torch.equal(xa, g)  # the carried columns took part (not the plain step)
         x = xa
+
+
+@pytest.mark.parametrize("m,beta", [(4, 1.0), (4, 0.7), (1, 1.0)])
+def test_a_steps_pairs_are_the_moves_between_its_last_evaluations(m, beta):
+    # A step hands on the last `keep` secant pairs from Anderson's own columns and its last
+    # move instead of holding its iterates: they are the differences of the evaluated
+    # iterates and of their F values, oldest first (m = 1 keeps no columns: the last move only).
+    from inversion_suite.solvers import implicit as im
+    from inversion_suite.solvers.core import Denoiser
+    g0 = torch.Generator().manual_seed(5)
+    B, n, sa, sb = 2, 40, 0.5, 0.8
+    W = 0.9 * torch.randn(n, n, generator=g0, dtype=torch.float64) / math.sqrt(n)
+    seen = []
+
+    def model(x, sigma):  # a nonlinear denoiser, so the step needs several calls
+        seen.append(x.flatten(1).clone())
+        return torch.tanh(x.flatten(1) @ W).view(x.shape)
+
+    x_a = torch.randn(B, 1, n, generator=g0, dtype=torch.float64)
+    F = lambda x: x_a.flatten(1) + (sb - sa) / sb * (x - torch.tanh(x @ W))
+    att = im.solve_step(Denoiser(model, None, "test"), x_a, sa, sb, x_a.clone(), aa.anderson(m, beta, 1e-6),
+                        30, 1e-10, keep=3)
+    assert len(seen) >= 4  # enough evaluations that the ring of own columns has wrapped or filled
+    want = [(b - a, F(b) - F(a)) for a, b in zip(seen, seen[1:])][-(min(3, m) if m > 1 else 1):]
+    assert len(att.pairs) == len(want)
+    for (dx, dg), (wx, wg) in zip(att.pairs, want):
+        assert torch.allclose(dx, wx, rtol=0, atol=1e-12) and torch.allclose(dg, wg, rtol=0, atol=1e-12)
