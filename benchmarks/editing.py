@@ -262,6 +262,8 @@ def plot(rows, file, steps=10, cap=120.0):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from .reconstruction import save
     spaces = list(dict.fromkeys(r["space"] for r in rows))
     fig, axes = plt.subplots(1, len(spaces), figsize=(6.2 * len(spaces), 4.6), squeeze=False)
     cmap = plt.get_cmap("tab10")
@@ -282,10 +284,7 @@ def plot(rows, file, steps=10, cap=120.0):
         ax.set_ylabel(f"background PSNR (dB, capped at {cap:g})")
         ax.set_title(f"{s.upper()}, {steps} steps (numbers: cfg_edit; dotted: unedited)")
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    fig.tight_layout()
-    fig.savefig(file, dpi=110)
-    plt.close(fig)
+    save(fig, axes, file)
 
 
 def grid(outs, originals, file, steps=10, cfg=5.0, scale=4):

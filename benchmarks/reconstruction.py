@@ -228,13 +228,25 @@ def _f(v, fmt):
     return "" if v is None else fmt.format(v)
 
 
+def layout(rows):
+    """The spaces, cfgs, step counts and cases of the rows: each in order of first appearance, steps sorted."""
+    first = lambda key: list(dict.fromkeys(r[key] for r in rows))
+    return first("space"), first("cfg"), sorted(set(r["steps"] for r in rows)), first("case")
+
+
+def save(fig, axes, file):
+    """Writes a figure of panels, the legend to the right of the top row's last panel."""
+    import matplotlib.pyplot as plt
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.tight_layout()
+    fig.savefig(file, dpi=110)
+    plt.close(fig)
+
+
 def table(rows):
     """Markdown: per (space, cfg) one table, methods down, PSNR / SSIM / NFE per step count across."""
     out = []
-    spaces = list(dict.fromkeys(r["space"] for r in rows))
-    cfgs = list(dict.fromkeys(r["cfg"] for r in rows))
-    steps = sorted(set(r["steps"] for r in rows))
-    names = list(dict.fromkeys(r["case"] for r in rows))
+    spaces, cfgs, steps, names = layout(rows)
     top = steps[-1]
     for s in spaces:
         for w in cfgs:
@@ -257,10 +269,7 @@ def table(rows):
 def noise_table(rows):
     """Markdown: per (space, cfg), each case's std / mean / lag-1 autocorrelation of x_N / sigma_max."""
     out = []
-    spaces = list(dict.fromkeys(r["space"] for r in rows))
-    cfgs = list(dict.fromkeys(r["cfg"] for r in rows))
-    steps = sorted(set(r["steps"] for r in rows))
-    names = list(dict.fromkeys(r["case"] for r in rows))
+    spaces, cfgs, steps, names = layout(rows)
     for s in spaces:
         for w in cfgs:
             out.append(f"\n**{s.upper()}, cfg {w:g}** (std / mean / lag-1 autocorrelation of x_N / sigma_max)\n")
@@ -294,9 +303,7 @@ def plot(rows, file):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    spaces = list(dict.fromkeys(r["space"] for r in rows))
-    cfgs = list(dict.fromkeys(r["cfg"] for r in rows))
-    names = list(dict.fromkeys(r["case"] for r in rows))
+    spaces, cfgs, _, names = layout(rows)
     fig, axes = plt.subplots(len(spaces), len(cfgs), figsize=(5.5 * len(cfgs), 4.2 * len(spaces)), squeeze=False)
     cmap = plt.get_cmap("tab20")
     marks = "osD^v<>phX*Pd"
@@ -318,10 +325,7 @@ def plot(rows, file):
             ax.set_ylabel("reconstruction PSNR (dB)")
             ax.set_title(f"{s.upper()}, cfg {w:g}")
             ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    fig.tight_layout()
-    fig.savefig(file, dpi=110)
-    plt.close(fig)
+    save(fig, axes, file)
 
 
 def strip(t):

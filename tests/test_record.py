@@ -509,21 +509,15 @@ def test_cfg_minus_one_is_the_only_sentinel():
     assert torch.equal(run(-1.0), run(2.0)) and not torch.equal(run(-1.0), run(1.0))
 
 
-def video_model(calls):
-    """The exact mixture behind a model whose latent format is a video one (Wan 2.1: 16 channels, 5D)."""
+def video_model():
+    """The exact mixture behind a model whose latent format is a video one (Wan 2.1: 16 channels, 5D),
+    with its count of network evaluations (``comfy_host.counted``)."""
     import comfy.latent_formats
 
     mix = Mixture((16, 2, 8, 8), components=2, seed=1)
     model = exact_model("flow", mix)
     model.model.latent_format = comfy.latent_formats.Wan21()
-    inner = model.model_options["model_function_wrapper"]
-
-    def wrapper(apply_model, args):
-        calls[0] += 1
-        return inner(apply_model, args)
-
-    model.set_model_unet_function_wrapper(wrapper)
-    return model, mix
+    return (*comfy_host.counted(model), mix)
 
 
 def test_latents_of_the_wrong_dimensionality_are_refused_before_any_call():
@@ -532,11 +526,11 @@ def test_latents_of_the_wrong_dimensionality_are_refused_before_any_call():
     with pytest.raises(NodeInputError, match=r"Invert: input 'latent': has 5D samples .* an image model's \(SD15"):
         Invert.execute(model=model, latent=five, positive=prompt(1), method="ddim", steps=3, scheduler="karras",
                        cfg=1.0, denoise=1.0, keep_trajectory=False)
-    video, mix = video_model(calls)
+    video, video_calls, mix = video_model()
     with pytest.raises(NodeInputError, match=r"Invert: input 'latent': has 4D samples .* a video model's \(Wan21"):
         Invert.execute(model=video, latent={"samples": torch.zeros(1, 16, 8, 8)}, positive=prompt(1), method="ddim",
                        steps=3, scheduler="simple", cfg=1.0, denoise=1.0, keep_trajectory=False)
-    assert calls[0] == 0
+    assert calls[0] == 0 and video_calls[0] == 0
     # and a video latent on the video model runs, and returns
     src = {"samples": vae_scale(video, mix.sample(1, seed=2).float())}
     out = Invert.execute(model=video, latent=src, positive=prompt(1), method="bdia", steps=4, scheduler="simple",
