@@ -100,11 +100,11 @@ def strength(clf, regions, labels):
 def run_editor(editor, model, x, src, tgt, mask, space, n, cfg_edit, clf, region):
     """One editor on the batch; returns (edited batch, extra row fields)."""
     from ..solvers import invert, sampler_for
-    from ..solvers.blended import edit_blended
-    from ..solvers.direct import edit_direct
-    from ..solvers.edit_friendly import edit_stochastic
-    from ..solvers.editing import TwoPrompts
-    from ..solvers.euler import sample_euler
+    from ..solvers.editing.blended import edit_blended
+    from ..solvers.editing.direct import edit_direct
+    from ..solvers.editing.guidance import TwoPrompts
+    from ..solvers.editing.stochastic import edit_stochastic
+    from ..solvers.methods.euler import sample_euler
     from .reconstruction import schedule
     sig = schedule(space, n)
     two = TwoPrompts(model, {"label": src}, {"label": tgt})

@@ -46,12 +46,9 @@ def measure(method, steps, shape, carry, pack, tol=None):
     import comfy.cli_args
 
     comfy.cli_args.args.cpu = True
-    import importlib.util
+    from pack import load
 
-    spec = importlib.util.spec_from_file_location("inversion_suite", pathlib.Path(pack) / "__init__.py",
-                                                  submodule_search_locations=[str(pack)])
-    sys.modules["inversion_suite"] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sys.modules["inversion_suite"])
+    load(pack)
     import comfy.latent_formats
     import comfy.model_base
     import comfy.model_management

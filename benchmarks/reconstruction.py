@@ -39,8 +39,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..solvers import METHODS, invert, reconstruct
-from .analytic import Mixture, MixtureDenoiser, karras, uniform_flow
+from ..solvers import METHODS, invert, metrics, reconstruct
+from ..tests.analytic import Mixture, MixtureDenoiser, karras, uniform_flow
 from .data import NAMES, held_out
 from .tinyunet import load
 
@@ -85,17 +85,13 @@ def schedule(space, n):
 
 
 def psnr(a, b, span=2.0):
-    """Per item ``10 log10(span^2 / mse)``; mse floored at 1e-30 so an exact match stays finite."""
-    mse = (a - b).double().pow(2).flatten(1).mean(1).clamp_min(1e-30)
-    return 10 * torch.log10(span * span / mse)
+    """Per item PSNR of ``a`` against ``b``; mse floored at 1e-30 so an exact match stays finite."""
+    return metrics.psnr(b, a, span, floor=1e-30)
 
 
 def ssim(a, b, span=2.0):
-    """Per item SSIM over (C, H, W) patches, channels averaged (scikit-image, 7x7 window)."""
-    from skimage.metrics import structural_similarity
-    return torch.tensor([structural_similarity(x.double().numpy(), y.double().numpy(), data_range=span,
-                                               channel_axis=0, win_size=min(7, x.shape[-1] // 2 * 2 - 1))
-                         for x, y in zip(a, b)])
+    """Per item SSIM over (C, H, W) patches, channels averaged (scikit-image's default 7x7 uniform window)."""
+    return metrics.ssim(b, a, span, window=min(7, a.shape[-1] // 2 * 2 - 1))
 
 
 def timed_invert(model, case, x, sig, extra, space, budget=1.0, most=3):

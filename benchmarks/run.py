@@ -20,17 +20,9 @@ HERE = pathlib.Path(__file__).resolve().parent
 
 
 def bootstrap():
-    """Load the pack as ``inversion_suite`` without putting its root on sys.path.
-
-    The root's nodes/ package would shadow the host's nodes.py, so the pack is registered
-    as a package from its own __init__.py, as ComfyUI and tests/conftest.py do.
-    """
-    import importlib.util
-    if "inversion_suite" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("inversion_suite", HERE.parent / "__init__.py",
-                                                      submodule_search_locations=[str(HERE.parent)])
-        sys.modules["inversion_suite"] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules["inversion_suite"])
+    """The benchmark module, the pack loaded as ``inversion_suite`` (``pack.py``)."""
+    from pack import load
+    load()
     import inversion_suite.benchmarks.reconstruction as rb
     return rb
 

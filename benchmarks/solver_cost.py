@@ -96,7 +96,7 @@ def main(argv=None):
     import torch
     torch.set_num_threads(a.threads)
     bootstrap()
-    from inversion_suite.benchmarks.analytic import karras, uniform_flow
+    from inversion_suite.tests.analytic import karras, uniform_flow
     from inversion_suite.solvers import METHODS, invert
     x = torch.randn(*a.shape, generator=torch.Generator().manual_seed(0)) * 0.5
     sig = karras(a.steps) if a.space == "eps" else uniform_flow(a.steps, 0.98)

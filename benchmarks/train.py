@@ -32,15 +32,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 if __package__ in (None, ""):
-    # Run as a script: load the pack as ``inversion_suite`` without putting its root on
-    # sys.path (its nodes/ package would shadow the host's nodes.py).
-    import importlib.util
-    _root = pathlib.Path(__file__).resolve().parents[1]
-    if "inversion_suite" not in sys.modules:
-        _spec = importlib.util.spec_from_file_location("inversion_suite", _root / "__init__.py",
-                                                       submodule_search_locations=[str(_root)])
-        sys.modules["inversion_suite"] = importlib.util.module_from_spec(_spec)
-        _spec.loader.exec_module(sys.modules["inversion_suite"])
+    # Run as a script: load the pack as ``inversion_suite`` (pack.py).
+    from pack import load
+    load()
     from inversion_suite.benchmarks import data
     from inversion_suite.benchmarks.tinyunet import VARIANTS, TinyUNet, WEIGHTS, inputs, save
 else:

@@ -1,14 +1,15 @@
-"""ComfyUI adapters over ``solvers``: schemas, input checks, LATENT/CONDITIONING conversion."""
+"""The ComfyUI nodes: one file per node (or pair of nodes), a schema and a few lines of execute;
+the glue they share with the host is in ``host/``."""
 
 from comfy_api.latest import ComfyExtension
 
-from .blended import BlendedGuidanceSampler
+from .blended_guidance import BlendedGuidanceSampler
 from .invert import Invert
-from .io_nodes import LoadInversion, SaveInversion
+from .inversion_sampler import InversionSampler
 from .reconstruct import Reconstruct
 from .report import ReconstructionReport
-from .sampler import InversionSampler
-from .stochastic import StochasticEditSampler
+from .save_load import LoadInversion, SaveInversion
+from .stochastic_edit import StochasticEditSampler
 
 NODES = [Invert, Reconstruct, InversionSampler, BlendedGuidanceSampler, StochasticEditSampler,
          SaveInversion, LoadInversion, ReconstructionReport]

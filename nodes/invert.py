@@ -5,10 +5,15 @@ import logging
 import comfy.samplers
 from comfy_api.latest import io, ui
 
+from dataclasses import replace
+
 from ..solvers import METHODS, invert
-from . import settings
-from .host import check_latent, fail, guided, no_noise_mask, progress, sigmas_for, space_of, to_vae
-from .record import Record
+from ..solvers.record import MAX_STEPS, summary
+from .host import widgets
+from .host.inputs import fail, no_noise_mask
+from .host.model import check_latent, describe, space_of
+from .host.record import Record
+from .host.run import guided, progress, sigmas_for, to_vae
 
 
 class Invert(io.ComfyNode):
@@ -27,8 +32,8 @@ class Invert(io.ComfyNode):
                 io.Model.Input("model", tooltip="The model to invert with; Reconstruct and the editors need the same one."),
                 io.Latent.Input("latent", tooltip="The image to invert, encoded with the model's VAE."),
                 io.Conditioning.Input("positive", tooltip="The source prompt: a description of the image as it is."),
-                io.Combo.Input("method", options=list(METHODS), default="aidi_anderson", tooltip=settings.method_help(METHODS)),
-                io.Int.Input("steps", default=20, min=1, max=1000,
+                io.Combo.Input("method", options=list(METHODS), default="aidi_anderson", tooltip=widgets.method_help(METHODS)),
+                io.Int.Input("steps", default=20, min=1, max=MAX_STEPS,
                              tooltip="Inversion steps; Reconstruct and the editors sample back over the same schedule."),
                 io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="normal",
                                tooltip="The host's scheduler, as in KSampler ('simple' for flow models)."),
@@ -43,14 +48,14 @@ class Invert(io.ComfyNode):
                                          "StochasticEditSampler needs it."),
                 io.Conditioning.Input("negative", optional=True,
                                       tooltip="Negative prompt; unconnected, a zeroed positive (as ConditioningZeroOut)."),
-                *settings.inputs(),
+                *widgets.inputs(),
             ],
             outputs=[io.Latent.Output(display_name="inverted", tooltip="The noise latent with its inversion record.")],
         )
 
     @classmethod
     def execute(cls, model, latent, positive, method, steps, scheduler, cfg, denoise, keep_trajectory,
-                negative=None, **widgets):
+                negative=None, **settings):
         node = "Invert"
         samples = check_latent(node, latent, model)
         no_noise_mask(node, latent, "latent", "it inverts the whole latent. Encode the image with VAEEncode and "
@@ -60,16 +65,17 @@ class Invert(io.ComfyNode):
             fail(node, "method", f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
         if steps < 1:
             fail(node, "steps", f"expected at least 1, got {steps}")
-        if steps < 2 and METHODS[method].sampler == "bdia":
-            fail(node, "steps", "bdia needs at least 2 steps: with 1 its pair is the clean source, so Reconstruct "
-                                "and the editors would return the source unchanged (1-step bdia is ddim)")
+        least = METHODS[method].resumer.min_steps
+        if steps < least:
+            fail(node, "steps", f"{method} needs at least {least} steps: with fewer its pair is the clean source, so "
+                                "Reconstruct and the editors would return the source unchanged")
         if not 0 < denoise <= 1:
             fail(node, "denoise", f"expected a value in (0, 1], got {denoise}")
         if not 0 <= cfg <= 100:
             fail(node, "cfg", f"expected a value from 0 to 100, got {cfg}")
         if scheduler not in comfy.samplers.KSampler.SCHEDULERS:
             fail(node, "scheduler", f"unknown scheduler {scheduler!r}")
-        kwargs = settings.values(method, widgets)
+        kwargs = widgets.values(method, settings)
         sigmas = sigmas_for(model, scheduler, steps, denoise)
         callback = progress(model, steps)
 
@@ -88,7 +94,8 @@ class Invert(io.ComfyNode):
         (inv, pair), out = guided(node, model, positive, negative, cfg, samples, sigmas, job)
         if inv.trajectory is not None:
             inv.trajectory[-1] = out
-        rec = Record.of(inv, pair=pair, trajectory=inv.trajectory, source=samples, samples=out, cfg=cfg, steps=steps,
-                        scheduler=scheduler, denoise=denoise, model=model)
+        inv = replace(inv, latent=out, pair=pair, sigmas=inv.sigmas.detach().cpu())
+        rec = Record(inv, source=samples, cfg=float(cfg), scheduler=scheduler, denoise=float(denoise),
+                     model=describe(model), summary=summary(inv))
         logging.log(logging.WARNING if inv.unconverged else logging.INFO, "Invert: %s", rec.summary)
         return io.NodeOutput(rec.into(latent), ui=ui.PreviewText(rec.summary))

@@ -2,8 +2,10 @@
 
 from comfy_api.latest import io
 
-from ..solvers import sampler_for
-from .host import RECORD, guided, no_noise_mask, progress, resume, to_model
+from ..solvers import reconstruct
+from .host.inputs import no_noise_mask
+from .host.record import KEY, resume
+from .host.run import guided, progress
 
 
 class Reconstruct(io.ComfyNode):
@@ -36,15 +38,13 @@ class Reconstruct(io.ComfyNode):
         no_noise_mask(node, inverted, "inverted", "it reconstructs the whole latent. Remove SetLatentNoiseMask "
                                                   "between Invert and Reconstruct")
         w = rec.cfg_for(node, "cfg", cfg)
-        fn, kwargs = sampler_for(rec.sampler, rec.settings)
-        sigmas = rec.sigmas.flip(0)
+        sigmas = rec.inv.sigmas.flip(0)
         callback = progress(model, len(sigmas) - 1)
 
         def job(den, x, inner):
-            pair = to_model(inner, rec.pair, x)
-            return None, fn(den, x, sigmas, None, callback, space=rec.space, pair=pair, **kwargs)
+            return None, reconstruct(den, rec.in_model_space(inner, x), callback=callback)
 
         _, out = guided(node, model, positive, negative, w, samples, sigmas, job)
-        result = {k: v for k, v in inverted.items() if k not in ("samples", RECORD)}
+        result = {k: v for k, v in inverted.items() if k not in ("samples", KEY)}
         result["samples"] = out
         return io.NodeOutput(result)

@@ -4,7 +4,7 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..solvers import metrics
-from .host import fail
+from .host.inputs import fail
 
 NODE = "ReconstructionReport"
 

@@ -1,7 +1,8 @@
 """Inversion and sampling methods in the host's sigma space: pure torch, no ComfyUI import."""
 
-from .core import EPS, FLOW, SPACES, Inversion, NonFiniteError, SolverError
-from .registry import METHODS, SAMPLERS, Method, Setting, invert, method, reconstruct, sampler_for
+from .core import EPS, FLOW, SPACES, NonFiniteError, SolverError
+from .record import Inversion
+from .registry import METHODS, SAMPLERS, Method, Sampler, Setting, check, invert, method, reconstruct, sampler_for
 
 __all__ = ["EPS", "FLOW", "SPACES", "Inversion", "NonFiniteError", "SolverError", "METHODS", "SAMPLERS", "Method",
-           "Setting", "invert", "method", "reconstruct", "sampler_for"]
+           "Sampler", "Setting", "check", "invert", "method", "reconstruct", "sampler_for"]

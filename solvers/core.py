@@ -11,7 +11,6 @@ signal-preserving rescaling ``vp_scale`` used by DDIM-style guesses, EasyInv and
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -19,6 +18,8 @@ import torch
 EPS = "eps"
 FLOW = "flow"
 SPACES = (EPS, FLOW)
+# ComfyUI's FlipSigmas replaces a reversed schedule's leading 0 by this.
+FLIPPED_ZERO = 1e-4
 
 Callback = Optional[Callable[[dict], None]]
 
@@ -92,7 +93,7 @@ class Denoiser:
         self.last = None  # the latest x0_hat, for previews
 
     def __call__(self, x: torch.Tensor, sigma, check: bool = True) -> torch.Tensor:
-        """``check=False``: the caller checks the output's finiteness itself (with ``check``)."""
+        """``check=False``: the caller checks the output's finiteness itself (``check_output``)."""
         s = torch.full((x.shape[0],), float(sigma), dtype=x.dtype, device=x.device)
         self.last = None  # not held while the model runs: one latent less at the peak
         out = self.model(x, s, **self.extra_args)
@@ -106,9 +107,9 @@ class Denoiser:
         # (a sampler called outside inference mode) must not drag its graph into their buffers.
         out = out.detach().to(x.dtype)
         self.sigma, self.last = float(sigma), out
-        return self.check(out) if check else out
+        return self.check_output(out) if check else out
 
-    def check(self, out: torch.Tensor) -> torch.Tensor:
+    def check_output(self, out: torch.Tensor) -> torch.Tensor:
         if not finite(out):
             raise NonFiniteError(
                 f"{self.method}: the denoiser returned non-finite values at step {self.step + 1} "
@@ -136,88 +137,6 @@ def check_finite(x: torch.Tensor, method: str, step: int) -> torch.Tensor:
 def rel_norm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per batch item ||a|| / ||b||."""
     return a.flatten(1).norm(dim=1) / b.flatten(1).norm(dim=1).clamp_min(1e-30)
-
-
-@dataclass
-class Inversion:
-    """What an inversion leaves: enough to reconstruct, edit or judge it.
-
-    ``latent`` is the state at ``sigmas[-1]``; ``pair`` the second state that exact
-    two-state methods resume from (BDIA: the state at ``sigmas[-2]``; EDICT: its twin
-    chain). ``trajectory`` holds x at every sigma (index i at ``sigmas[i]``) when kept.
-    ``residuals`` gives, per step, the largest final relative residual over the batch
-    for iterative methods, and ``unconverged`` the steps that did not reach their
-    tolerance. The fixed-point methods also fill the fields after ``unconverged``: the
-    call ``budget``, the ``base_steps`` of the schedule they were given, the base steps
-    they ``split`` (their ``sigmas`` hold the inserted sigmas), the steps where some item
-    ``kept_ddim`` (the DDIM step reproduced the step's start better than any iterate) and,
-    per step, ``costs``: residual x ||x_b|| / ||x_0||, the step's forward error relative to
-    the input (largest over the batch).
-    """
-
-    latent: torch.Tensor = field(repr=False)
-    sigmas: torch.Tensor = field(repr=False)
-    # method, settings and sampler are the registry's facts: ``registry.invert`` fills them,
-    # so a solver need not write them (keyword-only, so they may default here).
-    method: Optional[str] = field(default=None, kw_only=True)
-    space: str
-    settings: Optional[dict] = field(default=None, kw_only=True)
-    nfe: int
-    sampler: Optional[str] = field(default=None, kw_only=True)
-    pair: Optional[torch.Tensor] = field(default=None, repr=False)
-    trajectory: Optional[list] = field(default=None, repr=False)
-    residuals: list = field(default_factory=list)
-    unconverged: list = field(default_factory=list)
-    budget: Optional[int] = None
-    base_steps: Optional[int] = None
-    split: list = field(default_factory=list)
-    kept_ddim: list = field(default_factory=list)
-    costs: list = field(default_factory=list)
-
-    @property
-    def steps(self) -> int:
-        return self.sigmas.numel() - 1
-
-
-def spans(idx) -> str:
-    """0-based step indices as 1-based ranges, as progress counts steps: [0, 1, 2, 6] -> '1-3, 7'."""
-    out, idx = [], sorted(i + 1 for i in idx)
-    for i in idx:
-        if out and i == out[-1][1] + 1:
-            out[-1][1] = i
-        else:
-            out.append([i, i])
-    return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in out)
-
-
-def summary(inv: Inversion) -> str:
-    """What the user should know about an inversion, in a few sentences.
-
-    A step's cost to the reconstruction is estimated to first order by its ``costs``
-    entry (sampling back lands off by ``x - F(x)`` there, taken to carry through unchanged);
-    the estimate adds them up.
-    """
-    n, base = inv.steps, inv.base_steps or inv.steps
-    steps = f"{base} steps" + (f" ({n} after splitting step(s) {spans(inv.split)})" if n != base else "")
-    head = f"{inv.method}: {steps}, {inv.nfe} model calls" + (f" (budget {inv.budget})" if inv.budget else "")
-    if not inv.residuals:
-        return head + "; no residual is measured: its error is its method's."
-    res, tol, bad = inv.residuals, inv.settings.get("tol", 0), inv.unconverged
-    total = sum(inv.costs)
-    if not bad:
-        return (f"{head}; every step converged (largest residual {max(res):.1e}, tol {tol:g}). "
-                f"Estimated reconstruction error, to first order: {total:.1e} relative.")
-    s = [float(v) for v in inv.sigmas]
-    w = max(bad, key=res.__getitem__)
-    text = (f"{head}. {len(bad)} of {n} steps did NOT converge to tol {tol:g}: step(s) {spans(bad)}; the worst, "
-            f"step {w + 1} (sigma {s[w]:.4g} to {s[w + 1]:.4g}), has residual {res[w]:.1e}.")
-    if inv.kept_ddim:
-        text += (f" {len(inv.kept_ddim)} of them (step(s) {spans(inv.kept_ddim)}) kept the DDIM step, which "
-                 "reproduced their start better than any iterate.")
-    lost = sum(inv.costs[i] for i in bad)
-    return (f"{text} Estimated reconstruction error, to first order: {total:.1e} relative, {lost:.1e} of it from "
-            "the unconverged steps (it can be far larger where the image lies between two modes of the model). "
-            "Raise iterations, loosen tol or use more steps.")
 
 
 def notify(callback: Callback, i: int, x: torch.Tensor, sigma, denoised=None) -> None:

@@ -57,14 +57,15 @@ from typing import Callable, Optional
 
 import torch
 
-from .core import EPS, Denoiser, Inversion, NonFiniteError, SolverError, notify, prepare, rel_norm, vp_scale
+from .core import EPS, Denoiser, NonFiniteError, SolverError, notify, prepare, rel_norm, vp_scale
+from .record import Inversion
 
 GUESSES = ("ddim", "extrapolate")
 
 # update(carried) starts one step and returns next(x, g, d, r) -> the next iterate: it sees
 # every evaluated iterate but the last x with g = F(x), d = g - x (all flattened (B, n)) and
 # the per-item residual r = ||d|| / ||x|| (a list of floats), in order. ``carried``: pairs
-# (dx, dg) of earlier steps, at this sigma (a list, or a ``Carried`` view of ``Frames``). A next
+# (dx, dg) of earlier steps, at this sigma (a list, or a ``Carried`` view of ``PairRing``). A next
 # that keeps secant columns of its own may give the last n of them as ``next.pairs(n)`` (a list of
 # (dx, dg), oldest first), so that the step needs to hold no earlier iterate to carry them.
 Update = Callable[[list], Callable[..., torch.Tensor]]
@@ -176,7 +177,7 @@ class Carried:
         return cls(PQ, len(pairs), len(pairs), (PQ @ PQ.transpose(1, 2)).tolist(), ((1.0, 0.0), (0.0, 1.0), (-1.0, 1.0)))
 
 
-class Frames:
+class PairRing:
     """The last ``carry`` pairs in ``transport_frame`` form, kept in one ring buffer with their Gram
     matrices (``Carried``): a new pair is written in place and costs one product with the others."""
 
@@ -241,7 +242,7 @@ def residual(den: Denoiser, x, d, out):
     dn, xn = norms(d, x)
     r = [a / max(b, 1e-30) for a, b in zip(dn, xn)]
     if not all(map(math.isfinite, r)):
-        den.check(out)
+        den.check_output(out)
         raise NonFiniteError(f"{den.method}: the state became non-finite at step {den.step + 1}")
     return r, xn
 
@@ -320,13 +321,12 @@ def keep_best(den: Denoiser, att: Attempt, x_a, sa, sb, space):
     return torch.where(mask(take, ddim), ddim, att.x.flatten(1)).view(shape), list(map(min, r, att.r)), take
 
 
-def invert_implicit(method: str, update: Update, model, x, sigmas, extra_args=None, callback=None, space="eps",
-                    iterations=5, tol=1e-4, guess="ddim", keep_trajectory=False, settings=None,
-                    carry=0, depth=DEPTH) -> Inversion:
+def invert_implicit(method: str, update: Update, model, x, sigmas, extra_args=None, callback=None, *, space,
+                    iterations, tol, guess, keep_trajectory=False, carry=0, depth=DEPTH) -> Inversion:
     """The step loop shared by every fixed-point method: budget, step splitting, DDIM fallback.
 
     With ``carry > 0`` the last ``carry`` secant pairs of the earlier steps are kept in
-    ``transport_frame`` form (``Frames``) and handed, transported, to each step's update. ``depth=0``
+    ``transport_frame`` form (``PairRing``) and handed, transported, to each step's update. ``depth=0``
     keeps the given schedule (for callers that sample back down their own sigmas, such as
     a host sampler): no step is split, an unsolved one falls back as above.
     """
@@ -336,7 +336,7 @@ def invert_implicit(method: str, update: Update, model, x, sigmas, extra_args=No
     budget = int(iterations) * n
     norm0 = [max(v, 1e-30) for v in norms(x.flatten(1))[0]]
     sig, traj = [s[0]], [x] if keep_trajectory else None
-    frames = Frames(carry) if carry > 0 else None
+    ring = PairRing(carry) if carry > 0 else None
     states, residuals, unconverged, kept_ddim, split, costs = deque(maxlen=2), [], [], [], [], []
     todo = [(s[i], s[i + 1], 0, i) for i in reversed(range(n))]  # a stack: the next step last
     while todo:
@@ -344,11 +344,11 @@ def invert_implicit(method: str, update: Update, model, x, sigmas, extra_args=No
         den.step, h, left = i, sb - sa, budget - den.nfe
         share = min(left - least * len(todo), math.ceil(SHARE * left / (len(todo) + 1)))
         x0 = guess_point(x, sa, sb, space, states if guess == "extrapolate" else ())
-        carried = frames.at(sb, h, space) if carry > 0 else []
+        carried = ring.at(sb, h, space) if carry > 0 else []
         att = solve_step(den, x, sa, sb, x0, update, share - reserve(guess), tol, carried,
                          SLOW if level < depth else 1.0, carry, not states or guess == "ddim")
         for dx, dg in att.pairs:
-            frames.add(dx, dg, sb, h, space)
+            ring.add(dx, dg, sb, h, space)
         att.pairs = x0 = None  # these outlive the step (until the next one returns): keep nothing large
         x_b, r, size, took = att.x, att.r, att.size, None
         if not all(att.done):
@@ -379,8 +379,6 @@ def invert_implicit(method: str, update: Update, model, x, sigmas, extra_args=No
             traj.append(x)
         if sb == s[i + 1]:
             notify(callback, i, x, sb, den.last)
-    return Inversion(latent=x, sigmas=torch.tensor(sig, dtype=sigmas.dtype, device=sigmas.device), method=method,
-                     space=space, nfe=den.nfe, sampler="euler", trajectory=traj, residuals=residuals,
-                     unconverged=unconverged,
-                     settings=dict(settings or {}, iterations=int(iterations), tol=float(tol), guess=guess),
-                     budget=budget, base_steps=n, split=sorted(set(split)), kept_ddim=kept_ddim, costs=costs)
+    return Inversion(latent=x, sigmas=torch.tensor(sig, dtype=sigmas.dtype, device=sigmas.device), space=space,
+                     nfe=den.nfe, trajectory=traj, residuals=residuals, unconverged=unconverged, budget=budget,
+                     base_steps=n, split=sorted(set(split)), kept_ddim=kept_ddim, costs=costs)

@@ -54,11 +54,12 @@ def rel_error(ref: torch.Tensor, test: torch.Tensor) -> torch.Tensor:
     return torch.where(diff == 0, torch.zeros_like(diff), diff / norm)
 
 
-def psnr(ref: torch.Tensor, test: torch.Tensor, data_range=None) -> torch.Tensor:
-    """Per item ``10 log10(R^2 / mse)`` in dB; inf for identical items (as scikit-image)."""
+def psnr(ref: torch.Tensor, test: torch.Tensor, data_range=None, floor: float = 0.0) -> torch.Tensor:
+    """Per item ``10 log10(R^2 / max(mse, floor))`` in dB; with ``floor`` 0, inf for identical items
+    (as scikit-image)."""
     r = _ranges(ref, data_range)
     ref, test = _pair(ref, test)
-    mse = (test - ref).pow(2).flatten(1).mean(1)
+    mse = (test - ref).pow(2).flatten(1).mean(1).clamp_min(floor)
     return 10 * torch.log10(r * r / mse)
 
 
@@ -68,6 +69,11 @@ def gaussian_kernel(sigma: float = SIGMA, truncate: float = TRUNCATE, dtype=torc
     x = torch.arange(-radius, radius + 1, dtype=dtype, device=device)
     k = torch.exp(-0.5 * (x / sigma) ** 2)
     return k / k.sum()
+
+
+def uniform_kernel(size: int, dtype=torch.float64, device=None):
+    """scipy.ndimage's 1-D uniform filter of ``size`` taps (scikit-image's default SSIM window)."""
+    return torch.full((size,), 1.0 / size, dtype=dtype, device=device)
 
 
 def _symmetric(n: int, radius: int, device) -> torch.Tensor:
@@ -84,7 +90,7 @@ def _correlate(p: torch.Tensor, kernel: list, dim: int, size: int) -> torch.Tens
     return out
 
 
-def gaussian_filter(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+def separable_filter(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     """Separable filtering of ``(..., H, W)`` along W then H, scipy's 'reflect' borders."""
     # Shifted slices summed in place: several times faster than conv2d in float64 on CPU.
     taps, r = kernel.tolist(), kernel.numel() // 2
@@ -93,23 +99,26 @@ def gaussian_filter(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     return _correlate(x[..., _symmetric(h, r, x.device), :], taps, -2, h)
 
 
-def ssim(ref: torch.Tensor, test: torch.Tensor, data_range=None, sigma: float = SIGMA,
-         truncate: float = TRUNCATE) -> torch.Tensor:
-    """Per item mean SSIM with a Gaussian window, channels (and frames) averaged.
+def ssim(ref: torch.Tensor, test: torch.Tensor, data_range=None, window: int = 0) -> torch.Tensor:
+    """Per item mean SSIM, channels (and frames) averaged.
 
-    The same numbers as ``skimage.metrics.structural_similarity(ref, test, data_range=R,
-    channel_axis=..., gaussian_weights=True, sigma=1.5, use_sample_covariance=False)``:
-    population (co)variances, K1 = 0.01, K2 = 0.03, and the mean taken inside a border of
-    the window's radius. Images smaller than the window (scikit-image refuses them) are
-    averaged over the whole map instead.
+    With ``window`` 0, the Gaussian window: the same numbers as
+    ``skimage.metrics.structural_similarity(ref, test, data_range=R, channel_axis=...,
+    gaussian_weights=True, sigma=1.5, use_sample_covariance=False)``, population
+    (co)variances. With ``window`` n > 0, scikit-image's default: an n x n uniform window and
+    sample (co)variances (``win_size=n``). K1 = 0.01, K2 = 0.03, and the mean taken inside a
+    border of the window's radius. Images smaller than the window (scikit-image refuses them)
+    are averaged over the whole map instead.
     """
     r = _ranges(ref, data_range)
     ref, test = _pair(ref, test)
     b = ref.shape[0]
     ref, test = ref.flatten(1, -3), test.flatten(1, -3)  # (B, C*T, H, W)
-    k = gaussian_kernel(sigma, truncate, ref.dtype, ref.device)
-    mu_x, mu_y, xx, yy, xy = gaussian_filter(torch.stack([ref, test, ref * ref, test * test, ref * test]), k)
-    vx, vy, vxy = xx - mu_x * mu_x, yy - mu_y * mu_y, xy - mu_x * mu_y
+    k = uniform_kernel(window, ref.dtype, ref.device) if window else gaussian_kernel(SIGMA, TRUNCATE, ref.dtype, ref.device)
+    n = window * window
+    cov = n / (n - 1) if window else 1.0  # scikit-image's sample covariance over the window's n pixels
+    mu_x, mu_y, xx, yy, xy = separable_filter(torch.stack([ref, test, ref * ref, test * test, ref * test]), k)
+    vx, vy, vxy = cov * (xx - mu_x * mu_x), cov * (yy - mu_y * mu_y), cov * (xy - mu_x * mu_y)
     c1 = (K1 * r).view(b, 1, 1, 1) ** 2
     c2 = (K2 * r).view(b, 1, 1, 1) ** 2
     s = (2 * mu_x * mu_y + c1) * (2 * vxy + c2) / ((mu_x * mu_x + mu_y * mu_y + c1) * (vx + vy + c2))

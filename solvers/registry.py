@@ -17,17 +17,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
-from .aidi_anderson import invert_aidi_anderson
-from .aidi_empirical import invert_aidi_empirical
-from .bdia import invert_bdia, sample_bdia
-from .core import Inversion, SolverError
-from .ddim import invert_ddim
-from .easyinv import invert_easyinv
-from .edict import invert_edict, sample_edict
-from .euler import sample_euler
-from .fixed_point import invert_fixed_point
-from .naive_unsample import invert_naive_unsample
-from .renoise import invert_renoise
+from .core import SolverError
+from .record import Inversion, bad, real
+from .methods.aidi_anderson import invert_aidi_anderson
+from .methods.aidi_empirical import invert_aidi_empirical
+from .methods.bdia import invert_bdia, sample_bdia
+from .methods.ddim import invert_ddim
+from .methods.easyinv import invert_easyinv
+from .methods.edict import invert_edict, sample_edict
+from .methods.euler import sample_euler
+from .methods.fixed_point import invert_fixed_point
+from .methods.naive_unsample import invert_naive_unsample
+from .methods.renoise import invert_renoise
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,10 @@ class Method:
 
     def defaults(self) -> dict:
         return {k: s.default for k, s in self.settings.items()}
+
+    @property
+    def resumer(self) -> "Sampler":
+        return SAMPLERS[self.sampler]
 
 
 METHODS = {
@@ -123,8 +128,20 @@ METHODS = {
                                       choices=("leapfrog", "fixed"), added="0.2.0")}),
 }
 
-# sampler name -> (function, the inversion settings it takes)
-SAMPLERS = {"euler": (sample_euler, ()), "bdia": (sample_bdia, ("gamma",)), "edict": (sample_edict, ("p", "order"))}
+@dataclass(frozen=True)
+class Sampler:
+    """How an inversion is sampled back: the function, the inversion settings it reads, the
+    states it resumes from (2: ``Inversion.latent`` and ``Inversion.pair``) and the fewest
+    steps that leave that pair meaningful (BDIA's pair is the state one step before the end)."""
+    sample: Callable
+    settings: tuple = ()
+    states: int = 1
+    min_steps: int = 1
+
+
+SAMPLERS = {"euler": Sampler(sample_euler),
+            "bdia": Sampler(sample_bdia, ("gamma",), states=2, min_steps=2),
+            "edict": Sampler(sample_edict, ("p", "order"), states=2)}
 
 
 def method(name: str) -> Method:
@@ -157,7 +174,7 @@ def resolve(name: str, settings: dict) -> dict:
 def invert(name: str, model, x, sigmas, extra_args=None, callback=None, space="eps", keep_trajectory=False,
            **settings) -> Inversion:
     """Run method ``name`` with its defaults overridden by ``settings``; the result names the method,
-    its resuming sampler and every setting it ran with (the registry's facts, whatever the solver wrote)."""
+    its resuming sampler and every setting it ran with (the registry's facts: solvers write none of them)."""
     m = method(name)
     values = resolve(name, settings)
     args = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
@@ -169,15 +186,62 @@ def sampler_for(sampler: str, settings: dict):
     """The sampler function named ``sampler`` and the inversion settings it takes."""
     if sampler not in SAMPLERS:
         raise SolverError(f"unknown sampler {sampler!r}; known: {', '.join(SAMPLERS)}")
-    fn, keys = SAMPLERS[sampler]
-    missing = [k for k in keys if k not in settings]
+    spec = SAMPLERS[sampler]
+    missing = [k for k in spec.settings if k not in settings]
     if missing:
         raise SolverError(f"sampler {sampler!r} needs the setting(s) {missing}, which the inversion record lacks "
                           "(an inversion from an older version: invert again)")
-    return fn, {k: settings[k] for k in keys}
+    return spec.sample, {k: settings[k] for k in spec.settings}
 
 
 def reconstruct(model, inv: Inversion, extra_args=None, callback=None):
     """Sample back down the inversion's own schedule with the matching sampler."""
     fn, kwargs = sampler_for(inv.sampler, inv.settings)
     return fn(model, inv.latent, inv.sigmas.flip(0), extra_args, callback, space=inv.space, pair=inv.pair, **kwargs)
+
+
+def check(inv: Inversion) -> Inversion:
+    """An inversion record against the registry: a known method, its own sampler, exactly its
+    settings with values that sampler can use, and the states that sampler resumes from.
+    Raises ``SolverError`` naming the field; ``Inversion.check`` covers the rest."""
+    m = METHODS.get(inv.method) if isinstance(inv.method, str) else None
+    if m is None:
+        bad("method", f"one of {', '.join(METHODS)}", repr(inv.method)[:100])
+    if inv.sampler != m.sampler:
+        bad("sampler", f"{m.sampler!r} (the sampler of {inv.method})", repr(inv.sampler)[:100])
+    check_settings(inv.method, inv.settings)
+    spec = m.resumer
+    if spec.states == 2 and inv.steps < spec.min_steps:
+        raise SolverError(f"is a {inv.method.upper()} inversion of {inv.steps} step(s): its pair is the clean "
+                          f"source, so resuming it would return the source unchanged. Invert with at least "
+                          f"{spec.min_steps} steps")
+    if (inv.pair is None) == (spec.states == 2):
+        bad("pair", f"a tensor: {inv.method} resumes from a pair of states" if spec.states == 2
+            else f"None for {inv.method}", "None" if spec.states == 2 else type(inv.pair).__name__)
+    return inv
+
+
+def check_settings(name: str, settings) -> None:
+    """A record's settings: exactly method ``name``'s, each of its type; those its sampler reads within
+    the setting's range (the others are kept for the report)."""
+    m = METHODS[name]
+    if not isinstance(settings, dict) or set(settings) != set(m.settings):
+        got = ", ".join(map(repr, settings))[:200] if isinstance(settings, dict) else type(settings).__name__
+        bad("settings", f"exactly {name}'s settings ({', '.join(m.settings) or 'none'})", got or "none")
+    used = m.resumer.settings
+    for key, spec in m.settings.items():
+        v, d = settings[key], spec.default
+        if isinstance(d, tuple):
+            ok = isinstance(v, (list, tuple)) and len(v) == len(d) and all(type(i) is int and i >= 0 for i in v)
+            want = f"{len(d)} integers >= 0"
+        elif spec.choices:
+            ok, want = isinstance(v, str) and v in spec.choices, f"one of {', '.join(spec.choices)}"
+        elif key in used:
+            ok = real(v) and spec.lo <= v <= spec.hi
+            want = f"a number from {spec.lo} to {spec.hi}"
+        else:
+            integer = isinstance(d, int)
+            ok = ((type(v) is int) if integer else real(v)) and v >= 0
+            want = f"{'an integer' if integer else 'a number'} >= 0"
+        if not ok:
+            bad(f"settings.{key}", want, repr(v)[:100])

@@ -12,7 +12,7 @@ import pytest
 import torch
 from comfy_host import exact_model, vae_scale
 
-from inversion_suite.benchmarks.analytic import Mixture
+from analytic import Mixture
 from inversion_suite.nodes.invert import Invert
 from inversion_suite.nodes.reconstruct import Reconstruct
 
@@ -80,7 +80,7 @@ def test_the_sampler_route_samples_back_down_the_split_schedule():
     followed when it samples back down the host's schedule, so the round trip stays exact
     (on EPS, where the inversion splits steps on this mixture)."""
     import comfy.samplers
-    from inversion_suite.nodes.sampler import InversionSampler
+    from inversion_suite.nodes.inversion_sampler import InversionSampler
 
     model, latent, inverted, _ = invert("eps")
     assert len(inverted["inversion"]["sigmas"]) > 11  # the case splits steps

@@ -11,13 +11,13 @@ from comfy_host import exact_model, flux_prompt, prompt, tiny_model, vae_scale
 import comfy.sd
 import comfy.sd1_clip
 import comfy.text_encoders.flux
-from inversion_suite.benchmarks.analytic import Mixture
-from inversion_suite.nodes import capture, edit
-from inversion_suite.nodes.blended import BlendedGuidanceSampler
-from inversion_suite.nodes.host import NodeInputError
+from analytic import Mixture
+from inversion_suite.nodes.host import attention, model as host_model
+from inversion_suite.nodes.blended_guidance import BlendedGuidanceSampler
+from inversion_suite.nodes.host.inputs import NodeInputError
 from inversion_suite.nodes.invert import Invert
 from inversion_suite.nodes.reconstruct import Reconstruct
-from inversion_suite.nodes.stochastic import StochasticEditSampler
+from inversion_suite.nodes.stochastic_edit import StochasticEditSampler
 from inversion_suite.solvers import METHODS
 
 MIX = Mixture((4, 8, 8), components=3, seed=0)
@@ -83,13 +83,13 @@ def test_attention_mask_is_the_direct_softmax_of_the_chosen_tokens(monkeypatch):
     model = tiny_model("eps")
     inv = inverted(model, positive=random_prompt(1))
     seen = []
-    hook = capture.Capture.hook
+    hook = attention.Capture.hook
 
     def spy(self, q, k, v, extra):
         seen.append((self.branch, q.clone(), k.clone(), dict(extra)))
         return hook(self, q, k, v, extra)
 
-    monkeypatch.setattr(capture.Capture, "hook", spy)
+    monkeypatch.setattr(attention.Capture, "hook", spy)
     threshold = 0.995  # a random network attends almost uniformly: ratios to the maximum lie in 0.98..1
     _, mask = blended(model, inv, random_prompt(1), random_prompt(2), clip=clip(), source_text=SOURCE_TEXT,
                       target_text=TARGET_TEXT, threshold=threshold, dilation=0)
@@ -122,13 +122,13 @@ def test_attention_mask_is_the_direct_softmax_of_the_chosen_tokens(monkeypatch):
 
 def spied(monkeypatch):
     """The (branch, q, k, kwargs) of every attention call the capture's override sees, as it sees them."""
-    seen, hook = [], capture.Capture.override
+    seen, hook = [], attention.Capture.override
 
     def spy(self, func, *args, **kwargs):
         seen.append((self.branch, args[0].clone(), args[1].clone(), dict(kwargs)))
         return hook(self, func, *args, **kwargs)
 
-    monkeypatch.setattr(capture.Capture, "override", spy)
+    monkeypatch.setattr(attention.Capture, "override", spy)
     return seen
 
 
@@ -409,8 +409,8 @@ def invert_video(model, method="bdia", positive=None, steps=6):
 
 
 def test_temporal_compression_is_the_hosts():
-    assert edit.temporal_factor(tiny_wan()) == 4
-    assert edit.temporal_factor(tiny_model("eps")) == 1
+    assert host_model.temporal_factor(tiny_wan()) == 4
+    assert host_model.temporal_factor(tiny_model("eps")) == 1
 
 
 @pytest.mark.parametrize("method", ["bdia", "aidi_anderson"])

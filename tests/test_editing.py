@@ -8,13 +8,13 @@ another mixture component. Every check runs in both spaces.
 import pytest
 import torch
 
-from inversion_suite.benchmarks.analytic import Mixture, MixtureDenoiser, karras, uniform_flow
+from analytic import Mixture, MixtureDenoiser, karras, uniform_flow
 from inversion_suite.solvers import METHODS, SolverError, invert, reconstruct, sampler_for
-from inversion_suite.solvers import editing
-from inversion_suite.solvers.blended import edit_blended
-from inversion_suite.solvers.direct import edit_direct
-from inversion_suite.solvers.edit_friendly import edit_stochastic
-from inversion_suite.solvers.editing import TwoPrompts
+from inversion_suite.solvers.editing import masks
+from inversion_suite.solvers.editing.blended import edit_blended
+from inversion_suite.solvers.editing.direct import edit_direct
+from inversion_suite.solvers.editing.stochastic import edit_stochastic
+from inversion_suite.solvers.editing.guidance import TwoPrompts
 
 SPACES = ("eps", "flow")
 MIX = Mixture((4, 8, 8), components=4, seed=0)
@@ -99,7 +99,7 @@ def test_mask_window_and_per_pixel_scale_follow_the_formula():
     den = MixtureDenoiser(MIX, "eps")
     x = data()
     sig = karras(6).flip(0)
-    cut = editing.window(sig, 0.5)
+    cut = masks.window(sig, 0.5)
     assert sig[3] < cut < sig[2]  # 3 of 6 steps open
     m = torch.rand(1, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     seen = []
@@ -141,11 +141,11 @@ def test_blended_runs_on_5d_latents(space):
 
 def test_video_mask_frames_map_to_latent_frames():
     m = torch.arange(9.0).view(9, 1, 1).expand(9, 2, 2)  # 9 frames -> 1 + 2 x 4 latent frames
-    t = editing.frames(m, 3, 4)
+    t = masks.per_latent_frame(m, 3, 4)
     assert t[:, 0, 0].tolist() == [0.0, 2.5, 6.5]
-    assert torch.equal(editing.frames(m[:1], 3, 4), m[:1].expand(3, 2, 2))
+    assert torch.equal(masks.per_latent_frame(m[:1], 3, 4), m[:1].expand(3, 2, 2))
     with pytest.raises(SolverError, match="1 \\+ 2 x 4"):
-        editing.frames(m[:5], 3, 4)
+        masks.per_latent_frame(m[:5], 3, 4)
 
 
 # --- DirectInversion ----------------------------------------------------------------------------

@@ -15,11 +15,11 @@ from comfy_host import exact_model, folders, prompt, vae_scale  # noqa: F401  (f
 import folder_paths
 import utils.extra_config  # noqa: F401  (before the host's nodes.py, as main.py does)
 import nodes as core  # the host's nodes.py; the pack is loaded as ``inversion_suite``
-from inversion_suite.benchmarks.analytic import Mixture
+from analytic import Mixture
 from inversion_suite.nodes import NODES
-from inversion_suite.nodes.host import NodeInputError
+from inversion_suite.nodes.host.inputs import NodeInputError
 from inversion_suite.nodes.invert import Invert
-from inversion_suite.nodes.io_nodes import LoadInversion, SaveInversion
+from inversion_suite.nodes.save_load import LoadInversion, SaveInversion
 from inversion_suite.nodes.reconstruct import Reconstruct
 from inversion_suite.nodes.report import ReconstructionReport
 from inversion_suite.solvers import METHODS, metrics

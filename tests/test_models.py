@@ -25,12 +25,12 @@ import comfy.sdxl_clip
 import comfy.supported_models
 import comfy.text_encoders.flux
 import comfy.text_encoders.sd3_clip
-from inversion_suite.nodes import capture, tokens
-from inversion_suite.nodes.blended import BlendedGuidanceSampler
-from inversion_suite.nodes.host import NodeInputError
+from inversion_suite.nodes.host import attention, tokens
+from inversion_suite.nodes.blended_guidance import BlendedGuidanceSampler
+from inversion_suite.nodes.host.inputs import NodeInputError
 from inversion_suite.nodes.invert import Invert
 from inversion_suite.nodes.reconstruct import Reconstruct
-from inversion_suite.nodes.sampler import SINGLE, InversionSampler
+from inversion_suite.nodes.inversion_sampler import SINGLE, InversionSampler
 from inversion_suite.solvers import METHODS
 
 
@@ -108,7 +108,7 @@ def test_each_family_runs_on_its_own_host_classes():
         want = "EPS" if name == "sdxl" else "CONST"
         assert isinstance(model.get_model_object("model_sampling"), getattr(comfy.model_sampling, want))
         # UNet cross-attention (attn2 patches) on SDXL only; the DiTs go through the attention override.
-        assert bool(capture.unet_layers(model)) == (name == "sdxl")
+        assert bool(attention.unet_layers(model)) == (name == "sdxl")
 
 
 def denoised(model, name, cond, sigma_index=2):
@@ -173,8 +173,8 @@ def test_edited_words_sit_where_the_conditioning_holds_them(name):
     family(name)
     clip = clip_of(FAMILIES[name][4]())
     key = "t5xxl" if name == "flux" else None
-    found, frames = tokens.edited("N", clip, SOURCE_TEXT, TARGET_TEXT, "", key)
-    cap = capture.Capture(found, frames, (8, 8))
+    found, counts = tokens.edited("N", clip, SOURCE_TEXT, TARGET_TEXT, "", key)
+    cap = attention.Capture(found, counts, (8, 8))
 
     def listed(text, **kw):
         t = clip.tokenize(text, **kw)
@@ -202,8 +202,8 @@ def test_edit_region_from_words_on_each_text_attention_family(name, monkeypatch)
     latent = source(name)
     inv = invert(model, name, "bdia", latent)
     added = []
-    add = capture.Capture.add
-    monkeypatch.setattr(capture.Capture, "add", lambda self, f, m: (added.append((self.branch, f)), add(self, f, m)))
+    add = attention.Capture.add
+    monkeypatch.setattr(attention.Capture, "add", lambda self, f, m: (added.append((self.branch, f)), add(self, f, m)))
     edited, mask = BlendedGuidanceSampler.execute(
         model=model, inverted=inv, source=FAMILIES[name][2](1), target=FAMILIES[name][2](2), cfg_inversion=-1.0,
         cfg_edit=3.0, mask_steps=1.0, local_blend=False, clip=clip_of(FAMILIES[name][4]()),

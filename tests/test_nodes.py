@@ -9,11 +9,11 @@ from comfy_host import exact_model, prompt, tiny_model, vae_scale
 
 import comfy.sample
 import comfy.samplers
-from inversion_suite.benchmarks.analytic import Mixture
-from inversion_suite.nodes.host import NodeInputError
+from analytic import Mixture
+from inversion_suite.nodes.host.inputs import NodeInputError
 from inversion_suite.nodes.invert import Invert
 from inversion_suite.nodes.reconstruct import Reconstruct
-from inversion_suite.nodes.sampler import InversionSampler
+from inversion_suite.nodes.inversion_sampler import InversionSampler
 from inversion_suite.solvers import METHODS
 
 MIX = Mixture((4, 8, 8), components=3, seed=0)

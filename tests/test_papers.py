@@ -16,9 +16,9 @@ import inspect
 import pytest
 import torch
 
-from inversion_suite.benchmarks.analytic import Mixture, MixtureDenoiser, karras, uniform_flow
+from analytic import Mixture, MixtureDenoiser, karras, uniform_flow
 from inversion_suite.solvers import METHODS, SAMPLERS, invert, reconstruct
-from inversion_suite.solvers.edict import sample_edict
+from inversion_suite.solvers.methods.edict import sample_edict
 from inversion_suite.solvers.registry import plain
 
 MIX = Mixture((4, 8, 8), components=4, seed=0)
@@ -270,7 +270,7 @@ def test_renoise_regularisation_matches_the_official_code():
 
 def test_renoise_low_noise_steps_in_sigma():
     """t < 250 is sigma < 0.6958 on SD's schedule (13 of 50 DDIM steps); flow reads sigma < 0.25."""
-    from inversion_suite.solvers.renoise import low_noise_sigma
+    from inversion_suite.solvers.methods.renoise import low_noise_sigma
     cut = low_noise_sigma(0.25, "eps")
     assert abs(cut - ((1 - abar(250)) / abar(250)) ** 0.5) < 1e-12
     assert int((sd_sigmas(50)[1:] < cut).sum()) == 13 and int((sd_sigmas(10)[1:] < cut).sum()) == 3
@@ -296,13 +296,16 @@ def test_renoise_regularises_under_inference_mode():
 def test_registry_and_solvers_agree(name):
     m = METHODS[name]
     den = MixtureDenoiser(MIX, "eps")
+    # The solver itself writes none of the registry's facts: the registry is their one writer.
+    raw = m.invert(den, data(), karras(4), EXTRA, space="eps", **m.defaults())
+    assert (raw.method, raw.sampler, raw.settings) == (None, None, None)
     inv = invert(name, den, data(), karras(4), EXTRA, space="eps")
     assert inv.method == name and inv.sampler == m.sampler
     assert inv.settings == {k: plain(s.default, s.default) for k, s in m.settings.items()}
-    fn, keys = SAMPLERS[m.sampler]
-    assert set(keys) <= set(m.settings)
+    assert torch.equal(inv.latent, raw.latent)
+    assert set(SAMPLERS[m.sampler].settings) <= set(m.settings)
     # a default in a signature may only repeat the registry's
-    for f in (m.invert, fn):
+    for f in (m.invert, SAMPLERS[m.sampler].sample):
         for k, prm in inspect.signature(f).parameters.items():
             if k in m.settings and prm.default is not inspect.Parameter.empty:
                 assert prm.default == m.settings[k].default, f"{f.__name__}: {k}={prm.default!r}"

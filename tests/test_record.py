@@ -24,13 +24,16 @@ import comfy.samplers
 import folder_paths
 import utils.extra_config  # noqa: F401  (before the host's nodes.py, as main.py does)
 import nodes as core  # the host's nodes.py
-from inversion_suite.benchmarks.analytic import Mixture
-from inversion_suite.nodes import io_nodes
-from inversion_suite.nodes.host import NodeInputError, run_guider
+from analytic import Mixture
+from inversion_suite.nodes.host import files
+from inversion_suite.nodes.host.inputs import NodeInputError
+from inversion_suite.nodes.host.run import run_guider
 from inversion_suite.nodes.invert import Invert
-from inversion_suite.nodes.io_nodes import LoadInversion, SaveInversion, encode
+from inversion_suite.nodes.save_load import LoadInversion, SaveInversion
 from inversion_suite.nodes.reconstruct import Reconstruct
-from inversion_suite.nodes.record import FORMAT, REFINE, Record
+from inversion_suite.nodes.host.record import Record
+from inversion_suite.nodes.host.files import encode
+from inversion_suite.solvers.record import FORMAT, KEYS, LATER as SOLVER_LATER, REFINE, Inversion
 from inversion_suite.solvers import NonFiniteError, SolverError
 
 MIX = Mixture((4, 8, 8), components=3, seed=0)
@@ -59,7 +62,7 @@ def reconstruct(model, latent, cfg=-1.0):
 def write(latent, name):
     """A file as SaveInversion writes it, whatever the LATENT holds (SaveInversion itself would refuse)."""
     tensors, content = encode("test", latent)
-    meta = {io_nodes.VERSION_KEY: str(io_nodes.FILE_FORMAT), io_nodes.CONTENT_KEY: content}
+    meta = {files.VERSION_KEY: str(files.FILE_FORMAT), files.CONTENT_KEY: content}
     safetensors.torch.save_file(tensors, os.path.join(folder_paths.get_input_directory(), name), metadata=meta)
     return name
 
@@ -141,9 +144,11 @@ def cases(rec):
     return out
 
 
-# Fields with a default in Record: added to format 1 after its first files were written.
-LATER = {f.name for f in dataclasses.fields(Record)
-         if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
+# Fields added to format 1 after its first files were written: the solvers' and the host's with a default.
+LATER = {*SOLVER_LATER, *(f.name for f in Record.host_fields()
+                          if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING)}
+KEYS_OF_A_RECORD = {"format", *(KEYS.get(f.name, f.name) for f in dataclasses.fields(Inversion)),
+                    *(f.name for f in Record.host_fields())}
 
 
 MISSING = object()
@@ -161,7 +166,7 @@ def corrupt(latent, field, value):
 def test_every_wrong_field_is_refused_before_any_model_call():
     model, calls = counting()
     good = invert(model)
-    assert set(good["inversion"]) == {"format", *Record.__dataclass_fields__}
+    assert set(good["inversion"]) == KEYS_OF_A_RECORD
     table = cases(good["inversion"])
     fields = {f for f, _, _ in table}
     assert fields == set(good["inversion"])  # every field is made wrong
@@ -196,7 +201,7 @@ def test_pair_rules_of_other_samplers(method):
             reconstruct(model, corrupt(good, field, value))
     assert calls[0] == 0
     without = corrupt(good, "trajectory", None)  # keep_trajectory off is legitimate
-    assert Record.read("t", without, "inverted", model).trajectory is None
+    assert Record.read("t", without, "inverted", model).inv.trajectory is None
 
 
 SETTINGS = {  # method: (setting, wrong value, words)
@@ -243,7 +248,7 @@ def test_a_refined_schedule_up_to_the_stated_factor_is_accepted():
         sig = torch.linspace(0, top, n, dtype=torch.float64)
         rec = corrupt(corrupt(good, "sigmas", sig), "trajectory", None)
         if ok:
-            assert Record.read("t", rec, "inverted", model).sigmas.numel() == n
+            assert Record.read("t", rec, "inverted", model).inv.sigmas.numel() == n
         else:
             with pytest.raises(NodeInputError, match="'sigmas' must be from steps"):
                 Record.read("t", rec, "inverted", model)
@@ -272,13 +277,14 @@ def test_the_record_reads_back_what_invert_wrote_and_shares_its_tensors():
     model, _ = counting()
     out = invert(model)
     rec = Record.read("t", out, "inverted", model)
-    assert rec.method == "bdia" and rec.sampler == "bdia" and rec.space == "eps" and rec.steps == 3
-    assert rec.settings == {"gamma": 0.94} and rec.cfg == 1.0 and rec.denoise == 1.0 and rec.scheduler == "karras"
-    assert rec.model == {"prediction": "EPS", "latent_format": "SD15"} and rec.nfe == 3
-    assert rec.sigmas.dtype == torch.float32 and rec.sigmas.numel() == 4  # as the solver used them
+    inv = rec.inv
+    assert inv.method == "bdia" and inv.sampler == "bdia" and inv.space == "eps" and inv.base_steps == 3
+    assert inv.settings == {"gamma": 0.94} and rec.cfg == 1.0 and rec.denoise == 1.0 and rec.scheduler == "karras"
+    assert rec.model == {"prediction": "EPS", "latent_format": "SD15"} and inv.nfe == 3
+    assert inv.sigmas.dtype == torch.float32 and inv.sigmas.numel() == 4  # as the solver used them
     # One copy of each state: the ends are the source and the output, BDIA's pair is the state before the last.
-    assert rec.samples is out["samples"] and rec.trajectory[-1] is out["samples"]
-    assert rec.trajectory[0] is rec.source and rec.pair is rec.trajectory[-2]
+    assert inv.latent is out["samples"] and inv.trajectory[-1] is out["samples"]
+    assert inv.trajectory[0] is rec.source and inv.pair is inv.trajectory[-2]
     assert rec.as_dict().keys() == out["inversion"].keys()
     assert all(rec.as_dict()[k] is out["inversion"][k] for k in out["inversion"] if k != "format")
     saved = SaveInversion.execute(latent=out, filename_prefix="same").ui["latents"][0]
@@ -286,7 +292,8 @@ def test_the_record_reads_back_what_invert_wrote_and_shares_its_tensors():
     with safetensors.safe_open(os.path.join(folder_paths.get_input_directory(), saved["filename"]), framework="pt") as f:
         assert len(f.keys()) == 5  # sigmas, source, the two states between, samples: each stored once
     back = Record.read("t", load(model, saved["filename"]), "inverted", model)
-    assert back.trajectory[0] is back.source and back.trajectory[-1] is back.samples and back.pair is back.trajectory[-2]
+    t = back.inv.trajectory
+    assert t[0] is back.source and t[-1] is back.inv.latent and back.inv.pair is t[-2]
     assert rec.cfg_for("N", "cfg", -1) == 1.0 and rec.cfg_for("N", "cfg", 0) == 0.0
     for wrong in (-0.5, -1.5, float("nan")):
         with pytest.raises(NodeInputError, match=r"N: input 'cfg': expected -1 \(the inversion's cfg, 1\)"):
@@ -301,7 +308,7 @@ def test_files_written_before_the_record_type_still_load(method):
     shutil.copy(DATA / name, folder_paths.get_input_directory())
     loaded = load(model, name)
     rec = Record.read("t", loaded, "inverted", model)
-    assert rec.method == method and loaded["batch_index"] == [3, 4] and rec.samples is loaded["samples"]
+    assert rec.inv.method == method and loaded["batch_index"] == [3, 4] and rec.inv.latent is loaded["samples"]
     back = reconstruct(model, loaded)["samples"]
     assert torch.isfinite(back).all()
     if method == "bdia":  # unchanged since the file was written: the same inversion, made again today
@@ -335,7 +342,7 @@ def test_a_field_added_later_with_a_default_reads_older_records():
 # --- LoadInversion: where a file may come from ---------------------------------------------------
 
 def nowhere(name):
-    return f"LoadInversion: input 'inversion': {io_nodes.nowhere(name)}"
+    return f"LoadInversion: input 'inversion': {files.nowhere(name)}"
 
 
 def refused_as_missing(model, name):
@@ -399,18 +406,18 @@ class Reads:
             def __exit__(self, *a):
                 return self.f.__exit__(*a)
 
-        monkeypatch.setattr(io_nodes, "open", lambda *a, **k: Counted(builtins.open(*a, **k)), raising=False)
+        monkeypatch.setattr(files, "open", lambda *a, **k: Counted(builtins.open(*a, **k)), raising=False)
 
 
 def test_a_huge_header_is_refused_before_it_is_read(monkeypatch):
     model, _ = counting()
     path = os.path.join(folder_paths.get_input_directory(), "huge.safetensors")
-    safetensors.torch.save_file({"x": torch.zeros(1)}, path, metadata={"pad": "x" * (io_nodes.MAX_HEADER + 10)})
+    safetensors.torch.save_file({"x": torch.zeros(1)}, path, metadata={"pad": "x" * (files.MAX_HEADER + 10)})
     reads = Reads(monkeypatch)
     with pytest.raises(NodeInputError, match=r"'huge.safetensors' is truncated or corrupt: its header is \d+ bytes, more than"):
         load(model, "huge.safetensors")
     assert reads.n == 8
-    monkeypatch.setattr(io_nodes, "MAX_HEADER", 1000)
+    monkeypatch.setattr(files, "MAX_HEADER", 1000)
     with pytest.raises(NodeInputError, match="SaveInversion: input 'latent': its file header would be about"):
         SaveInversion.execute(latent=invert(model), filename_prefix="x")
 
@@ -454,7 +461,7 @@ def test_broken_json_and_tensor_tables_are_refused():
     variants = {"deep": "[" * 100_000 + "]" * 100_000, "nojson": "{", "unknown": content.replace('"t0"', '"t99"'),
                 "listkey": content.replace('"t0"', '["t0"]', 1)}
     for name, text in variants.items():
-        meta = {io_nodes.VERSION_KEY: "1", io_nodes.CONTENT_KEY: text}
+        meta = {files.VERSION_KEY: "1", files.CONTENT_KEY: text}
         safetensors.torch.save_file(tensors, os.path.join(inp, f"{name}.safetensors"), metadata=meta)
         with pytest.raises(NodeInputError, match=f"LoadInversion: input 'inversion': '{name}.safetensors' is "
                                                  "(truncated or corrupt|damaged)"):

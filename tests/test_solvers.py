@@ -9,11 +9,11 @@ import math
 import pytest
 import torch
 
-from inversion_suite.benchmarks.analytic import Mixture, MixtureDenoiser, gaussian_flow, karras, uniform_flow
+from analytic import Mixture, MixtureDenoiser, gaussian_flow, karras, uniform_flow
 from inversion_suite.solvers import METHODS, SAMPLERS, NonFiniteError, SolverError, invert, reconstruct
-from inversion_suite.solvers.bdia import sample_bdia
-from inversion_suite.solvers.edict import sample_edict
-from inversion_suite.solvers.euler import sample_euler
+from inversion_suite.solvers.methods.bdia import sample_bdia
+from inversion_suite.solvers.methods.edict import sample_edict
+from inversion_suite.solvers.methods.euler import sample_euler
 
 SPACES = ("eps", "flow")
 LABELS = {"label": [0, 1, 2], "cfg": 1.0}

@@ -9,7 +9,8 @@ slope at the previous state carried to ``sb`` in signal-preserving coordinates; 
 per step is first order in the step size.
 """
 
-from .core import Inversion, prepare, run_steps, vp_scale
+from ..core import prepare, run_steps, vp_scale
+from ..record import Inversion
 
 
 def ddim_slope(den, x_a, sa, sb, space):

@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import comfy.ldm.modules.attention
 
-from ..solvers import editing
+from ...solvers.editing import attention
 
 OVERRIDE = "optimized_attention_override"
 
 
 class Capture:
-    def __init__(self, tokens: dict, frames: dict, size: tuple):
-        self.tokens, self.frames, self.size = tokens, frames, tuple(size)  # frames: branch -> (count, head)
+    def __init__(self, tokens: dict, counts: dict, size: tuple):
+        self.tokens, self.counts, self.size = tokens, counts, tuple(size)  # counts: branch -> (count, head)
         self.maps = {}  # (branch, downsampling factor) -> (sum of maps, count)
         self.branch = None
         self.text_len = {}  # branch -> context tokens
@@ -38,7 +38,7 @@ class Capture:
         """
         self.text_len = dict(lengths)
         for b, n in lengths.items():
-            count, head = self.frames.get(b, (0, 0))
+            count, head = self.counts.get(b, (0, 0))
             cut = min(head, max(0, count - n))
             self.tokens[b] = [p - cut for p in self.tokens.get(b, []) if p >= cut]
 
@@ -75,16 +75,16 @@ class Capture:
         if k.shape[2] == q.shape[2]:
             # Joint attention over [context, image]; image-only self-attention leaves no grid
             # after the context's length.
-            grid = editing.layer_grid(q.shape[2] - text, self.size)
+            grid = attention.layer_grid(q.shape[2] - text, self.size)
             if grid is not None:
-                att = editing.joint_token_attention(q[rows], k[rows], text, tokens)
-                self.add(grid[0], editing.layer_map(att, grid[1], self.size))
+                att = attention.joint_token_attention(q[rows], k[rows], text, tokens)
+                self.add(grid[0], attention.layer_map(att, grid[1], self.size))
         elif k.shape[2] == text:
             # Cross attention of image tokens on the context (Wan).
-            grid = editing.layer_grid(q.shape[2], self.size)
+            grid = attention.layer_grid(q.shape[2], self.size)
             if grid is not None:
-                att = editing.joint_token_attention(q[rows], k[rows], 0, tokens)
-                self.add(grid[0], editing.layer_map(att, grid[1], self.size))
+                att = attention.joint_token_attention(q[rows], k[rows], 0, tokens)
+                self.add(grid[0], attention.layer_map(att, grid[1], self.size))
         return out
 
     def hook(self, q, k, v, extra):
@@ -92,11 +92,11 @@ class Capture:
         out = comfy.ldm.modules.attention.optimized_attention(q, k, v, heads, attn_precision=extra.get("attn_precision"),
                                                               transformer_options=extra)
         tokens = self.tokens.get(self.branch) if self.branch else None
-        grid = editing.layer_grid(q.shape[1], self.size)
+        grid = attention.layer_grid(q.shape[1], self.size)
         rows = cond_rows(q.shape[0], extra) if tokens and grid else None
         if rows:
-            att = editing.token_attention(q[rows], k[rows], heads, tokens)
-            self.add(grid[0], editing.layer_map(att, grid[1], self.size))
+            att = attention.token_attention(q[rows], k[rows], heads, tokens)
+            self.add(grid[0], attention.layer_map(att, grid[1], self.size))
         return out
 
     def add(self, factor, m):

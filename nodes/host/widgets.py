@@ -11,7 +11,7 @@ the registry stays the one owner of which method takes which setting.
 
 from comfy_api.latest import io
 
-from ..solvers import METHODS
+from ...solvers import METHODS
 
 AUTO = "auto"
 USERS = "inversion_methods"  # widget option read by web/js/inversion_suite.js

@@ -9,7 +9,7 @@ resumes every single-state inversion (DDIM, fixed-point, AIDI, ReNoise, EasyInv,
 unsampling), so an inversion that solved its implicit steps exactly returns its input.
 """
 
-from .core import prepare, run_steps
+from ..core import prepare, run_steps
 
 
 def sample_euler(model, x, sigmas, extra_args=None, callback=None, *, space, pair=None):

@@ -16,7 +16,8 @@ The paper edits with gamma from 0.92 to 1.0 (its choice: the registry's default)
 is the only error.
 """
 
-from .core import Inversion, SolverError, check_finite, notify, prepare, vp_scale
+from ..core import SolverError, check_finite, notify, prepare, vp_scale
+from ..record import Inversion
 from .ddim import ddim_slope
 
 

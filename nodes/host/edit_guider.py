@@ -12,7 +12,7 @@ from __future__ import annotations
 import comfy.samplers
 import torch
 
-from .host import check_conditioning, negative_for
+from .inputs import check_conditioning, negative_for
 
 
 def build(node, model, capture, source, target, negative):

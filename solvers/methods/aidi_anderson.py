@@ -21,7 +21,7 @@ floats (float64), where a handful of columns costs less than torch's per-call ov
 The step's own ``m - 1`` columns live in ring buffers. Carried pairs are never formed as
 columns: every pair of a step is transported by the same two coefficients
 (``implicit.transport_coefficients``), so their products come from the Gram matrices
-``implicit.Frames`` keeps as pairs arrive and from one product of its buffer with ``dr``,
+``implicit.PairRing`` keeps as pairs arrive and from one product of its buffer with ``dr``,
 and the mix reads that buffer directly.
 
 Two things can make a step cheaper than the paper's (about 3 model calls per step instead
@@ -47,8 +47,8 @@ import math
 
 import torch
 
-from .core import SolverError
-from .implicit import DEPTH, Carried, invert_implicit
+from ..core import SolverError
+from ..implicit import DEPTH, Carried, invert_implicit
 
 # A carried pair stays in an item's solve while each iteration at least divides that
 # item's residual by this; past that it is doing no better than the step's own pairs.
@@ -224,7 +224,6 @@ def invert_aidi_anderson(model, x, sigmas, extra_args=None, callback=None, *, sp
         raise SolverError(f"aidi_anderson: lam must be >= 0, got {lam}")
     if int(carry) < 0:
         raise SolverError(f"aidi_anderson: carry must be >= 0, got {carry}")
-    settings = {"m": int(m), "beta": float(beta), "lam": float(lam), "carry": int(carry)}
     return invert_implicit("aidi_anderson", anderson(int(m), float(beta), float(lam)), model, x, sigmas,
-                           extra_args, callback, space, iterations, tol, guess, keep_trajectory, settings,
-                           carry=int(carry), depth=depth)
+                           extra_args, callback, space=space, iterations=iterations, tol=tol, guess=guess,
+                           keep_trajectory=keep_trajectory, carry=int(carry), depth=depth)

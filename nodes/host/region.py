@@ -9,12 +9,15 @@ frames cover 1 + (F - 1) / 4 latent frames; a one-frame MASK applies to every fr
 
 from __future__ import annotations
 
+import comfy.model_management
 import torch
 from comfy_api.latest import io
 
-from ..solvers import editing
-from . import capture, tokens
-from .host import fail
+from ...solvers import SolverError
+from ...solvers.editing import masks
+from . import attention, tokens
+from .inputs import fail
+from .model import spatial_factor, temporal_factor
 
 MODES = ["replace", "union", "intersect"]
 
@@ -47,35 +50,27 @@ def inputs():
     ]
 
 
-def temporal_factor(model):
-    """Frames per latent frame after the first: the host's latent format says (Wan 2.x: 4); hosts
-    before that attribute existed get 4 for 3D latent formats (Wan 2.1 is the one they have)."""
-    fmt = model.model.latent_format
-    f = getattr(fmt, "temporal_downscale_ratio", None)
-    return int(f) if f else (4 if getattr(fmt, "latent_dimensions", 2) == 3 else 1)
-
-
 class Region:
     """The edit region of one node run: validated inputs, the attention capture, the mask."""
 
     def __init__(self, node, model, latent, clip, source_text, target_text, words, mask, mask_mode, threshold,
                  softness, dilation):
         self.node, self.mode = node, mask_mode
-        self.layers = capture.unet_layers(model)
+        self.layers = attention.unet_layers(model)
         self.threshold, self.softness, self.dilation = threshold, softness, dilation
         # ``latent`` comes through host.resume, whose check_latent matched its dimensionality to the model's.
         self.batch, self.size = latent.shape[0], tuple(latent.shape[2:])
-        self.ratio = getattr(model.model.latent_format, "spacial_downscale_ratio", 8)
-        self.frames = temporal_factor(model) if latent.ndim == 5 else 1
+        self.ratio = spatial_factor(model)
+        self.per_frame = temporal_factor(model) if latent.ndim == 5 else 1  # frames per latent frame
         if mask_mode not in MODES:
             fail(node, "mask_mode", f"expected one of {', '.join(MODES)}, got {mask_mode!r}")
         self.user = None if mask is None else self.user_mask(mask)
-        found, frames = {"source": [], "target": []}, {}
+        found, counts = {"source": [], "target": []}, {}
         if clip is not None and not (mask is not None and mask_mode == "replace"):
-            found, frames = tokens.edited(node, clip, source_text, target_text, words, None if self.layers else "t5xxl")
+            found, counts = tokens.edited(node, clip, source_text, target_text, words, None if self.layers else "t5xxl")
         if self.user is None and not any(found.values()):
             fail(node, "mask", "no edit region: connect a MASK, or a CLIP with the prompts' texts and the words to edit")
-        self.capture = capture.Capture(found, frames, self.size)
+        self.capture = attention.Capture(found, counts, self.size)
         self.guider = None
 
     def user_mask(self, mask):
@@ -92,13 +87,13 @@ class Region:
         if len(self.size) == 3:
             t = self.size[0]
             try:
-                mask = editing.frames(mask, t, self.frames)
-            except editing.SolverError as e:
+                mask = masks.per_latent_frame(mask, t, self.per_frame)
+            except SolverError as e:
                 fail(self.node, "mask", str(e))
-            return editing.resize_mask(mask[None], self.size, self.batch)
+            return masks.resize_mask(mask[None], self.size, self.batch)
         if mask.shape[0] not in (1, self.batch):
             fail(self.node, "mask", f"has a batch of {mask.shape[0]}, expected 1 or the latent's {self.batch}")
-        return editing.resize_mask(mask, self.size, self.batch)
+        return masks.resize_mask(mask, self.size, self.batch)
 
     def attach(self, model):
         return self.capture.attach(model, self.layers)
@@ -111,9 +106,9 @@ class Region:
             fail(self.node, "model", "no attention on the edited words could be read from this model (it has "
                                      "neither UNet cross-attention nor text attention the pack can read): connect a "
                                      "MASK and set mask_mode to replace")
-        att = None if raw is None else editing.shape_mask(raw, self.threshold, self.softness, self.dilation)
+        att = None if raw is None else masks.shape_mask(raw, self.threshold, self.softness, self.dilation)
         user = None if self.user is None else self.user.to(raw.device if raw is not None else self.user.device)
-        m = editing.combine_masks(att, user, self.mode)
+        m = masks.combine_masks(att, user, self.mode)
         return torch.zeros(self.batch, 1, *self.size) if m is None else m
 
     def mask(self):
@@ -124,10 +119,9 @@ class Region:
 def image_mask(region, m, model):
     """The region a node used, as a MASK at image resolution: (B, H, W), or for video (frames, H, W)
     with each latent frame repeated over the frames it holds."""
-    import comfy.model_management
     m = m.float().clamp(0, 1)
     if m.ndim == 5:
         m = m[0, 0]  # (T, h, w): the first item's (the MASK's batch is frames)
-        m = torch.cat([m[:1], m[1:].repeat_interleave(region.frames, 0)])[:, None]
+        m = torch.cat([m[:1], m[1:].repeat_interleave(region.per_frame, 0)])[:, None]
     m = torch.nn.functional.interpolate(m, scale_factor=region.ratio, mode="nearest")
     return m[:, 0].to(comfy.model_management.intermediate_device())

@@ -9,7 +9,7 @@ inversion itself; each further iterate costs 1 NFE. Plain iteration converges on
 call budget, and reports the steps it could not solve in ``Inversion.unconverged``.
 """
 
-from .implicit import DEPTH, invert_implicit
+from ..implicit import DEPTH, invert_implicit
 
 
 def picard(carried):
@@ -18,5 +18,5 @@ def picard(carried):
 
 def invert_fixed_point(model, x, sigmas, extra_args=None, callback=None, *, space, iterations, tol, guess,
                        keep_trajectory=False, depth=DEPTH):
-    return invert_implicit("fixed_point", picard, model, x, sigmas, extra_args, callback,
-                           space, iterations, tol, guess, keep_trajectory, depth=depth)
+    return invert_implicit("fixed_point", picard, model, x, sigmas, extra_args, callback, space=space,
+                           iterations=iterations, tol=tol, guess=guess, keep_trajectory=keep_trajectory, depth=depth)

@@ -12,7 +12,8 @@ is DDIM exactly. The official code's settings at 50 steps: SD1.x window (0.05, 0
 eta = 0.5; SDXL (0.85, 0.95) with eta 0.5 to 0.8 (the pack's defaults: the registry).
 """
 
-from .core import Inversion, SolverError, prepare, run_steps, vp_scale
+from ..core import SolverError, prepare, run_steps, vp_scale
+from ..record import Inversion
 from .ddim import ddim_slope
 
 

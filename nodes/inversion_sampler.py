@@ -6,13 +6,14 @@ import comfy.samplers
 from comfy_api.latest import io
 
 from ..solvers import FLOW, METHODS, invert, sampler_for
-from ..solvers.core import summary
-from . import settings
-from .host import fail, space_of
+from ..solvers.core import FLIPPED_ZERO
+from ..solvers.record import summary
+from .host import widgets
+from .host.inputs import fail
+from .host.model import space_of
 
 NODE = "InversionSampler"
-SINGLE = [name for name, m in METHODS.items() if m.sampler == "euler"]
-FLIPPED_ZERO = 1e-4  # FlipSigmas replaces a leading 0 by this
+SINGLE = [name for name, m in METHODS.items() if m.resumer.states == 1]
 
 
 def _with_denoised(callback):
@@ -86,13 +87,13 @@ class InversionSampler(io.ComfyNode):
                         "from that sigma. BDIA and EDICT need their pair of states and are only in "
                         "Invert/Reconstruct.",
             inputs=[io.Combo.Input("method", options=SINGLE, default="aidi_anderson",
-                                   tooltip=settings.method_help(SINGLE)),
-                    *settings.inputs(SINGLE)],
+                                   tooltip=widgets.method_help(SINGLE)),
+                    *widgets.inputs(SINGLE)],
             outputs=[io.Sampler.Output(display_name="sampler", tooltip="For SamplerCustomAdvanced: inverts with ascending (FlipSigmas) sigmas, samples deterministically with descending ones.")],
         )
 
     @classmethod
-    def execute(cls, method, **widgets):
+    def execute(cls, method, **settings):
         if method not in SINGLE:
             fail(NODE, "method", f"expected one of {', '.join(SINGLE)}, got {method!r}")
-        return io.NodeOutput(comfy.samplers.KSAMPLER(_function(method, settings.values(method, widgets))))
+        return io.NodeOutput(comfy.samplers.KSAMPLER(_function(method, widgets.values(method, settings))))

@@ -20,9 +20,10 @@ method), BDIA and EDICT. Cost: 2 edit-denoiser calls per model call of the sampl
 
 import torch
 
-from .core import SolverError, check_latent
-from .editing import Branches, check_mask, window
-from .euler import sample_euler
+from ..core import SolverError, check_latent
+from ..methods.euler import sample_euler
+from .guidance import Branches
+from .masks import check_mask, window
 
 
 def edit_blended(model, x, sigmas, mask, w_inv, w_edit, sampler=sample_euler, sampler_args=None, pair=None,

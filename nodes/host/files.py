@@ -1,10 +1,11 @@
-"""SaveInversion / LoadInversion: an inverted LATENT, record and all, in one .safetensors file.
+"""The inversion file: an inverted LATENT, record and all, in one .safetensors file.
 
 Tensors are stored by safetensors; everything else (the LATENT's structure, the record's
 numbers and strings) is JSON in the file's metadata, with each tensor written as
 ``{"__tensor__": key}``. A tensor reached twice (the LATENT's samples and the record's
 ``samples``) is stored once and comes back as one object, so Reconstruct still sees
-untouched samples. No pickle: the file cannot run code when loaded.
+untouched samples. No pickle: the file cannot run code when loaded. Files are read from the
+host's input folder only.
 """
 
 import hashlib
@@ -13,13 +14,9 @@ import os
 
 import folder_paths
 import safetensors
-import safetensors.torch
 import torch
-from comfy.cli_args import args
-from comfy_api.latest import io, ui
 
-from .host import fail
-from .record import Record
+from .inputs import fail
 
 FILE_FORMAT = 1
 VERSION_KEY = "inversion_suite_format"
@@ -158,118 +155,27 @@ def read(node: str, what: str, name: str, path: str) -> dict:
     return latent
 
 
+def fingerprint(name) -> str:
+    """What changes when input file ``name`` does: its size, its time and its header (which names
+    every tensor's offsets), read without the rest of the file; "" for no readable file."""
+    path = resolve(name)
+    if path is None:
+        return ""
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            n = int.from_bytes(f.read(8), "little")
+            head = f.read(min(max(n, 0), MAX_HEADER))
+    except OSError:
+        return ""
+    return f"{path}:{st.st_size}:{st.st_mtime_ns}:{hashlib.sha256(head).hexdigest()}"
+
+
 def input_files():
     folder = folder_paths.get_input_directory()
     if not os.path.isdir(folder):
         return []
     return sorted(f for f in os.listdir(folder) if f.endswith(EXTENSION) and os.path.isfile(os.path.join(folder, f)))
-
-
-class SaveInversion(io.ComfyNode):
-    @classmethod
-    def define_schema(cls):
-        return io.Schema(
-            node_id="InversionSuite_SaveInversion",
-            display_name="Save Inversion",
-            category="sampling/inversion",
-            description="Saves an inverted LATENT with everything Invert recorded (schedule, method, settings, "
-                        "pair, trajectory, source, residuals, model) to one .safetensors file in the output "
-                        "folder, so Reconstruct and the editors can resume it later without inverting again. "
-                        "Move the file to the input folder to load it with LoadInversion.",
-            inputs=[
-                io.Latent.Input("latent", tooltip="The output of Invert (a plain latent is refused: use SaveLatent)."),
-                io.String.Input("filename_prefix", default="inversions/InversionSuite",
-                                tooltip="File name start, relative to the output folder; a counter and "
-                                        "'_.safetensors' are appended, as SaveLatent does."),
-            ],
-            outputs=[],
-            hidden=[io.Hidden.prompt, io.Hidden.extra_pnginfo],
-            is_output_node=True,
-        )
-
-    @classmethod
-    def execute(cls, latent, filename_prefix):
-        Record.read("SaveInversion", latent, "latent", hint=PLAIN)  # every field, without a model
-        tensors, content = encode("SaveInversion", latent)
-        folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(
-            filename_prefix, folder_paths.get_output_directory())
-        meta = {VERSION_KEY: str(FILE_FORMAT), CONTENT_KEY: content}
-        hidden = cls.hidden  # None when called outside an executing graph
-        if not args.disable_metadata and getattr(hidden, "prompt", None) is not None:
-            # The graph that made it, as SaveLatent stores it, so a shared file can be traced.
-            meta["prompt"] = json.dumps(hidden.prompt)
-            for k, v in (hidden.extra_pnginfo or {}).items():
-                meta.setdefault(k, json.dumps(v))
-        # What safetensors writes: the metadata plus about a hundred bytes per tensor entry.
-        size = sum(len(k) + len(v) for k, v in meta.items()) + 200 * (len(tensors) + 1)
-        if size > MAX_HEADER:
-            fail("SaveInversion", "latent", f"its file header would be about {size} bytes, more than LoadInversion "
-                                            f"reads ({MAX_HEADER}); with a very large workflow, run ComfyUI with "
-                                            "--disable-metadata")
-        file = f"{name}_{counter:05}_{EXTENSION}"
-        os.makedirs(folder, exist_ok=True)
-        safetensors.torch.save_file(tensors, os.path.join(folder, file), metadata=meta)
-        return io.NodeOutput(ui={"latents": [ui.SavedResult(file, subfolder, io.FolderType.output)]})
-
-
-class LoadInversion(io.ComfyNode):
-    @classmethod
-    def define_schema(cls):
-        return io.Schema(
-            node_id="InversionSuite_LoadInversion",
-            display_name="Load Inversion",
-            category="sampling/inversion",
-            description="Loads an inversion saved by SaveInversion from the input folder and checks it against "
-                        "the model: the LATENT comes back bit for bit, ready for Reconstruct and the editors. "
-                        "Refuses, before any model call, files outside the input folder (links followed), plain "
-                        "latents, damaged files or records, files from a newer version and inversions made "
-                        "with a different kind of model.",
-            inputs=[
-                io.Model.Input("model", tooltip="The model the inversion will be used with; it must be the kind "
-                                                "of model that made it (prediction type and latent format)."),
-                # The host uploads only images, video and audio from a combo: the pack's web/js adds the
-                # upload button. An empty folder offers "none" (an empty list shows "undefined").
-                io.Combo.Input("inversion", options=input_files() or ["none"],
-                               tooltip="A .safetensors file from Save Inversion, in the input folder; 'choose "
-                                       "inversion to upload' copies one there. 'none': the folder has none yet."),
-            ],
-            outputs=[io.Latent.Output(display_name="inverted",
-                                      tooltip="The saved inverted LATENT with its inversion record.")],
-        )
-
-    @classmethod
-    def execute(cls, model, inversion):
-        node = "LoadInversion"
-        path = resolve(inversion)
-        if path is None:
-            fail(node, "inversion", nowhere(inversion))
-        latent = read(node, "inversion", inversion, path)
-        Record.read(node, latent, "inversion", model, DAMAGED)  # every check Reconstruct and the editors make
-        check_extras(node, latent)
-        return io.NodeOutput(latent)
-
-    @classmethod
-    def fingerprint_inputs(cls, inversion, model=None):
-        # Re-run when the file changes: its size, its time and its header (which names every tensor's
-        # offsets) are read, never the whole file.
-        path = resolve(inversion)
-        if path is None:
-            return ""
-        try:
-            with open(path, "rb") as f:
-                st = os.fstat(f.fileno())
-                n = int.from_bytes(f.read(8), "little")
-                head = f.read(min(max(n, 0), MAX_HEADER))
-        except OSError:
-            return ""
-        return f"{path}:{st.st_size}:{st.st_mtime_ns}:{hashlib.sha256(head).hexdigest()}"
-
-    @classmethod
-    def validate_inputs(cls, inversion):
-        # The host skips its own file-list check when this exists, so this check is the strict one.
-        if resolve(inversion) is None:
-            return f"LoadInversion: input 'inversion': {nowhere(inversion)}"
-        return True
 
 
 def check_extras(node: str, latent: dict):

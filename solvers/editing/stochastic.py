@@ -3,7 +3,7 @@
 The stochastic editing of Pan et al. (AIDI, ICCV 2023, arXiv 2309.04907: several sampled
 edits, the best kept) built on the edit-friendly noise space of Huberman-Spiegelglas et al.,
 "An Edit Friendly DDPM Noise Space" (arXiv 2304.06140). A stochastic (ancestral) sampler
-steps ``x_a = mu(x_b) + s z`` (``editing.ancestral``). Given an inverted trajectory
+steps ``x_a = mu(x_b) + s z`` (``noise.ancestral``). Given an inverted trajectory
 ``x*_0 .. x*_N`` and the source branch at ``w_inv``, the offsets
 ``e_i = x*_{i-1} - mu_s(x*_i)`` make the replay ``x_{i-1} = mu(x_i) + e_i`` return every
 ``x*_i`` exactly, whatever method made the trajectory. An edit replays with the target
@@ -21,9 +21,11 @@ Memory: two latents per step (offsets and source predictions) plus the edits.
 
 import torch
 
-from .core import SolverError, check_finite, check_latent, check_schedule, notify, work_dtype
-from .editing import SOURCE, Branches, ancestral_mean, check_eta, check_mask, preservation
-from .editing import local_blend as local_blend_
+from ..core import SolverError, check_finite, check_latent, check_schedule, notify, work_dtype
+from .guidance import SOURCE, Branches
+from .guidance import local_blend as local_blend_
+from .masks import check_mask
+from .noise import ancestral_mean, check_eta, preservation
 
 
 def noise_maps(br, traj, s, space, eta, callback=None):

@@ -35,12 +35,13 @@ the reconstruction is chain 0. The official code's scheduler
 ``alphas_cumprod[0]``; the host's schedules start at sigma 0 instead.
 """
 
-from .core import Inversion, SolverError, check_finite, notify, prepare, vp_scale
+from ..core import SolverError, check_finite, notify, prepare, vp_scale
+from ..record import Inversion
 
 ORDERS = ("leapfrog", "fixed")
 
 
-def check(p, order):
+def check_settings(p, order):
     if not 0 < p <= 1:
         raise SolverError(f"edict: p must be in (0, 1], got {p}")
     if order not in ORDERS:
@@ -53,7 +54,7 @@ def first(k, order):
 
 
 def invert_edict(model, x, sigmas, extra_args=None, callback=None, *, space, p, order, keep_trajectory=False):
-    check(p, order)
+    check_settings(p, order)
     den, x, sig, s = prepare("edict", model, x, sigmas, extra_args, space)
     n = len(s) - 1
     X = [x, x]
@@ -73,13 +74,12 @@ def invert_edict(model, x, sigmas, extra_args=None, callback=None, *, space, p, 
         if traj is not None:
             traj.append(X[0])
         notify(callback, i, X[0], sb, den.last)
-    return Inversion(latent=X[0], pair=X[1], sigmas=sig, method="edict", space=space, nfe=den.nfe, sampler="edict",
-                     settings={"p": float(p), "order": order}, trajectory=traj)
+    return Inversion(latent=X[0], pair=X[1], sigmas=sig, space=space, nfe=den.nfe, trajectory=traj)
 
 
 def sample_edict(model, x, sigmas, extra_args=None, callback=None, *, space, pair=None, p, order):
     """Sample down a descending schedule; ``pair`` is chain 1 (else a copy of ``x``)."""
-    check(p, order)
+    check_settings(p, order)
     den, x, _, s = prepare("edict", model, x, sigmas, extra_args, space, descending=True)
     if pair is not None and pair.shape != x.shape:
         raise SolverError(f"edict: the pair state has shape {tuple(pair.shape)}, expected {tuple(x.shape)}")

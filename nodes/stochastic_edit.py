@@ -3,9 +3,12 @@
 import torch
 from comfy_api.latest import io
 
-from ..solvers.edit_friendly import edit_stochastic
-from . import edit, guider
-from .host import RECORD, fail, progress, resume, run_guider, to_model
+from ..solvers.editing.stochastic import edit_stochastic
+from .host import edit_guider
+from .host.region import Region, image_mask, inputs as region_inputs
+from .host.inputs import fail
+from .host.record import KEY, resume
+from .host.run import progress, run_guider, to_model
 
 
 class StochasticEditSampler(io.ComfyNode):
@@ -41,7 +44,7 @@ class StochasticEditSampler(io.ComfyNode):
                 io.Int.Input("count", default=4, min=1, max=64, tooltip="How many edits to make."),
                 io.Conditioning.Input("negative", optional=True,
                                       tooltip="Negative prompt; unconnected, a zeroed source (as ConditioningZeroOut)."),
-                *edit.inputs(),
+                *region_inputs(),
             ],
             outputs=[io.Latent.Output(display_name="edits", tooltip="All edits, count per input image, edit-major."),
                      io.Latent.Output(display_name="best", tooltip="The best-scoring edit of each input image."),
@@ -54,33 +57,33 @@ class StochasticEditSampler(io.ComfyNode):
                 target_text="", words="", mask=None, mask_mode="union", threshold=0.3, softness=0.0, dilation=1):
         node = "StochasticEditSampler"
         samples, rec = resume(node, inverted, model)
-        if rec.trajectory is None:
+        if rec.inv.trajectory is None:
             fail(node, "inverted", "has no trajectory: set keep_trajectory on Invert")
         if not 0 <= eta <= 1:
             fail(node, "eta", f"expected a value in [0, 1], got {eta}")
         if count < 1:
             fail(node, "count", f"expected at least 1, got {count}")
         w_edit = rec.cfg_for(node, "cfg", cfg)
-        region = edit.Region(node, model, samples, clip, source_text, target_text, words, mask, mask_mode, threshold,
+        region = Region(node, model, samples, clip, source_text, target_text, words, mask, mask_mode, threshold,
                              softness, dilation)
-        steps = len(rec.sigmas) - 1
+        steps = len(rec.inv.sigmas) - 1
         callback = progress(model, (1 + count) * steps)
-        g = guider.build(node, region.attach(model), region.capture, source, target, negative)
+        g = edit_guider.build(node, region.attach(model), region.capture, source, target, negative)
         region.guider = g
         b = samples.shape[0]
 
         def job(den, x, inner):
-            traj = [to_model(inner, t, x) for t in rec.trajectory]
-            edits, scores, _ = edit_stochastic(g.model(den), traj, rec.sigmas, region.mask(), rec.cfg, w_edit,
-                                               [seed + j for j in range(count)], space=rec.space, eta=eta,
+            traj = [to_model(inner, t, x) for t in rec.inv.trajectory]
+            edits, scores, _ = edit_stochastic(g.model(den), traj, rec.inv.sigmas, region.mask(), rec.cfg, w_edit,
+                                               [seed + j for j in range(count)], space=rec.inv.space, eta=eta,
                                                callback=callback)
             return scores, edits
 
-        scores, out = run_guider(node, g, samples, rec.sigmas.flip(0), job)
+        scores, out = run_guider(node, g, samples, rec.inv.sigmas.flip(0), job)
         best = scores.view(count, b).argmax(0)
-        base = {k: v for k, v in inverted.items() if k not in ("samples", RECORD, "batch_index")}
+        base = {k: v for k, v in inverted.items() if k not in ("samples", KEY, "batch_index")}
         edits = dict(base, samples=out)
         top = dict(base, samples=out.view(count, b, *out.shape[1:])[best, torch.arange(b)])
         text = "\n".join(f"edit {j} (seed {seed + j}), image {i}: {float(scores[j * b + i]):.2f} dB"
                          for j in range(count) for i in range(b))
-        return io.NodeOutput(edits, top, text, edit.image_mask(region, region.current(), model))
+        return io.NodeOutput(edits, top, text, image_mask(region, region.current(), model))

@@ -3,10 +3,13 @@
 from comfy_api.latest import io
 
 from ..solvers import sampler_for
-from ..solvers.blended import edit_blended
-from ..solvers.direct import edit_direct
-from . import edit, guider
-from .host import RECORD, fail, progress, resume, run_guider, to_model
+from ..solvers.editing.blended import edit_blended
+from ..solvers.editing.direct import edit_direct
+from .host import edit_guider
+from .host.region import Region, image_mask, inputs as region_inputs
+from .host.inputs import fail
+from .host.record import KEY, resume
+from .host.run import progress, run_guider, to_model
 
 
 class BlendedGuidanceSampler(io.ComfyNode):
@@ -41,7 +44,7 @@ class BlendedGuidanceSampler(io.ComfyNode):
                                          "region stays as reconstructed (prompt-to-prompt's local blend)."),
                 io.Conditioning.Input("negative", optional=True,
                                       tooltip="Negative prompt; unconnected, a zeroed source (as ConditioningZeroOut)."),
-                *edit.inputs(),
+                *region_inputs(),
                 io.Boolean.Input("direct", default=False,
                                  tooltip="DirectInversion (PnP inversion): each step puts the source branch back on "
                                          "the inverted trajectory and gives the target the same correction, so what "
@@ -64,34 +67,34 @@ class BlendedGuidanceSampler(io.ComfyNode):
             fail(node, "cfg_edit", f"expected a value >= 0, got {cfg_edit}")
         if not 0 <= mask_steps <= 1:
             fail(node, "mask_steps", f"expected a value in [0, 1], got {mask_steps}")
-        if direct and rec.sampler != "euler":
-            fail(node, "direct", f"DirectInversion applies to single-state methods; {rec.method} samples back "
+        if direct and rec.inv.pair is not None:
+            fail(node, "direct", f"DirectInversion applies to single-state methods; {rec.inv.method} samples back "
                                  "exactly from its pair of states already, and its second state has no trajectory to "
                                  "snap to: turn direct off")
-        if direct and rec.trajectory is None:
+        if direct and rec.inv.trajectory is None:
             fail(node, "direct", "DirectInversion needs the inversion's trajectory: set keep_trajectory on Invert")
-        region = edit.Region(node, model, samples, clip, source_text, target_text, words, mask, mask_mode, threshold,
+        region = Region(node, model, samples, clip, source_text, target_text, words, mask, mask_mode, threshold,
                              softness, dilation)
-        fn, kwargs = sampler_for(rec.sampler, rec.settings)
-        sigmas = rec.sigmas.flip(0)
+        fn, kwargs = sampler_for(rec.inv.sampler, rec.inv.settings)
+        sigmas = rec.inv.sigmas.flip(0)
         callback = progress(model, len(sigmas) - 1)
-        g = guider.build(node, region.attach(model), region.capture, source, target, negative)
+        g = edit_guider.build(node, region.attach(model), region.capture, source, target, negative)
         region.guider = g
         source_branch = local_blend or bool(region.capture.tokens["source"])
 
         def job(den, x, inner):
             model_ = g.model(den)
             if direct:
-                traj = [to_model(inner, t, x) for t in rec.trajectory]
-                out, _ = edit_direct(model_, traj, rec.sigmas, region.mask(), w_inv, cfg_edit, space=rec.space,
+                traj = [to_model(inner, t, x) for t in rec.inv.trajectory]
+                out, _ = edit_direct(model_, traj, rec.inv.sigmas, region.mask(), w_inv, cfg_edit, space=rec.inv.space,
                                      mask_steps=mask_steps, local_blend=local_blend, callback=callback)
             else:
                 out, _ = edit_blended(model_, x, sigmas, region.mask(), w_inv, cfg_edit, sampler=fn, sampler_args=kwargs,
-                                      pair=to_model(inner, rec.pair, x), space=rec.space, mask_steps=mask_steps,
+                                      pair=to_model(inner, rec.inv.pair, x), space=rec.inv.space, mask_steps=mask_steps,
                                       local_blend=local_blend, source=source_branch, callback=callback)
             return None, out
 
         _, out = run_guider(node, g, samples, sigmas, job)
-        result = {k: v for k, v in inverted.items() if k not in ("samples", RECORD)}
+        result = {k: v for k, v in inverted.items() if k not in ("samples", KEY)}
         result["samples"] = out
-        return io.NodeOutput(result, edit.image_mask(region, region.current(), model))
+        return io.NodeOutput(result, image_mask(region, region.current(), model))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from .host import fail
+from .inputs import fail
 
 
 def words_of(text: str):
@@ -12,7 +12,7 @@ def words_of(text: str):
 
 
 def edited(node, clip, source_text, target_text, words, key=None):
-    """The edited words' token positions in each prompt, and each prompt's frame:
+    """The edited words' token positions in each prompt, and each prompt's token counts:
     ({"source": positions, "target": positions}, {"source": (count, head), "target": ...}),
     ``count`` its tokens in all, ``head`` those before the text (see ``ids``).
 

@@ -49,7 +49,8 @@ from __future__ import annotations
 
 import torch
 
-from .core import EPS, Inversion, SolverError, prepare, run_steps, vp_scale
+from ..core import EPS, SolverError, prepare, run_steps, vp_scale
+from ..record import Inversion
 
 AC_ROLLS = 5        # the official auto-correlation sub-steps per regularisation round
 KL_PATCH = 4        # patch side of the KL term
@@ -131,7 +132,7 @@ def regularise(e, ref, lambda_ac, lambda_kl, rounds, gen):
         return e.detach().reshape(shape)
 
 
-def check(iterations, window, first_window, first_iterations, first_until, reg_steps, lambda_ac, lambda_kl):
+def check_settings(iterations, window, first_window, first_iterations, first_until, reg_steps, lambda_ac, lambda_kl):
     for name, v in (("iterations", iterations), ("first_iterations", first_iterations)):
         if int(v) < 1:
             raise SolverError(f"renoise: {name} must be >= 1, got {v}")
@@ -147,7 +148,7 @@ def check(iterations, window, first_window, first_iterations, first_until, reg_s
 
 def invert_renoise(model, x, sigmas, extra_args=None, callback=None, *, space, iterations, window, first_window,
                    first_iterations, first_until, reg_steps, lambda_ac, lambda_kl, reg_seed, keep_trajectory=False):
-    check(iterations, window, first_window, first_iterations, first_until, reg_steps, lambda_ac, lambda_kl)
+    check_settings(iterations, window, first_window, first_iterations, first_until, reg_steps, lambda_ac, lambda_kl)
     den, x, sig, s = prepare("renoise", model, x, sigmas, extra_args, space)
     low = low_noise_sigma(first_until, space)
     c = 0.0 if space == EPS else 1.0  # eps = d + c * D

@@ -12,7 +12,7 @@ trajectory and adds the same correction to the target branch:
 written here as ``xt_{k+1} = x*_{k+1} + (xt_k - x*_k) + h (d_t - d_s)``, so that where the
 target follows the source (``target = source``, or outside a locally blended mask) it lands
 on ``x*_{k+1}`` exactly and the edit returns the source bit for bit. The prediction of each
-branch is blended guidance (``editing.Branches``): a whole-image edit is ``mask = 1``.
+branch is blended guidance (``guidance.Branches``): a whole-image edit is ``mask = 1``.
 
 It applies to single-state methods, whose sampler is Euler (DDIM, naive unsampling,
 fixed-point, AIDI, ReNoise, EasyInv): it needs their kept trajectory. It does not apply to
@@ -22,8 +22,9 @@ chain) has no trajectory to snap to, so ``edit_direct`` refuses a non-Euler samp
 Cost: the two branches' calls per step, as blended guidance; memory: the trajectory.
 """
 
-from .core import SolverError, check_finite, check_latent, check_schedule, notify, work_dtype
-from .editing import Branches, check_mask, window
+from ..core import SolverError, check_finite, check_latent, check_schedule, notify, work_dtype
+from .guidance import Branches
+from .masks import check_mask, window
 
 
 def edit_direct(model, trajectory, sigmas, mask, w_inv, w_edit, space="eps", mask_steps=1.0, local_blend=True,

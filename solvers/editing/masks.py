@@ -1,0 +1,101 @@
+"""The edit region: masks in [0, 1] over the latent, their shaping, combining and checks.
+
+A mask is (B or 1, 1, *spatial) where the latent is (B, C, *spatial); spatial is (H, W), or
+(T, H, W) for video. The region's window in time is ``window``: the first
+``ceil(mask_steps * N)`` sampling steps.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..core import SolverError
+
+
+def shape_mask(raw: torch.Tensor, threshold: float, softness: float, dilation: int) -> torch.Tensor:
+    """Normalise a (B, 1, *spatial) map by its maximum, threshold it and dilate it (in latent
+    pixels, within each frame)."""
+    m = raw / raw.flatten(1).amax(1).clamp_min(1e-12).view(-1, *[1] * (raw.ndim - 1))
+    if softness > 0:
+        m = ((m - threshold) / softness + 0.5).clamp(0, 1)
+    else:
+        m = (m > threshold).to(raw.dtype)
+    if dilation > 0:
+        k = 2 * dilation + 1
+        m = F.max_pool2d(m, k, stride=1, padding=dilation) if m.ndim == 4 else \
+            F.max_pool3d(m, (1, k, k), stride=1, padding=(0, dilation, dilation))
+    return m
+
+
+def combine_masks(a, b, mode: str):
+    """Combine an attention mask ``a`` with a user mask ``b`` (either may be None)."""
+    if a is None or mode == "replace":
+        return b
+    if b is None:
+        return a
+    if mode == "union":
+        return torch.maximum(a, b)
+    if mode == "intersect":
+        return torch.minimum(a, b)
+    raise SolverError(f"mask mode must be replace, union or intersect, got {mode!r}")
+
+
+def resize_mask(mask: torch.Tensor, size: tuple, batch: int) -> torch.Tensor:
+    """A (B or 1, *dims) mask in [0, 1] as (batch, 1, *size) by area averaging (2 or 3 dims)."""
+    m = mask.to(torch.float32).unsqueeze(1)
+    m = F.interpolate(m, size=tuple(size), mode="area") if tuple(m.shape[2:]) != tuple(size) else m
+    return m.expand(batch, *[-1] * (m.ndim - 1)) if m.shape[0] == 1 else m
+
+
+def per_latent_frame(mask: torch.Tensor, latent_frames: int, factor: int) -> torch.Tensor:
+    """A (F, H, W) mask over video frames as (T, H, W) over latent frames.
+
+    The first latent frame holds the first frame alone and each later one ``factor`` frames
+    (Wan: 4), so ``F = 1 + (T - 1) * factor``; each latent frame takes the mean of its
+    frames. One frame applies to every latent frame; ``F = T`` is taken as already per latent
+    frame.
+    """
+    f = mask.shape[0]
+    if f == 1:
+        return mask.expand(latent_frames, *mask.shape[1:])
+    if f == latent_frames:
+        return mask
+    if f != 1 + (latent_frames - 1) * factor:
+        raise SolverError(f"the mask has {f} frames; the latent's {latent_frames} frames come from "
+                          f"{1 + (latent_frames - 1) * factor} (1 + {latent_frames - 1} x {factor}); give 1, "
+                          f"{latent_frames} or {1 + (latent_frames - 1) * factor} frames")
+    rest = mask[1:].reshape(latent_frames - 1, factor, *mask.shape[1:]).mean(1)
+    return torch.cat([mask[:1], rest])
+
+
+def check_mask(mask, x: torch.Tensor, name: str = "mask") -> torch.Tensor:
+    """A mask in [0, 1] broadcastable to ``x`` with one channel: (B or 1, 1, *x's spatial shape)."""
+    if not isinstance(mask, torch.Tensor) or not mask.is_floating_point():
+        raise SolverError(f"{name} must be a floating-point tensor, got {type(mask).__name__}")
+    ok = mask.ndim == x.ndim and mask.shape[1] == 1 and mask.shape[0] in (1, x.shape[0]) and \
+        all(m in (1, d) for m, d in zip(mask.shape[2:], x.shape[2:]))
+    if not ok:
+        raise SolverError(f"{name} has shape {tuple(mask.shape)}; expected (1 or {x.shape[0]}, 1, "
+                          f"{', '.join(str(d) for d in x.shape[2:])}) for a latent of shape {tuple(x.shape)}")
+    if not torch.isfinite(mask).all() or mask.min() < 0 or mask.max() > 1:
+        raise SolverError(f"{name} values must lie in [0, 1], got [{float(mask.min()):g}, {float(mask.max()):g}]")
+    return mask
+
+
+def window(sigmas, mask_steps: float) -> float:
+    """The sigma above which the mask is active: the first ``ceil(mask_steps * N)`` steps of
+    the descending schedule ``sigmas``. The cut lies halfway between two schedule sigmas, so
+    a model that sees sigma rounded to its own dtype falls on the same side."""
+    if not 0 <= mask_steps <= 1:
+        raise SolverError(f"mask_steps must be in [0, 1], got {mask_steps}")
+    s = [float(v) for v in sigmas]
+    n = len(s) - 1
+    active = math.ceil(mask_steps * n - 1e-9)
+    if active <= 0:
+        return math.inf
+    if active >= n:
+        return -math.inf
+    return 0.5 * (s[active - 1] + s[active])
