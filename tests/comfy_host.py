@@ -56,6 +56,8 @@ import comfy.model_management  # noqa: E402
 import comfy.model_patcher  # noqa: E402
 import comfy.supported_models  # noqa: E402
 import torch  # noqa: E402
+from inversion_suite.nodes.invert import Invert  # noqa: E402
+from inversion_suite.nodes.reconstruct import Reconstruct  # noqa: E402
 
 CONTEXT = 32
 UNET = {
@@ -75,6 +77,18 @@ def tiny_model(kind="eps", seed=0):
     if kind == "flow":
         config.sampling_settings["shift"] = 3.0
     return patched(comfy.model_base.BaseModel(config, model_type=TYPES[kind], device=torch.device("cpu")), seed, 0.05)
+
+
+def run_invert(model, latent, positive, method="bdia", steps=3, scheduler="karras", cfg=1.0, denoise=1.0,
+               keep_trajectory=True, **inputs):
+    """Invert's output LATENT, the node called as the executor calls it."""
+    return Invert.execute(model=model, latent=latent, positive=positive, method=method, steps=steps, scheduler=scheduler,
+                          cfg=cfg, denoise=denoise, keep_trajectory=keep_trajectory, **inputs).result[0]
+
+
+def run_reconstruct(model, inverted, positive, cfg=-1.0, negative=None):
+    """Reconstruct's output LATENT."""
+    return Reconstruct.execute(model=model, inverted=inverted, positive=positive, cfg=cfg, negative=negative).result[0]
 
 
 def patched(model, seed, std):
@@ -204,9 +218,10 @@ def tiny_sd3(seed=0, std=0.05):
     return patched(model, seed, std)
 
 
-def tiny_wan(seed=0, std=0.05):
-    """Wan 2.1 text-to-video on model_base.WAN21: 5D latents (B, 16, T, H, W), text cross-attention."""
-    config = comfy.supported_models.WAN21_T2V(dict(WAN_DIT))
+def tiny_wan(seed=0, std=0.05, **layout):
+    """Wan 2.1 text-to-video on model_base.WAN21: 5D latents (B, 16, T, H, W), text cross-attention;
+    ``layout`` overrides the tiny transformer's (``num_layers=2``, say)."""
+    config = comfy.supported_models.WAN21_T2V(dict(WAN_DIT, **layout))
     return patched(comfy.model_base.WAN21(config, device=torch.device("cpu")), seed, std)
 
 

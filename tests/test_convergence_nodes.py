@@ -13,6 +13,7 @@ import torch
 from comfy_host import exact_model, vae_scale
 
 from analytic import Mixture
+from measure import worst_rel
 from inversion_suite.nodes.invert import Invert
 from inversion_suite.nodes.reconstruct import Reconstruct
 
@@ -29,17 +30,13 @@ def invert(kind, **settings):
     return model, latent, out.result[0], out.ui.value
 
 
-def rel(a, b):
-    return ((a - b).flatten(1).norm(dim=1) / b.flatten(1).norm(dim=1)).max().item()
-
-
 @pytest.mark.parametrize("kind", ["eps", "v", "flow"])
 def test_separated_modes_round_trip_at_the_defaults(kind, caplog):
     with caplog.at_level(logging.INFO):
         model, latent, inverted, text = invert(kind)
     rec = inverted["inversion"]
     out = Reconstruct.execute(model=model, inverted=inverted, positive=UNCOND, cfg=-1.0).result[0]
-    err = rel(out["samples"], latent["samples"])
+    err = worst_rel(out["samples"], latent["samples"])
     print(f"{kind}: rel {err:.1e}; {text}")
     assert err <= 1e-4
     assert rec["unconverged"] == [] and rec["budget"] == 160 and rec["nfe"] <= 160 and rec["steps"] == 10  # the node's steps; split ones are in sigmas
@@ -96,6 +93,6 @@ def test_the_sampler_route_samples_back_down_the_split_schedule():
     noise = guider.sample(zero, latent["samples"], sampler, up, disable_pbar=True, seed=0)
     back = guider.sample(zero, noise, sampler, down, disable_pbar=True, seed=0,
                          callback=lambda i, x0, x, total: steps.append((i, total)))
-    assert rel(noise, inverted["samples"]) <= 1e-5
-    assert rel(back, latent["samples"]) <= 1e-4
+    assert worst_rel(noise, inverted["samples"]) <= 1e-5
+    assert worst_rel(back, latent["samples"]) <= 1e-4
     assert steps == [(i, 10) for i in range(10)]  # progress counts the host's steps

@@ -6,12 +6,13 @@ import comfy_host  # skips this module where no ComfyUI is found
 import pytest
 import torch
 import torch.nn.functional as F
-from comfy_host import exact_model, flux_prompt, prompt, tiny_model, vae_scale
+from comfy_host import exact_model, flux_prompt, prompt, run_invert, run_reconstruct, tiny_flux, tiny_model, vae_scale
 
 import comfy.sd
 import comfy.sd1_clip
 import comfy.text_encoders.flux
 from analytic import Mixture
+from measure import rel
 from inversion_suite.nodes.host import attention, model as host_model
 from inversion_suite.nodes.blended_guidance import BlendedGuidanceSampler
 from inversion_suite.nodes.host.inputs import NodeInputError
@@ -32,21 +33,6 @@ def clip(tokenizer=comfy.sd1_clip.SD1Tokenizer):
     return c
 
 
-def tiny_flux(seed=0):
-    """The host's Flux with a tiny transformer; hosts whose FluxParams need ``txt_ids_dims`` (0.33)
-    get Flux.1's empty list."""
-    import dataclasses
-
-    import comfy.ldm.flux.model
-    import comfy.model_base
-    import comfy.supported_models
-    config = dict(comfy_host.FLUX)
-    if "txt_ids_dims" in {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}:
-        config["txt_ids_dims"] = []
-    return comfy_host.patched(comfy.model_base.Flux(comfy.supported_models.Flux(config), device=torch.device("cpu")),
-                              seed, 0.2)
-
-
 def random_prompt(seed):
     g = torch.Generator().manual_seed(seed)
     return [[torch.randn(1, 77, comfy_host.CONTEXT, generator=g), {}]]
@@ -54,8 +40,7 @@ def random_prompt(seed):
 
 def inverted(model, method="bdia", steps=6, cfg=1.0, batch=1, positive=None, scheduler="karras", **settings):
     latent = {"samples": vae_scale(model, MIX.sample(batch, seed=4).float())}
-    return Invert.execute(model=model, latent=latent, positive=positive or prompt(1), method=method, steps=steps,
-                          scheduler=scheduler, cfg=cfg, denoise=1.0, keep_trajectory=True, **settings).result[0]
+    return run_invert(model, latent, positive or prompt(1), method, steps, scheduler, cfg, **settings)
 
 
 def blended(model, inv, source, target, **kw):
@@ -66,15 +51,11 @@ def blended(model, inv, source, target, **kw):
 
 
 def reconstruct(model, inv, positive, cfg):
-    return Reconstruct.execute(model=model, inverted=inv, positive=positive, cfg=cfg).result[0]["samples"]
+    return run_reconstruct(model, inv, positive, cfg)["samples"]
 
 
 def full_mask(value, size=64):
     return torch.full((1, size, size), float(value))
-
-
-def rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 # --- BlendedGuidanceSampler ---------------------------------------------------------------------
@@ -379,18 +360,14 @@ def test_solver_errors_are_reported_once_and_not_as_bad_input():
 
 # --- video: Wan 2.1 on its real model class --------------------------------------------------------
 
-import comfy.model_base  # noqa: E402
-import comfy.supported_models  # noqa: E402
 
-WAN = {"image_model": "wan2.1", "model_type": "t2v", "patch_size": (1, 2, 2), "text_len": 16, "in_dim": 16, "dim": 64,
-       "ffn_dim": 128, "freq_dim": 32, "text_dim": comfy_host.CONTEXT, "out_dim": 16, "num_heads": 2, "num_layers": 2}
+# Two blocks of a wider transformer than the family test's: the attention test reads both.
+WAN = dict(dim=64, ffn_dim=128, num_layers=2)
 VIDEO = Mixture((16, 3, 8, 8), components=3, seed=2)
 
 
 def tiny_wan(seed=0):
-    """The host's Wan 2.1 (WAN21 with WanModel: flow, 5D latents, cross attention on the text) shrunk."""
-    return comfy_host.patched(comfy.model_base.WAN21(comfy.supported_models.WAN21_T2V(dict(WAN)),
-                                                     device=torch.device("cpu")), seed, 0.2)
+    return comfy_host.tiny_wan(seed, 0.2, **WAN)
 
 
 def exact_wan(mixture=VIDEO):
@@ -404,8 +381,7 @@ def wan_prompt(label):
 
 def invert_video(model, method="bdia", positive=None, steps=6):
     latent = {"samples": vae_scale(model, VIDEO.sample(1, seed=4).float())}
-    return Invert.execute(model=model, latent=latent, positive=positive or wan_prompt(1), method=method, steps=steps,
-                          scheduler="simple", cfg=1.0, denoise=1.0, keep_trajectory=True).result[0]
+    return run_invert(model, latent, positive or wan_prompt(1), method, steps, "simple")
 
 
 def test_temporal_compression_is_the_hosts():

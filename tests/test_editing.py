@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from analytic import Mixture, MixtureDenoiser, karras, uniform_flow
+from measure import rel
 from inversion_suite.solvers import METHODS, SolverError, invert, reconstruct, sampler_for
 from inversion_suite.solvers.editing import masks
 from inversion_suite.solvers.editing.blended import edit_blended
@@ -51,10 +52,6 @@ def half(x, value=1.0):
     m = torch.zeros(1, 1, *x.shape[2:])
     m[..., x.shape[-1] // 2:] = value
     return m
-
-
-def rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 # --- blended guidance ---------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import pytest
 import safetensors
 import safetensors.torch
 import torch
-from comfy_host import exact_model, folders, prompt, vae_scale  # noqa: F401  (folders: a fixture)
+from comfy_host import exact_model, folders, prompt, run_invert, run_reconstruct, vae_scale  # noqa: F401  (folders: a fixture)
 
 import folder_paths
 import utils.extra_config  # noqa: F401  (before the host's nodes.py, as main.py does)
@@ -18,9 +18,7 @@ import nodes as core  # the host's nodes.py; the pack is loaded as ``inversion_s
 from analytic import Mixture
 from inversion_suite.nodes import NODES
 from inversion_suite.nodes.host.inputs import NodeInputError
-from inversion_suite.nodes.invert import Invert
 from inversion_suite.nodes.save_load import LoadInversion, SaveInversion
-from inversion_suite.nodes.reconstruct import Reconstruct
 from inversion_suite.nodes.report import ReconstructionReport
 from inversion_suite.solvers import METHODS, metrics
 
@@ -33,8 +31,7 @@ pytestmark = pytest.mark.usefixtures("folders")  # comfy_host's: input and outpu
 
 def inverted(model, kind="eps", method="bdia", steps=3):
     source = {"samples": vae_scale(model, MIX.sample(2, seed=4).float()), "batch_index": [3, 4]}
-    return Invert.execute(model=model, latent=source, positive=prompt(1), method=method, steps=steps,
-                          scheduler=SCHEDULER[kind], cfg=1.0, denoise=1.0, keep_trajectory=True).result[0]
+    return run_invert(model, source, prompt(1), method, steps, SCHEDULER[kind])
 
 
 def save(latent, prefix="inversions/test"):
@@ -51,7 +48,7 @@ def load(model, name):
 
 
 def reconstruct(model, latent):
-    return Reconstruct.execute(model=model, inverted=latent, positive=prompt(1), cfg=-1.0).result[0]
+    return run_reconstruct(model, latent, prompt(1))
 
 
 def assert_same(a, b, where="latent"):

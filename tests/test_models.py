@@ -14,7 +14,8 @@ import math
 import comfy_host  # skips this module where no ComfyUI is found
 import pytest
 import torch
-from comfy_host import flux_prompt, text_prompt, tiny_flux, tiny_qwen, tiny_sd3, tiny_sdxl, tiny_wan, tiny_wan22
+from comfy_host import flux_prompt, run_invert, text_prompt, tiny_flux, tiny_qwen, tiny_sd3, tiny_sdxl, tiny_wan, tiny_wan22
+from measure import rel
 
 import comfy.model_base
 import comfy.model_sampling
@@ -89,14 +90,9 @@ def source(name, seed=4):
     return {"samples": family(name).model.process_latent_out(x)}
 
 
-def rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
-
-
 def invert(model, name, method, latent, steps=STEPS, denoise=1.0, **settings):
-    return Invert.execute(model=model, latent=latent, positive=FAMILIES[name][2](1), method=method, steps=steps,
-                          scheduler=FAMILIES[name][3], cfg=1.0, denoise=denoise, keep_trajectory=False,
-                          **settings).result[0]
+    return run_invert(model, latent, FAMILIES[name][2](1), method, steps, FAMILIES[name][3], denoise=denoise,
+                      keep_trajectory=False, **settings)
 
 
 def test_each_family_runs_on_its_own_host_classes():

@@ -5,11 +5,12 @@ import copy
 import comfy_host  # skips this module where no ComfyUI is found
 import pytest
 import torch
-from comfy_host import exact_model, prompt, tiny_model, vae_scale
+from comfy_host import exact_model, prompt, run_invert, run_reconstruct, tiny_model, vae_scale
 
 import comfy.sample
 import comfy.samplers
 from analytic import Mixture
+from measure import rel
 from inversion_suite.nodes.host.inputs import NodeInputError
 from inversion_suite.nodes.invert import Invert
 from inversion_suite.nodes.reconstruct import Reconstruct
@@ -26,18 +27,11 @@ def source(model, batch=2):
 
 
 def invert(model, latent, kind, method, cfg=1.0, steps=10, negative=None, **settings):
-    return Invert.execute(model=model, latent=latent, positive=prompt(1), method=method, steps=steps,
-                          scheduler=SCHEDULER[kind], cfg=cfg, denoise=1.0, keep_trajectory=True,
-                          negative=negative, **settings).result[0]
+    return run_invert(model, latent, prompt(1), method, steps, SCHEDULER[kind], cfg, negative=negative, **settings)
 
 
 def reconstruct(model, inverted, cfg=-1.0, negative=None):
-    return Reconstruct.execute(model=model, inverted=inverted, positive=prompt(1), cfg=cfg,
-                               negative=negative).result[0]
-
-
-def rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
+    return run_reconstruct(model, inverted, prompt(1), cfg, negative)
 
 
 # Round-trip bounds measured at 10 steps, cfg 1, on the exact mixture (worst of the three

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from analytic import Mixture, MixtureDenoiser, karras, uniform_flow
+from measure import rel
 from inversion_suite.solvers import METHODS, SAMPLERS, invert, reconstruct
 from inversion_suite.solvers.methods.edict import sample_edict
 from inversion_suite.solvers.registry import plain
@@ -31,10 +32,6 @@ ABAR = torch.cumprod(1 - BETAS, 0)
 
 def data():
     return MIX.sample(2, seed=5).double()
-
-
-def rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 def abar(t):

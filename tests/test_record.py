@@ -18,7 +18,7 @@ import pytest
 import safetensors
 import safetensors.torch
 import torch
-from comfy_host import exact_model, folders, prompt, vae_scale  # noqa: F401  (folders: a fixture)
+from comfy_host import exact_model, folders, prompt, run_invert, run_reconstruct, vae_scale  # noqa: F401  (folders: a fixture)
 
 import comfy.samplers
 import folder_paths
@@ -50,13 +50,11 @@ def counting(kind="eps"):
 
 def invert(model, method="bdia", steps=3, **kw):
     source = {"samples": vae_scale(model, MIX.sample(2, seed=4).float()), "batch_index": [3, 4]}
-    args = dict(model=model, latent=source, positive=prompt(1), method=method, steps=steps, scheduler="karras",
-                cfg=1.0, denoise=1.0, keep_trajectory=True)
-    return Invert.execute(**dict(args, **kw)).result[0]
+    return run_invert(model, source, prompt(1), method, steps, **kw)
 
 
 def reconstruct(model, latent, cfg=-1.0):
-    return Reconstruct.execute(model=model, inverted=latent, positive=prompt(1), cfg=cfg).result[0]
+    return run_reconstruct(model, latent, prompt(1), cfg)
 
 
 def write(latent, name):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from analytic import Mixture, MixtureDenoiser, gaussian_flow, karras, uniform_flow
+from measure import rel
 from inversion_suite.solvers import METHODS, SAMPLERS, NonFiniteError, SolverError, invert, reconstruct
 from inversion_suite.solvers.methods.bdia import sample_bdia
 from inversion_suite.solvers.methods.edict import sample_edict
@@ -26,10 +27,6 @@ def schedule(space, steps):
 
 def data(dtype=torch.float32, batch=3):
     return MIX.sample(batch, seed=3).to(dtype)
-
-
-def rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 def roundtrip(name, space, steps, x=None, extra=LABELS, **settings):
@@ -116,13 +113,15 @@ def test_error_shrinks_with_steps(space):
 
 
 @pytest.mark.parametrize("space", SPACES)
-def test_naive_and_ddim_side_by_side(space, capsys):
-    # Reported, not ordered: on a mixture with a Karras schedule naive unsampling can win.
-    for n in (10, 50):
-        ddim, naive = roundtrip("ddim", space, n)[1], roundtrip("naive_unsample", space, n)[1]
-        with capsys.disabled():
-            print(f"\n{space} {n} steps: ddim {ddim:.3e}  naive_unsample {naive:.3e}")
-        assert math.isfinite(ddim) and math.isfinite(naive)
+def test_naive_and_ddim_side_by_side(space):
+    # Not ordered: on a mixture with a Karras schedule naive unsampling can win. Both are
+    # first-order and distinct: from 10 to 50 steps each error falls by 3x or more (about 4.3x
+    # measured), and at each count the two differ by more than 5%.
+    err = {name: [roundtrip(name, space, n)[1] for n in (10, 50)] for name in ("ddim", "naive_unsample")}
+    for name, (coarse, fine) in err.items():
+        assert fine * 3 <= coarse, (name, coarse, fine)
+    for a, b in zip(err["ddim"], err["naive_unsample"]):
+        assert abs(a - b) > 0.05 * max(a, b), (a, b)
 
 
 @pytest.mark.parametrize("space", SPACES)
