@@ -16,7 +16,7 @@ own photo's label as the source prompt (cfg 1) and edited towards another photo'
 - ``direct``: DirectInversion (``solvers.direct``) over DDIM inversion's trajectory, with the
   same blended guidance; ``direct whole``: DirectInversion editing the whole image (mask 1,
   no blend), as the PnP inversion paper edits;
-- ``stochastic``: four edit-friendly edits (``solvers.edit_friendly``, eta 1, seeds 0-3) over
+- ``stochastic``: four edit-friendly edits (``solvers.editing.stochastic``, eta 1, seeds 0-3) over
   AIDI-A's trajectory with the same blended guidance; ``best of 4`` keeps the edit the
   classifier scores highest (as a user picks by eye), ``mean of 4`` averages the four scores.
 

@@ -2,7 +2,7 @@
 
 from .core import EPS, FLOW, SPACES, NonFiniteError, SolverError
 from .record import Inversion
-from .registry import METHODS, SAMPLERS, Method, Sampler, Setting, check, invert, method, reconstruct, sampler_for
+from .registry import METHODS, SAMPLERS, Method, Sampler, Setting, check_record, invert, method, reconstruct, sampler_for
 
 __all__ = ["EPS", "FLOW", "SPACES", "Inversion", "NonFiniteError", "SolverError", "METHODS", "SAMPLERS", "Method",
-           "Sampler", "Setting", "check", "invert", "method", "reconstruct", "sampler_for"]
+           "Sampler", "Setting", "check_record", "invert", "method", "reconstruct", "sampler_for"]

@@ -5,7 +5,7 @@ inversion file carries it.
 by reference) under the record's format number; ``from_dict`` reads one back and checks
 every field's type, length and value, so that nothing read from a file reaches a model
 unchecked. What the registry knows (the method's name, its settings, its sampler and the
-states that sampler resumes from) is checked by ``registry.check``. Format 1 is every
+states that sampler resumes from) is checked by ``registry.check_record``. Format 1 is every
 record this pack has written: a field added later gets a default, so older records still
 read; bump ``FORMAT`` only when an existing field changes meaning.
 """
@@ -75,10 +75,8 @@ class Inversion:
 
     def to_dict(self) -> dict:
         """The record as a LATENT and a file carry it: plain values, tensors by reference."""
-        d = {"format": FORMAT}
-        for f in fields(self):
-            d[KEYS.get(f.name, f.name)] = getattr(self, f.name)
-        d["steps"] = self.base_steps or self.steps
+        d = {"format": FORMAT, **{KEYS.get(f.name, f.name): getattr(self, f.name) for f in fields(self)}}
+        d["steps"] = self.base_steps or self.steps  # an unsplit schedule's steps are its own
         return d
 
     @staticmethod
@@ -102,14 +100,14 @@ class Inversion:
         if missing:
             raise NotARecord(f"its inversion record lacks {', '.join(missing)}")
         inv = cls(**{f.name: d[KEYS.get(f.name, f.name)] for f in fields(cls) if KEYS.get(f.name, f.name) in d})
-        inv.check()
+        inv.check_fields()
         return inv
 
     # --- checks ---------------------------------------------------------------------------------
 
-    def check(self) -> None:
+    def check_fields(self) -> None:
         """Every field's type, length and value but the registry's facts (method, settings, sampler, pair:
-        ``registry.check``)."""
+        ``registry.check_record``)."""
         if not isinstance(self.space, str) or self.space not in SPACES:
             bad("space", f"one of {', '.join(SPACES)}", repr(self.space)[:100])
         if type(self.nfe) is not int or self.nfe < 0:

@@ -200,10 +200,10 @@ def reconstruct(model, inv: Inversion, extra_args=None, callback=None):
     return fn(model, inv.latent, inv.sigmas.flip(0), extra_args, callback, space=inv.space, pair=inv.pair, **kwargs)
 
 
-def check(inv: Inversion) -> Inversion:
+def check_record(inv: Inversion) -> Inversion:
     """An inversion record against the registry: a known method, its own sampler, exactly its
     settings with values that sampler can use, and the states that sampler resumes from.
-    Raises ``SolverError`` naming the field; ``Inversion.check`` covers the rest."""
+    Raises ``SolverError`` naming the field; ``Inversion.check_fields`` covers the rest."""
     m = METHODS.get(inv.method) if isinstance(inv.method, str) else None
     if m is None:
         bad("method", f"one of {', '.join(METHODS)}", repr(inv.method)[:100])

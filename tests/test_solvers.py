@@ -4,6 +4,7 @@ A Gaussian mixture gives an exact, nonlinear denoiser; a single Gaussian also gi
 exact probability-flow ODE. Every check runs in both spaces.
 """
 
+import dataclasses
 import math
 
 import pytest
@@ -11,7 +12,9 @@ import torch
 
 from analytic import Mixture, MixtureDenoiser, gaussian_flow, karras, uniform_flow
 from measure import rel
-from inversion_suite.solvers import METHODS, SAMPLERS, NonFiniteError, SolverError, invert, reconstruct
+from inversion_suite.solvers import (METHODS, SAMPLERS, Inversion, NonFiniteError, SolverError, check_record, invert,
+                                     reconstruct)
+from inversion_suite.solvers.record import FORMAT, MAX_STEPS
 from inversion_suite.solvers.methods.bdia import sample_bdia
 from inversion_suite.solvers.methods.edict import sample_edict
 from inversion_suite.solvers.methods.euler import sample_euler
@@ -268,3 +271,27 @@ def test_a_model_run_with_autograd_on_gives_the_same_inversion(name):
     plain = invert(name, den, data(), karras(6), space="eps")
     inv = invert(name, tracked, data(), karras(6), space="eps")
     assert not inv.latent.requires_grad and torch.equal(inv.latent, plain.latent)
+
+
+# --- the inversion record -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["bdia", "aidi_anderson", "renoise"])
+def test_the_record_reads_back_what_it_wrote_and_refuses_a_wrong_field(name):
+    inv = invert(name, MixtureDenoiser(MIX, "eps"), data(), karras(6), LABELS, space="eps",
+                 keep_trajectory=True)
+    d = inv.to_dict()
+    assert d["format"] == FORMAT and d["samples"] is inv.latent and d["steps"] == 6
+    back = check_record(Inversion.from_dict(d))
+    for f in dataclasses.fields(Inversion):
+        a, b = getattr(inv, f.name), getattr(back, f.name)
+        assert a is b or a == b or f.name == "base_steps" and b == inv.steps, f.name
+    assert torch.equal(reconstruct(MixtureDenoiser(MIX, "eps"), back, LABELS),
+                       reconstruct(MixtureDenoiser(MIX, "eps"), inv, LABELS))
+    for key, value, words in (("sigmas", inv.sigmas.flip(0), "'sigmas' must be finite, ascending"),
+                              ("settings", {}, "'settings' must be exactly"), ("nfe", -1, "'nfe'"),
+                              ("trajectory", inv.trajectory[:2], "'trajectory' must be None or a list of 7"),
+                              ("steps", MAX_STEPS + 1, "'steps' must be an integer from 1 to 1000")):
+        with pytest.raises(SolverError, match=words):
+            check_record(Inversion.from_dict(dict(d, **{key: value})))
+    with pytest.raises(SolverError, match="lacks nfe"):
+        Inversion.from_dict({k: v for k, v in d.items() if k != "nfe"})

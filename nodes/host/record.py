@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import MISSING, dataclass, fields, replace
 import torch
 
-from ...solvers import Inversion, SolverError, check
+from ...solvers import Inversion, SolverError, check_record
 from ...solvers.record import NotARecord, check_tensor, real
 from .inputs import fail
 from .model import check_latent, describe, sigma_max, space_of
@@ -88,20 +88,20 @@ class Record:
                              f"{tuple(s.shape)}: a node changed them after Invert; reconnect Invert's output directly")
         own = [f.name for f in cls.host_fields() if f.default is MISSING and f.default_factory is MISSING]
         try:
-            inv = check(Inversion.from_dict(d, own))
+            inv = check_record(Inversion.from_dict(d, own))
         except NotARecord as e:
             fail(node, what, f"{e}: {hint}")
         except SolverError as e:
             fail(node, what, str(e))
         rec = cls(inv, **{f.name: d[f.name] for f in cls.host_fields() if f.name in d})
-        rec.check(node, what, latent["samples"])
+        rec.check_host_fields(node, what, latent["samples"])
         if model is not None:
             rec.check_model(node, what, model)
         return rec
 
     # --- checks ---------------------------------------------------------------------------------
 
-    def check(self, node: str, what: str, samples: torch.Tensor):
+    def check_host_fields(self, node: str, what: str, samples: torch.Tensor):
         """The host's fields, and the LATENT's ``samples`` against the record's."""
         def bad(field, expected, got=None):
             shown = "" if got is None else f", got {got}"

@@ -58,7 +58,7 @@ class Region:
         self.node, self.mode = node, mask_mode
         self.layers = attention.unet_layers(model)
         self.threshold, self.softness, self.dilation = threshold, softness, dilation
-        # ``latent`` comes through host.resume, whose check_latent matched its dimensionality to the model's.
+        # ``latent`` comes through record.resume, whose check_latent matched its dimensionality to the model's.
         self.batch, self.size = latent.shape[0], tuple(latent.shape[2:])
         self.ratio = spatial_factor(model)
         self.per_frame = temporal_factor(model) if latent.ndim == 5 else 1  # frames per latent frame
