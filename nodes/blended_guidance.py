@@ -6,9 +6,9 @@ from ..solvers import sampler_for
 from ..solvers.editing.blended import edit_blended
 from ..solvers.editing.direct import edit_direct
 from .host import edit_guider
-from .host.region import Region, image_mask, inputs as region_inputs
-from .host.inputs import fail
+from .host.inputs import fail, no_noise_mask
 from .host.record import KEY, resume
+from .host.region import Region, image_mask, inputs as region_inputs
 from .host.run import progress, run_guider, to_model
 
 
@@ -62,6 +62,8 @@ class BlendedGuidanceSampler(io.ComfyNode):
                 softness=0.0, dilation=1, direct=False):
         node = "BlendedGuidanceSampler"
         samples, rec = resume(node, inverted, model)
+        no_noise_mask(node, inverted, "inverted", "its edit region is the mask input (or the edited words): connect "
+                                                  "the mask there instead of SetLatentNoiseMask")
         w_inv = rec.cfg_for(node, "cfg_inversion", cfg_inversion)
         if cfg_edit < 0:
             fail(node, "cfg_edit", f"expected a value >= 0, got {cfg_edit}")

@@ -88,10 +88,7 @@ class LoadInversion(io.ComfyNode):
     @classmethod
     def execute(cls, model, inversion):
         node = "LoadInversion"
-        path = files.resolve(inversion)
-        if path is None:
-            fail(node, "inversion", files.nowhere(inversion))
-        latent = files.read(node, "inversion", inversion, path)
+        latent = files.read(node, "inversion", inversion, model)
         Record.read(node, latent, "inversion", model, files.DAMAGED)  # every check Reconstruct and the editors make
         files.check_extras(node, latent)
         return io.NodeOutput(latent)

@@ -5,9 +5,9 @@ from comfy_api.latest import io
 
 from ..solvers.editing.stochastic import edit_stochastic
 from .host import edit_guider
-from .host.region import Region, image_mask, inputs as region_inputs
-from .host.inputs import fail
+from .host.inputs import fail, no_noise_mask
 from .host.record import KEY, resume
+from .host.region import Region, image_mask, inputs as region_inputs
 from .host.run import progress, run_guider, to_model
 
 
@@ -57,6 +57,8 @@ class StochasticEditSampler(io.ComfyNode):
                 target_text="", words="", mask=None, mask_mode="union", threshold=0.3, softness=0.0, dilation=1):
         node = "StochasticEditSampler"
         samples, rec = resume(node, inverted, model)
+        no_noise_mask(node, inverted, "inverted", "its edit region is the mask input (or the edited words): connect "
+                                                  "the mask there instead of SetLatentNoiseMask")
         if rec.inv.trajectory is None:
             fail(node, "inverted", "has no trajectory: set keep_trajectory on Invert")
         if not 0 <= eta <= 1:

@@ -20,6 +20,8 @@ FLOW = "flow"
 SPACES = (EPS, FLOW)
 # ComfyUI's FlipSigmas replaces a reversed schedule's leading 0 by this.
 FLIPPED_ZERO = 1e-4
+# The implicit loop splits a stalled step at most this many times over: into up to 2**DEPTH steps.
+DEPTH = 4
 
 Callback = Optional[Callable[[dict], None]]
 
@@ -69,8 +71,8 @@ def check_latent(x: torch.Tensor, name: str = "latent") -> torch.Tensor:
         raise SolverError(f"{name} must be a tensor, got {type(x).__name__}")
     if x.ndim not in (4, 5):
         raise SolverError(f"{name} must be 4D (B,C,H,W) or 5D (B,C,T,H,W), got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise SolverError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise SolverError(f"{name} must be a float16, bfloat16, float32 or float64 tensor, got {x.dtype}")
     if not finite(x):
         raise SolverError(f"{name} holds non-finite values")
     return x

@@ -57,7 +57,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .core import EPS, Denoiser, NonFiniteError, SolverError, notify, prepare, rel_norm, vp_scale
+from .core import DEPTH, EPS, Denoiser, NonFiniteError, SolverError, notify, prepare, rel_norm, vp_scale
 from .record import Inversion
 
 GUESSES = ("ddim", "extrapolate")
@@ -70,7 +70,6 @@ GUESSES = ("ddim", "extrapolate")
 # (dx, dg), oldest first), so that the step needs to hold no earlier iterate to carry them.
 Update = Callable[[list], Callable[..., torch.Tensor]]
 
-DEPTH = 4  # a step is split at most 4 times over, into up to 16 steps
 SHARE = 2.0  # a step may spend up to twice its fair share of the calls left
 SLOW = 0.5  # a step whose residual shrinks slower than this per call is split, while it can be
 

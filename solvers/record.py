@@ -18,13 +18,13 @@ from typing import Optional
 
 import torch
 
-from .core import FLOW, SPACES, SolverError
+from .core import DEPTH, FLOW, SPACES, SolverError
 
 FORMAT = 1
 # The most steps a record holds: Invert's widget stops there, so no record the pack writes has more.
 MAX_STEPS = 1000
-# A refined schedule may split each of the steps into up to 2**8 sub-steps.
-REFINE = 2 ** 8
+# A refined schedule splits each of its steps into at most this many (the implicit loop's split depth).
+REFINE = 2 ** DEPTH
 # Field -> key of the plain form, where the key kept the name that format 1 gave it.
 KEYS = {"latent": "samples", "base_steps": "steps"}
 # Fields added to format 1 after its first files were written: older records lack them (the defaults).

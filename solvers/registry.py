@@ -39,17 +39,21 @@ class Setting:
     hi: Optional[float] = None
     step: Optional[float] = None
     choices: tuple = ()
-    # The pack version that added it ("" = the first release): node widgets are ordered by it,
-    # since a saved workflow holds their values by position.
+    # The pack version that added its widget ("" = the first release): node widgets are ordered by
+    # it, since a saved workflow holds their values by position.
     added: str = ""
+    # Its widget's name where it is not the setting's: methods share a widget only where they share
+    # the setting's default and range, so each method runs with its own defaults.
+    widget: str = ""
 
 
 ITER = {
     "iterations": Setting(16, "Model calls per step, on average: the inversion may spend iterations x steps calls in "
                              "all and spends them where a step's residual needs them (3 to 12 per step on a real model at 50 to 10 steps). A step "
                              "that stalls is split into smaller ones (up to 16); one still unsolved keeps its best "
-                             "candidate, the DDIM step included, and is reported on the node. At least 2 (3 with "
-                             "guess 'extrapolate').", 2, 100, 1),
+                             "candidate, the DDIM step included, and is reported on the node. At least 3 (two "
+                             "calls to move and check a step, one to measure the DDIM step it may fall back to).",
+                          3, 100, 1),
     "tol": Setting(1e-4, "Relative residual ||F(x) - x|| / ||x|| at which a step counts as solved: the step's "
                          "forward error, what sampling back misses its start by. Lower it for a more exact "
                          "reconstruction at more model calls.", 1e-8, 1e-1, 1e-6),
@@ -95,7 +99,8 @@ METHODS = {
     "renoise": Method(invert_renoise, "euler",
                       "ReNoise: a fixed number of model calls per step, their noise estimates averaged over a window.",
                       {"iterations": Setting(5, "Model calls per step: the paper's renoising steps K plus one (its SD "
-                                                "example K = 1 is 2, SDXL-Turbo K = 9 is 10; 1 = DDIM inversion).", 1, 100, 1),
+                                                "example K = 1 is 2, SDXL-Turbo K = 9 is 10; 1 = DDIM inversion).", 1, 100, 1,
+                                             added="0.3.0", widget="renoise_iterations"),
                        "window": Setting((3, 5), "Calls (0-based, [from, to)) whose noise estimates are averaged "
                                                  "(paper: 8 to 10 with 10 calls)."),
                        "first_window": Setting((3, 5), "The averaging window of the low-noise steps (paper: 0 to 5, "

@@ -11,11 +11,14 @@ import comfy.sample
 import comfy.samplers
 from analytic import Mixture
 from measure import rel
+from inversion_suite.nodes.host import widgets
 from inversion_suite.nodes.host.inputs import NodeInputError
 from inversion_suite.nodes.invert import Invert
 from inversion_suite.nodes.reconstruct import Reconstruct
 from inversion_suite.nodes.inversion_sampler import InversionSampler
-from inversion_suite.solvers import METHODS
+from analytic import MixtureDenoiser, karras
+from inversion_suite.solvers import METHODS, NonFiniteError
+from inversion_suite.solvers import invert as solve
 
 MIX = Mixture((4, 8, 8), components=3, seed=0)
 KINDS = ("eps", "v", "flow")
@@ -210,3 +213,43 @@ def test_workflows_saved_by_the_first_release_keep_their_widget_positions():
     names = [i.id for i in Invert.define_schema().inputs]
     assert names[:len(RELEASED)] == RELEASED, names
     assert len(names) > len(RELEASED)  # settings added since then come after
+
+
+@pytest.mark.parametrize("node", [Invert, InversionSampler])
+def test_widgets_the_registry_and_the_solvers_agree(node):
+    """A fresh node sends each method its registry defaults; each widget's range is its setting's
+    range; the solver takes both ends of every range."""
+    inputs = {i.id: i for i in node.define_schema().inputs}
+    fresh = {k: getattr(i, "default", None) for k, i in inputs.items() if k != "method"}
+    mix = Mixture((4, 8, 8), components=2, seed=1)
+    for name in inputs["method"].options:
+        m = METHODS[name]
+        assert widgets.values(name, fresh) == m.defaults(), name
+        for key, s in m.settings.items():
+            w = widgets.widget_of(key, s)
+            if s.choices:
+                assert set(s.choices) <= set(inputs[w].options), (name, key)
+            elif isinstance(s.default, tuple):
+                assert all(inputs[f"{w}_{end}"].min == 0 for end in ("from", "to")), (name, key)
+            else:
+                assert (inputs[w].min, inputs[w].max) == (s.lo, s.hi), (name, key)
+                for end in (s.lo, s.hi):  # the solver refuses nothing the widget offers
+                    given = {key: type(s.default)(end)}
+                    if name == "easyinv" and key in ("start", "end"):  # its window: start <= end, both in [0, 1]
+                        given = {"start": float(end), "end": float(end)}
+                    try:
+                        solve(name, MixtureDenoiser(mix, "eps"), mix.sample(1, seed=2), karras(2), space="eps", **given)
+                    except NonFiniteError as e:  # a strong noise regularisation may diverge: said, by name and step
+                        assert key in ("reg_steps", "lambda_ac", "lambda_kl") and f"{name}: the state became " \
+                            "non-finite at step" in str(e), (name, key, end, e)
+
+
+def test_a_widget_is_shared_only_by_settings_of_one_default_and_range():
+    shared = {}
+    for name, m in METHODS.items():
+        for key, s in m.settings.items():
+            shared.setdefault(widgets.widget_of(key, s), []).append(s)
+    for w, specs in shared.items():
+        # a choice may differ in its default: its widget offers 'auto', the selected method's own
+        assert len({(None if s.choices else s.default, s.lo, s.hi, s.step, s.choices) for s in specs}) == 1, w
+    assert widgets.widget_of("iterations", METHODS["renoise"].settings["iterations"]) == "renoise_iterations"

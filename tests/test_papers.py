@@ -18,7 +18,7 @@ import torch
 
 from analytic import Mixture, MixtureDenoiser, karras, uniform_flow
 from measure import rel
-from inversion_suite.solvers import METHODS, SAMPLERS, invert, reconstruct
+from inversion_suite.solvers import METHODS, SAMPLERS, SolverError, invert, reconstruct
 from inversion_suite.solvers.methods.edict import sample_edict
 from inversion_suite.solvers.registry import plain
 
@@ -279,12 +279,23 @@ def test_renoise_low_noise_steps_in_sigma():
 def test_renoise_regularises_under_inference_mode():
     """The host samples under torch.inference_mode; the regularisation's autograd still runs."""
     mix = Mixture((4, 16, 16), components=2, seed=3)
-    den, x = MixtureDenoiser(mix, "flow"), mix.sample(1, seed=6)
+    den, x = MixtureDenoiser(mix, "eps"), mix.sample(1, seed=6)
     with torch.inference_mode():
-        inv = invert("renoise", den, x, uniform_flow(4), {"label": [0], "cfg": 1.0}, space="flow", reg_steps=2)
-    off = invert("renoise", den, x, uniform_flow(4), {"label": [0], "cfg": 1.0}, space="flow")
+        inv = invert("renoise", den, x, karras(4), {"label": [0], "cfg": 1.0}, space="eps", reg_steps=2)
+    off = invert("renoise", den, x, karras(4), {"label": [0], "cfg": 1.0}, space="eps")
     assert torch.isfinite(inv.latent).all() and inv.settings["reg_steps"] == 2
     assert rel(inv.latent, off.latent) > 1e-4
+
+
+def test_renoise_regularisation_is_refused_on_flow_before_any_call():
+    mix = Mixture((4, 16, 16), components=2, seed=3)
+    den, x = MixtureDenoiser(mix, "flow"), mix.sample(1, seed=6)
+    calls = []
+    with pytest.raises(SolverError, match="renoise: the noise regularisation .* on a flow model set reg_steps to 0"):
+        invert("renoise", lambda x, s, **k: calls.append(1) or den(x, s, **k), x, uniform_flow(4),
+               {"label": [0], "cfg": 1.0}, space="flow", reg_steps=2)
+    assert not calls
+    assert torch.isfinite(invert("renoise", den, x, uniform_flow(4), {"label": [0], "cfg": 1.0}, space="flow").latent).all()
 
 
 # -- one place for each fact ----------------------------------------------------------

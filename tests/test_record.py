@@ -27,10 +27,12 @@ import nodes as core  # the host's nodes.py
 from analytic import Mixture
 from inversion_suite.nodes.host import files
 from inversion_suite.nodes.host.inputs import NodeInputError
+from inversion_suite.nodes.blended_guidance import BlendedGuidanceSampler
 from inversion_suite.nodes.host.run import run_guider
 from inversion_suite.nodes.invert import Invert
 from inversion_suite.nodes.save_load import LoadInversion, SaveInversion
 from inversion_suite.nodes.reconstruct import Reconstruct
+from inversion_suite.nodes.stochastic_edit import StochasticEditSampler
 from inversion_suite.nodes.host.record import Record
 from inversion_suite.nodes.host.files import encode
 from inversion_suite.solvers.record import FORMAT, KEYS, LATER as SOLVER_LATER, REFINE, Inversion
@@ -620,3 +622,175 @@ def test_damaged_bytes_give_a_refusal_or_a_valid_record_never_a_raw_error():
             assert str(e).startswith("LoadInversion: input '"), str(e)
             refused += 1
     assert calls[0] == 0 and refused > 150
+
+
+# --- hostile files and odd inputs ------------------------------------------------------------------
+
+def test_a_huge_batch_index_is_refused_at_load():
+    """The host's prepare_noise loops up to the largest batch_index without an interrupt check: a file
+    holding 10**30 would hang the executor. No graph makes an index past EmptyLatentImage's 4096."""
+    model, calls = counting()
+    good = invert(model)
+    calls[0] = 0
+    for index in ([10 ** 30, 0], [10 ** 6, 1], [files.MAX_BATCH, 0]):
+        with pytest.raises(NodeInputError, match="LoadInversion: input 'inversion': .*'batch_index' must be a list of 2 "
+                                                 "integers from 0 to 4095"):
+            load(model, write(dict(good, batch_index=index), "index.safetensors"))
+    assert load(model, write(dict(good, batch_index=[files.MAX_BATCH - 1, 0]), "ok.safetensors"))["batch_index"][0] == 4095
+    assert calls[0] == 0
+
+
+def test_a_folder_flipping_to_a_link_out_never_yields_the_outside_file(tmp_path):
+    """A folder on the file's path flips between a link into the input folder and a link out of it,
+    while LoadInversion loads through it: what loads is the inside file, or a refusal, never the
+    outside one (the name is checked, opened once, and the open file itself located)."""
+    import threading
+    model, calls = counting()
+    inp, outside = pathlib.Path(folder_paths.get_input_directory()), tmp_path / "outside"
+    (inp / "real").mkdir()
+    outside.mkdir()
+    inside = invert(model)
+    evil = dict(inside, samples=inside["samples"] + 1)  # a different file: only its samples differ
+    write(inside, "real/a.safetensors")
+    write(evil, "evil.safetensors")
+    shutil.move(inp / "evil.safetensors", outside / "a.safetensors")
+    os.symlink(inp / "real", inp / "flip")
+    stop, flips = threading.Event(), [0]
+
+    def flip():
+        while not stop.is_set() and flips[0] < 200_000:
+            os.symlink(outside if flips[0] % 2 == 0 else inp / "real", inp / "tmp")
+            os.replace(inp / "tmp", inp / "flip")
+            flips[0] += 1
+
+    t = threading.Thread(target=flip)
+    t.start()
+    loaded = refused = 0
+    try:
+        for _ in range(300):
+            try:
+                got = files.read("t", "inversion", "flip/a.safetensors")
+            except NodeInputError:
+                refused += 1
+                continue
+            assert torch.equal(got["samples"], inside["samples"]), "the outside file was read"
+            loaded += 1
+    finally:
+        stop.set()
+        t.join()
+    assert loaded > 0 and refused > 0 and flips[0] > 300
+
+
+def sparse_bomb(path, good, gib=1):
+    """An inversion file whose LATENT samples are a ``gib`` GiB tensor of a sparse file (holes read as
+    zeros, a few KiB on disk), beside the small record that Invert made."""
+    tensors, content = encode("t", good)
+    c = json.loads(content)
+    c["samples"] = {"__tensor__": "tbig"}
+    head, at, blobs = {}, 0, []
+    for k, t in tensors.items():
+        raw = t.contiguous().numpy().tobytes()
+        head[k] = {"dtype": {torch.float32: "F32", torch.float64: "F64"}[t.dtype], "shape": list(t.shape),
+                   "data_offsets": [at, at + len(raw)]}
+        blobs.append(raw)
+        at += len(raw)
+    n = gib * 2 ** 30
+    head["tbig"] = {"dtype": "F32", "shape": [n // (4 * 4 * 64 * 64), 4, 64, 64], "data_offsets": [at, at + n]}
+    head["__metadata__"] = {files.VERSION_KEY: "1", files.CONTENT_KEY: json.dumps(c)}
+    text = json.dumps(head).encode()
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text + b"".join(blobs))
+        f.truncate(8 + len(text) + at + n)
+
+
+BOMB_RUN = """
+import resource, runpy, sys
+sys.path.insert(0, {tests!r})
+runpy.run_path({pack!r})["load"]()
+import comfy_host, folder_paths
+from analytic import Mixture
+from inversion_suite.nodes.host.inputs import NodeInputError
+from inversion_suite.nodes.save_load import LoadInversion
+folder_paths.input_directory = {inp!r}
+model = comfy_host.exact_model("eps", Mixture((4, 8, 8), components=3, seed=0))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    LoadInversion.execute(model=model, inversion="bomb.safetensors")
+    print("LOADED")
+except NodeInputError as e:
+    print("REFUSED", e)
+print("GROWTH_KIB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+"""
+
+
+def test_a_sparse_bomb_is_refused_from_its_header_in_bounded_memory():
+    """Its header names a 1 GiB samples tensor: refused from the header, before any tensor is read;
+    the process's peak memory grows by less than 64 MiB (it read the header, a few KiB)."""
+    import subprocess
+    import sys
+    model, _ = counting()
+    inp = folder_paths.get_input_directory()
+    sparse_bomb(os.path.join(inp, "bomb.safetensors"), invert(model))
+    tests = str(pathlib.Path(__file__).parent)
+    script = BOMB_RUN.format(tests=tests, pack=str(pathlib.Path(tests).parent / "benchmarks" / "pack.py"), inp=inp)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, COMFYUI_PATH=str(comfy_host.path())))
+    assert "REFUSED LoadInversion: input 'inversion': its samples have shape (16384, 4, 64, 64)" in out.stdout, \
+        out.stdout + out.stderr[-2000:]
+    growth = int(out.stdout.split("GROWTH_KIB")[1])
+    assert growth < 64 * 1024, f"peak memory grew by {growth} KiB"
+
+
+def test_the_editors_refuse_a_noise_mask_they_would_ignore():
+    model, calls = counting()
+    good = invert(model)
+    masked = core.SetLatentNoiseMask().set_mask(good, torch.ones(1, 64, 64))[0]
+    calls[0] = 0
+    mask = torch.ones(1, 64, 64)
+    with pytest.raises(NodeInputError, match="BlendedGuidanceSampler: input 'inverted': carries a noise_mask"):
+        BlendedGuidanceSampler.execute(model=model, inverted=masked, source=prompt(1), target=prompt(2),
+                                       cfg_inversion=-1.0, cfg_edit=5.0, mask_steps=1.0, local_blend=True, mask=mask)
+    with pytest.raises(NodeInputError, match="StochasticEditSampler: input 'inverted': carries a noise_mask"):
+        StochasticEditSampler.execute(model=model, inverted=masked, source=prompt(1), target=prompt(2), cfg=5.0,
+                                      eta=1.0, seed=0, count=2, mask=mask)
+    assert calls[0] == 0
+
+
+def test_a_schedule_longer_than_the_solver_writes_is_refused():
+    """The implicit loop splits a step into at most 2**DEPTH = 16: no record holds more sigmas than that."""
+    model, calls = counting()
+    good = invert(model, "aidi_anderson", steps=3)
+    top = float(good["inversion"]["sigmas"][-1])
+    calls[0] = 0
+    long = corrupt(corrupt(corrupt(good, "steps", 1000), "trajectory", None),
+                   "sigmas", torch.linspace(0, top, 256_001, dtype=torch.float64))
+    for run in (lambda: reconstruct(model, long), lambda: load(model, write(long, "long.safetensors"))):
+        with pytest.raises(NodeInputError, match=r"'sigmas' must be from steps \+ 1 = 1001 to 1 \+ steps \* 16 = "
+                                                 r"16001 long, got 256001 values"):
+            run()
+    assert REFINE == 16 and calls[0] == 0
+
+
+def test_float8_latents_are_refused_by_name():
+    model, calls = counting()
+    good = invert(model)
+    calls[0] = 0
+    x8 = good["samples"].to(torch.float8_e4m3fn)
+    with pytest.raises(NodeInputError, match="Invert: input 'latent': expected floating-point samples .*float8_e4m3fn"):
+        run_invert(model, {"samples": x8}, prompt(1), "ddim")
+    with pytest.raises(NodeInputError, match="Reconstruct: input 'inverted': expected floating-point samples"):
+        reconstruct(model, dict(good, samples=x8))
+    stored = dict(good, samples=x8, inversion=dict(good["inversion"], samples=x8, trajectory=None))
+    with pytest.raises(NodeInputError, match="LoadInversion: input 'inversion': .*float8_e4m3fn|F8_E4M3"):
+        load(model, write(stored, "f8.safetensors"))
+    assert calls[0] == 0
+
+
+def test_renoise_regularisation_on_a_flow_model_is_refused_before_any_call():
+    model, calls = counting("flow")
+    source = {"samples": vae_scale(model, MIX.sample(1, seed=4).float())}
+    calls[0] = 0
+    with pytest.raises(SolverError, match="Invert: renoise: the noise regularisation .* on a flow model set "
+                                          "reg_steps to 0"):
+        run_invert(model, source, prompt(1), "renoise", 3, "simple", reg_steps=2)
+    assert calls[0] == 0

@@ -64,30 +64,39 @@ def spatial_factor(model) -> int:
     return getattr(model.model.latent_format, "spacial_downscale_ratio", 8)
 
 
+# The dtypes a latent may have: others (float8, integers) are refused by name before any arithmetic.
+FLOATS = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_layout(node: str, what: str, shape: tuple, dtype, model) -> None:
+    """Samples of ``shape`` and ``dtype`` (read off a tensor, or a file's header) against the model's latents."""
+    fmt = model.model.latent_format
+    # latent_dimensions: 2 for image models (B,C,H,W), 3 for video models (B,C,T,H,W).
+    dims = getattr(fmt, "latent_dimensions", 2) + 2
+    if len(shape) not in (4, 5):
+        fail(node, what, f"expected 4D (B,C,H,W) or 5D (B,C,T,H,W) samples, got shape {shape}")
+    if dims not in (4, 5):
+        fail(node, "model", f"its latents are {dims}D ({type(fmt).__name__}): only image (4D) and video (5D) "
+                            "models are supported")
+    if len(shape) != dims:
+        kind = "an image model's" if dims == 4 else "a video model's"
+        fail(node, what, f"has {len(shape)}D samples {shape} but this is {kind} ({type(fmt).__name__}, "
+                         f"{dims}D latents): encode the input with the VAE that belongs to this model")
+    channels = getattr(fmt, "latent_channels", shape[1])
+    if shape[1] != channels:
+        fail(node, what, f"has {shape[1]} channels but this model's latents have {channels}: "
+                         "encode the image with the VAE that belongs to this model")
+    if dtype not in FLOATS:
+        fail(node, what, f"expected floating-point samples (float16, bfloat16, float32 or float64), got {dtype}")
+    if 0 in shape:
+        fail(node, what, f"is empty (shape {shape})")
+
+
 def check_latent(node: str, latent, model, what: str = "latent") -> torch.Tensor:
     if not isinstance(latent, dict) or not isinstance(latent.get("samples"), torch.Tensor):
         fail(node, what, "expected a LATENT (a dict with a 'samples' tensor)")
     x = latent["samples"]
-    fmt = model.model.latent_format
-    # latent_dimensions: 2 for image models (B,C,H,W), 3 for video models (B,C,T,H,W).
-    dims = getattr(fmt, "latent_dimensions", 2) + 2
-    if x.ndim not in (4, 5):
-        fail(node, what, f"expected 4D (B,C,H,W) or 5D (B,C,T,H,W) samples, got shape {tuple(x.shape)}")
-    if dims not in (4, 5):
-        fail(node, "model", f"its latents are {dims}D ({type(fmt).__name__}): only image (4D) and video (5D) "
-                            "models are supported")
-    if x.ndim != dims:
-        kind = "an image model's" if dims == 4 else "a video model's"
-        fail(node, what, f"has {x.ndim}D samples {tuple(x.shape)} but this is {kind} ({type(fmt).__name__}, "
-                         f"{dims}D latents): encode the input with the VAE that belongs to this model")
-    channels = getattr(fmt, "latent_channels", x.shape[1])
-    if x.shape[1] != channels:
-        fail(node, what, f"has {x.shape[1]} channels but this model's latents have {channels}: "
-                         "encode the image with the VAE that belongs to this model")
-    if not x.is_floating_point():
-        fail(node, what, f"expected floating-point samples, got {x.dtype}")
-    if x.numel() == 0:
-        fail(node, what, f"is empty (shape {tuple(x.shape)})")
+    check_layout(node, what, tuple(x.shape), x.dtype, model)
     if not torch.isfinite(x).all():
         fail(node, what, "holds NaN or inf values")
     return x

@@ -1,8 +1,11 @@
 """Method settings as node widgets, built from the solver registry.
 
-Settings that several methods share (``iterations``, ``tol``) are one widget; a (lo, hi)
-pair becomes two integer widgets ``<name>_from`` and ``<name>_to``; a choice whose default
-differs between methods offers ``auto`` (the selected method's own default).
+Settings that several methods share with one default and range (``iterations``, ``tol`` of the
+fixed-point family) are one widget; where the registry gives a setting a widget of its own
+(``Setting.widget``: renoise's ``iterations`` is ``renoise_iterations``), every method still runs
+with its own default. A (lo, hi) pair becomes two integer widgets ``<name>_from`` and
+``<name>_to``; a choice whose default differs between methods offers ``auto`` (the selected
+method's own default).
 
 Each widget's options carry ``inversion_methods``, the methods that read it: the pack's
 frontend extension (``web/js``) shows only the selected method's widgets from that list, so
@@ -32,12 +35,17 @@ def _tag(widget, users):
     return widget
 
 
+def widget_of(key, s) -> str:
+    """The widget that shows setting ``key`` (``s``): its own name unless the registry names another."""
+    return s.widget or key
+
+
 def _users():
-    """Setting name -> [(method, Setting)], settings of earlier releases first (see ``Setting.added``)."""
+    """Widget name -> [(method, Setting)], widgets of earlier releases first (see ``Setting.added``)."""
     found = {}
     for name, m in METHODS.items():
         for key, s in m.settings.items():
-            found.setdefault(key, []).append((name, s))
+            found.setdefault(widget_of(key, s), []).append((name, s))
     return dict(sorted(found.items(), key=lambda kv: kv[1][0][1].added))
 
 
@@ -75,10 +83,11 @@ def values(method: str, widgets: dict) -> dict:
     """The selected method's settings from the node's widget values (missing ones: defaults)."""
     out = {}
     for key, s in METHODS[method].settings.items():
+        name = widget_of(key, s)
         if isinstance(s.default, tuple):
-            v = tuple(widgets.get(f"{key}_{end}", d) for end, d in zip(("from", "to"), s.default))
+            v = tuple(widgets.get(f"{name}_{end}", d) for end, d in zip(("from", "to"), s.default))
         else:
-            v = widgets.get(key, s.default)
+            v = widgets.get(name, s.default)
             if v is None or v == AUTO:
                 v = s.default
         out[key] = v

@@ -32,8 +32,11 @@ of gradient descent on two losses of the noise alone (the model is not different
   ``mean(n * roll(n, r, H))^2 + mean(n * roll(n, r, W))^2`` with a seeded ``r`` drawn from
   ``[0, H / 2)`` per channel and level.
 
-The noise is the model's noise estimate: the slope for EPS models; for flow models
-``eps = d + D`` (``x = (1 - s) D + s eps``), regularised with ``D`` held.
+The noise is the model's noise estimate, the slope, in the host's sigma space of EPS and
+v-prediction models (``x = x0 + sigma eps``: v-prediction's denoised output gives the same
+``eps``). Flow models are refused with it: their noise ``eps = d + D`` near sigma 0 drives
+the regularised iterate off the model (non-finite within the first step on the shift-3
+schedule), and the paper states the losses for EPS noise only.
 
 Where the pack departs from the official code, on purpose: the KL runs over every
 channel (the official code groups 4 channels and drops the rest); the reference noise
@@ -132,7 +135,8 @@ def regularise(e, ref, lambda_ac, lambda_kl, rounds, gen):
         return e.detach().reshape(shape)
 
 
-def check_settings(iterations, window, first_window, first_iterations, first_until, reg_steps, lambda_ac, lambda_kl):
+def check_settings(space, iterations, window, first_window, first_iterations, first_until, reg_steps, lambda_ac,
+                   lambda_kl):
     for name, v in (("iterations", iterations), ("first_iterations", first_iterations)):
         if int(v) < 1:
             raise SolverError(f"renoise: {name} must be >= 1, got {v}")
@@ -144,14 +148,17 @@ def check_settings(iterations, window, first_window, first_iterations, first_unt
     if int(reg_steps) < 0 or not lambda_ac >= 0 or not lambda_kl >= 0:
         raise SolverError(f"renoise: reg_steps, lambda_ac and lambda_kl must be >= 0, got "
                           f"{reg_steps}, {lambda_ac}, {lambda_kl}")
+    if space != EPS and int(reg_steps) > 0 and (lambda_ac > 0 or lambda_kl > 0):
+        raise SolverError("renoise: the noise regularisation (reg_steps > 0) is written for the noise of EPS and "
+                          "v-prediction models; on a flow model set reg_steps to 0")
 
 
 def invert_renoise(model, x, sigmas, extra_args=None, callback=None, *, space, iterations, window, first_window,
                    first_iterations, first_until, reg_steps, lambda_ac, lambda_kl, reg_seed, keep_trajectory=False):
-    check_settings(iterations, window, first_window, first_iterations, first_until, reg_steps, lambda_ac, lambda_kl)
+    check_settings(space, iterations, window, first_window, first_iterations, first_until, reg_steps, lambda_ac,
+                   lambda_kl)
     den, x, sig, s = prepare("renoise", model, x, sigmas, extra_args, space)
     low = low_noise_sigma(first_until, space)
-    c = 0.0 if space == EPS else 1.0  # eps = d + c * D
     reg = int(reg_steps) > 0 and (lambda_ac > 0 or lambda_kl > 0)
     gen = torch.Generator().manual_seed(int(reg_seed))
     noise = torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device) if reg else None
@@ -164,29 +171,23 @@ def invert_renoise(model, x, sigmas, extra_args=None, callback=None, *, space, i
         calls = min(int(first_iterations), int(iterations)) if first else int(iterations)
         ref = []  # the reference noise, evaluated once, on first use
 
-        def regular(d, D):
+        def regular(d):  # EPS noise only (check_settings)
             if not ref:
-                ref.append(None)
-                if lambda_kl > 0:
-                    xf = (1.0 if space == EPS else 1.0 - sb) * x0 + sb * noise
-                    ref[0] = den.slope(xf, sb) + c * den.last
-            e = d + c * D
-            return d + (regularise(e, ref[0], lambda_ac, lambda_kl, reg_steps, gen) - e)
+                ref.append(den.slope(x0 + sb * noise, sb) if lambda_kl > 0 else None)
+            return regularise(d, ref[0], lambda_ac, lambda_kl, reg_steps, gen)
 
         xk, avg, n = x_a * (vp_scale(sa, space) / vp_scale(sb, space)), None, 0  # DDIM's point
         for k in range(calls):
             d = den.slope(xk, sb)
-            D = den.last
             if lo <= k < hi:
-                # the official running mean, so the rounding matches too
-                avg = (d, D) if avg is None else tuple(n * a / (n + 1) + b / (n + 1) for a, b in zip(avg, (d, D)))
+                avg = d if avg is None else n * avg / (n + 1) + d / (n + 1)  # the official running mean and rounding
                 n += 1
             if reg and k >= lo:
-                d = regular(d, D)
+                d = regular(d)
             xk = x_a + h * d
         if avg is None:
             return xk
-        d = regular(*avg) if reg else avg[0]
+        d = regular(avg) if reg else avg
         return x_a + h * d
 
     x, traj = run_steps("renoise", den, x, s, step, callback, keep_trajectory)
