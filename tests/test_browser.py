@@ -29,6 +29,7 @@ import comfy_host  # skips this module where no ComfyUI is found
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (requirements-dev.txt)")
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 
+from inversion_suite.nodes.host import widgets  # noqa: E402
 from inversion_suite.solvers import METHODS  # noqa: E402
 
 ROOT = comfy_host.ROOT
@@ -64,11 +65,14 @@ if not (CHROMIUM and DRIVER):
                 "CHROME_BIN and CHROMEDRIVER)", allow_module_level=True)
 
 def expected_settings(method):
-    """The widgets a method's settings become (a (lo, hi) pair is two), from the registry."""
+    """The widgets a method's settings become (a (lo, hi) pair is two), from the registry, in the
+    node's widget order (a widget added later comes last, whichever setting it shows)."""
     names = []
     for key, s in METHODS[method].settings.items():
-        names += [f"{key}_from", f"{key}_to"] if isinstance(s.default, tuple) else [key]
-    return names
+        w = widgets.widget_of(key, s)
+        names += [f"{w}_from", f"{w}_to"] if isinstance(s.default, tuple) else [w]
+    order = [i.id for i in widgets.inputs()]
+    return sorted(names, key=order.index)
 
 
 @pytest.fixture(scope="module")
