@@ -641,33 +641,29 @@ def test_a_huge_batch_index_is_refused_at_load():
 
 
 def test_a_folder_flipping_to_a_link_out_never_yields_the_outside_file(tmp_path):
-    """A folder on the file's path flips between a link into the input folder and a link out of it,
-    while LoadInversion loads through it: what loads is the inside file, or a refusal, never the
-    outside one (the name is checked, opened once, and the open file itself located)."""
-    import threading
-    model, calls = counting()
+    """A folder on the file's path flips between a real folder in the input folder and a link out of
+    it (another process, for up to 20 s), while LoadInversion loads through it 2000 times: what loads is
+    the inside file, or a refusal, never the outside one. Before the file was opened once and located
+    (the name was checked, then opened twice), 2 and 17 of 2000 loads read the outside file."""
+    import subprocess
+    import sys
+    import time
+    model, _ = counting()
     inp, outside = pathlib.Path(folder_paths.get_input_directory()), tmp_path / "outside"
-    (inp / "real").mkdir()
+    (inp / "flip").mkdir()
     outside.mkdir()
     inside = invert(model)
-    evil = dict(inside, samples=inside["samples"] + 1)  # a different file: only its samples differ
-    write(inside, "real/a.safetensors")
-    write(evil, "evil.safetensors")
+    write(inside, "flip/a.safetensors")
+    write(dict(inside, samples=inside["samples"] + 1), "evil.safetensors")  # only its samples differ
     shutil.move(inp / "evil.safetensors", outside / "a.safetensors")
-    os.symlink(inp / "real", inp / "flip")
-    stop, flips = threading.Event(), [0]
-
-    def flip():
-        while not stop.is_set() and flips[0] < 200_000:
-            os.symlink(outside if flips[0] % 2 == 0 else inp / "real", inp / "tmp")
-            os.replace(inp / "tmp", inp / "flip")
-            flips[0] += 1
-
-    t = threading.Thread(target=flip)
-    t.start()
+    flip, saved = str(inp / "flip"), str(inp / "saved")
+    code = (f"import os, time\nend = time.monotonic() + 20\nwhile time.monotonic() < end:\n"
+            f"    os.rename({flip!r}, {saved!r}); os.symlink({str(outside)!r}, {flip!r}); time.sleep(0.0003)\n"
+            f"    os.unlink({flip!r}); os.rename({saved!r}, {flip!r}); time.sleep(0.0003)\n")
+    flipper = subprocess.Popen([sys.executable, "-c", code])
     loaded = refused = 0
     try:
-        for _ in range(300):
+        while flipper.poll() is None and loaded + refused < 2000:
             try:
                 got = files.read("t", "inversion", "flip/a.safetensors")
             except NodeInputError:
@@ -676,8 +672,9 @@ def test_a_folder_flipping_to_a_link_out_never_yields_the_outside_file(tmp_path)
             assert torch.equal(got["samples"], inside["samples"]), "the outside file was read"
             loaded += 1
     finally:
-        stop.set()
-        t.join()
+        flipper.kill()
+        flipper.wait()
+        time.sleep(0.01)
     assert loaded > 0 and refused > 0  # both sides of the flip were met
 
 
