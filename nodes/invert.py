@@ -7,13 +7,13 @@ from comfy_api.latest import io, ui
 
 from dataclasses import replace
 
-from ..solvers import METHODS, invert
+from ..solvers import METHODS, invert, metrics, reconstruct
 from ..solvers.record import MAX_STEPS, summary
 from .host import widgets
 from .host.inputs import fail, no_noise_mask
 from .host.model import check_latent, describe, space_of
 from .host.record import Record
-from .host.run import guided, progress, sigmas_for, to_vae
+from .host.run import guided, progress, sigmas_for, to_model, to_vae
 
 
 class Invert(io.ComfyNode):
@@ -49,13 +49,20 @@ class Invert(io.ComfyNode):
                 io.Conditioning.Input("negative", optional=True,
                                       tooltip="Negative prompt; unconnected, a zeroed positive (as ConditioningZeroOut)."),
                 *widgets.inputs(),
+                # Appended after the method settings: a saved workflow holds widget values by position.
+                io.Boolean.Input("measure", default=True, optional=True,
+                                 tooltip="After inverting, sample back down the inversion's own schedule and show "
+                                         "the round-trip error measured, what Reconstruct at the inversion's cfg "
+                                         "returns (relative, the worst item). Costs one more model call per step "
+                                         "(BDIA: steps - 1 in all; EDICT: 2 per step). Off: a first-order estimate "
+                                         "from the residuals instead."),
             ],
             outputs=[io.Latent.Output(display_name="inverted", tooltip="The noise latent with its inversion record.")],
         )
 
     @classmethod
     def execute(cls, model, latent, positive, method, steps, scheduler, cfg, denoise, keep_trajectory,
-                negative=None, **settings):
+                negative=None, measure=True, **settings):
         node = "Invert"
         samples = check_latent(node, latent, model)
         no_noise_mask(node, latent, "latent", "it inverts the whole latent. Encode the image with VAEEncode and "
@@ -77,11 +84,21 @@ class Invert(io.ComfyNode):
             fail(node, "scheduler", f"unknown scheduler {scheduler!r}")
         kwargs = widgets.values(method, settings)
         sigmas = sigmas_for(model, scheduler, steps, denoise)
-        callback = progress(model, steps)
+        callback = progress(model, 2 * steps if measure else steps)
 
         def job(den, x, inner):
             inv = invert(method, den, x, sigmas, space=space, keep_trajectory=keep_trajectory, callback=callback, **kwargs)
             pair = to_vae(inner, inv.pair)
+            measured, calls = None, [0]
+            if measure:  # what Reconstruct returns from the LATENT this node outputs, against the source
+
+                def counted(x, s):
+                    calls[0] += 1
+                    return den(x, s)
+                start = replace(inv, latent=to_model(inner, to_vae(inner, inv.latent), x), pair=to_model(inner, pair, x))
+                back = reconstruct(counted, start, callback=lambda d: callback(dict(d, i=d["i"] + steps)))
+                measured = float(metrics.rel_error(samples, to_vae(inner, back)).max())
+                del start, back
             traj = inv.trajectory
             if traj is not None:
                 # In place, one latent at a time, so the solver's copy is freed as the LATENT's is made.
@@ -89,13 +106,14 @@ class Invert(io.ComfyNode):
                 traj[0] = samples
                 for i in range(1, len(traj) - 1):
                     traj[i] = pair if traj[i] is inv.pair else to_vae(inner, traj[i])
-            return (inv, pair), inv.latent
+            return (inv, pair, measured, calls[0]), inv.latent
 
-        (inv, pair), out = guided(node, model, positive, negative, cfg, samples, sigmas, job)
+        (inv, pair, measured, calls), out = guided(node, model, positive, negative, cfg, samples, sigmas, job)
         if inv.trajectory is not None:
             inv.trajectory[-1] = out
         inv = replace(inv, latent=out, pair=pair, sigmas=inv.sigmas.detach().cpu())
         rec = Record(inv, source=samples, cfg=float(cfg), scheduler=scheduler, denoise=float(denoise),
-                     model=describe(model), summary=summary(inv))
-        logging.log(logging.WARNING if inv.unconverged else logging.INFO, "Invert: %s", rec.summary)
+                     model=describe(model), summary=summary(inv, measured, calls), roundtrip=measured)
+        missed = measured is not None and measured > inv.settings.get("tol", float("inf"))
+        logging.log(logging.WARNING if inv.unconverged or missed else logging.INFO, "Invert: %s", rec.summary)
         return io.NodeOutput(rec.into(latent), ui=ui.PreviewText(rec.summary))

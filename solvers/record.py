@@ -199,23 +199,31 @@ def spans(idx) -> str:
     return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in out)
 
 
-def summary(inv: Inversion) -> str:
+def summary(inv: Inversion, measured=None, calls=None) -> str:
     """What the user should know about an inversion, in a few sentences.
 
-    A step's cost to the reconstruction is estimated to first order by its ``costs``
-    entry (sampling back lands off by ``x - F(x)`` there, taken to carry through unchanged);
-    the estimate adds them up.
+    ``measured``: the round trip's relative error, sampled back and measured (the worst item),
+    with ``calls`` the model calls that took; where given, it is the figure shown, and no step is
+    called converged while it misses the tolerance. Without it, a step's cost to the reconstruction is estimated to first order by
+    its ``costs`` entry (sampling back lands off by ``x - F(x)`` there, taken to carry through
+    unchanged); the estimate adds them up.
     """
     n, base = inv.steps, inv.base_steps or inv.steps
     steps = f"{base} steps" + (f" ({n} after splitting step(s) {spans(inv.split)})" if n != base else "")
     head = f"{inv.method}: {steps}, {inv.nfe} model calls" + (f" (budget {inv.budget})" if inv.budget else "")
+    more = "" if calls is None else f", {calls} more model calls"
+    shown = "" if measured is None else f" Round trip measured: {measured:.1e} relative (the worst item{more})."
     if not inv.residuals:
-        return head + "; no residual is measured: its error is its method's."
+        return head + ("; no residual is measured: its error is its method's." if measured is None else "." + shown)
     res, tol, bad = inv.residuals, inv.settings.get("tol", 0), inv.unconverged
     total = sum(inv.costs)
+    estimate = f" Estimated reconstruction error, to first order: {total:.1e} relative"
+    if not bad and measured is not None and measured > tol:
+        return (f"{head}; every step's residual reached tol {tol:g} (largest {max(res):.1e}), but the round trip "
+                f"misses it.{shown} Raise iterations, lower tol or use more steps.")
     if not bad:
-        return (f"{head}; every step converged (largest residual {max(res):.1e}, tol {tol:g}). "
-                f"Estimated reconstruction error, to first order: {total:.1e} relative.")
+        return (f"{head}; every step converged (largest residual {max(res):.1e}, tol {tol:g})."
+                + (shown or estimate + "."))
     s = [float(v) for v in inv.sigmas]
     w = max(bad, key=res.__getitem__)
     text = (f"{head}. {len(bad)} of {n} steps did NOT converge to tol {tol:g}: step(s) {spans(bad)}; the worst, "
@@ -224,6 +232,6 @@ def summary(inv: Inversion) -> str:
         text += (f" {len(inv.kept_ddim)} of them (step(s) {spans(inv.kept_ddim)}) kept the DDIM step, which "
                  "reproduced their start better than any iterate.")
     lost = sum(inv.costs[i] for i in bad)
-    return (f"{text} Estimated reconstruction error, to first order: {total:.1e} relative, {lost:.1e} of it from "
-            "the unconverged steps (it can be far larger where the image lies between two modes of the model). "
-            "Raise iterations, loosen tol or use more steps.")
+    return (text + (shown or f"{estimate}, {lost:.1e} of it from the unconverged steps (it can be far larger where "
+                              "the image lies between two modes of the model).")
+            + " Raise iterations, loosen tol or use more steps.")

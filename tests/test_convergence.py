@@ -258,3 +258,17 @@ def test_a_steps_pairs_are_the_moves_between_its_last_evaluations(m, beta):
     assert len(att.pairs) == len(want)
     for (dx, dg), (wx, wg) in zip(att.pairs, want):
         assert torch.allclose(dx, wx, rtol=0, atol=1e-12) and torch.allclose(dg, wg, rtol=0, atol=1e-12)
+
+
+def test_a_measured_round_trip_that_misses_tol_is_not_called_converged():
+    den, x, sig = case("flow", 0)
+    inv = invert("aidi_anderson", den, x, sig, space="flow")
+    assert not inv.unconverged
+    err = worst_rel(reconstruct(den, inv), x)
+    text = summary(inv, err)
+    assert f"Round trip measured: {err:.1e} relative" in text and "Estimated" not in text
+    tight = summary(inv, 1e-9)
+    assert "every step converged" in tight and "misses" not in tight
+    loose = summary(inv, 10 * inv.settings["tol"])
+    assert "converged" not in loose and "misses it" in loose and "Raise iterations" in loose
+    assert summary(inv) == summary(inv, None) and "Estimated reconstruction error" in summary(inv)

@@ -56,20 +56,28 @@ def test_a_tiny_budget_is_reported_on_the_node(caplog):
     assert f"{len(bad)} of {len(rec['sigmas']) - 1} steps did NOT converge to tol 1e-06" in text
     worst = max(bad, key=rec["residuals"].__getitem__)
     assert f"the worst, step {worst + 1} " in text  # 1-based, as progress counts and f"residual {rec['residuals'][worst]:.1e}" in text
-    assert "Estimated reconstruction error" in text and "Raise iterations" in text
+    assert f"Round trip measured: {rec['roundtrip']:.1e} relative (the worst item, " in text
+    assert "Raise iterations" in text
     warned = [r for r in caplog.records if r.levelno == logging.WARNING and r.getMessage() == f"Invert: {text}"]
     assert len(warned) == 1
-    # What it could not do still reconstructs over its own schedule, within what it reported.
+    # What it could not do still reconstructs over its own schedule, exactly as far off as it said.
     out = Reconstruct.execute(model=model, inverted=inverted, positive=UNCOND, cfg=-1.0).result[0]
-    assert torch.isfinite(out["samples"]).all()
+    assert abs(worst_rel(out["samples"], latent["samples"]) - rec["roundtrip"]) <= 1e-6 * rec["roundtrip"]
+    # Not measured: the first-order estimate instead, and no figure recorded.
+    _, _, unmeasured, estimated = invert("flow", iterations=3, tol=1e-6, measure=False)
+    assert "Estimated reconstruction error" in estimated and unmeasured["inversion"]["roundtrip"] is None
 
 
 def test_methods_without_residuals_say_so():
     model = exact_model("eps", SEPARATED)
     latent = {"samples": vae_scale(model, SEPARATED.sample(1, seed=10).float())}
-    out = Invert.execute(model=model, latent=latent, positive=UNCOND, method="ddim", steps=4, scheduler="normal",
-                         cfg=1.0, denoise=1.0, keep_trajectory=False)
-    assert out.ui.value == "ddim: 4 steps, 4 model calls; no residual is measured: its error is its method's."
+    run = dict(model=model, latent=latent, positive=UNCOND, method="ddim", steps=4, scheduler="normal", cfg=1.0,
+               denoise=1.0, keep_trajectory=False)
+    measured = Invert.execute(**run)
+    err = measured.result[0]["inversion"]["roundtrip"]
+    assert measured.ui.value == f"ddim: 4 steps, 4 model calls. Round trip measured: {err:.1e} relative (the worst item, 4 more model calls)."
+    assert Invert.execute(**run, measure=False).ui.value == ("ddim: 4 steps, 4 model calls; no residual is measured: "
+                                                            "its error is its method's.")
 
 
 def test_the_sampler_route_samples_back_down_the_split_schedule():
@@ -96,3 +104,62 @@ def test_the_sampler_route_samples_back_down_the_split_schedule():
     assert worst_rel(noise, inverted["samples"]) <= 1e-5
     assert worst_rel(back, latent["samples"]) <= 1e-4
     assert steps == [(i, 10) for i in range(10)]  # progress counts the host's steps
+
+
+@pytest.mark.parametrize("cfg", [1.0, 3.0])
+@pytest.mark.parametrize("kind", ["eps", "v", "flow"])
+def test_the_round_trip_shown_is_the_one_reconstruct_gives_through_the_executor(kind, cfg, monkeypatch):
+    """A graph Invert -> Reconstruct run by the host's executor: the error Invert shows and records is
+    the one Reconstruct's output has, to 1e-6 relative (cfg 3 with a negative prompt)."""
+    import utils.extra_config  # noqa: F401 (before the host's nodes.py, as main.py does)
+    import nodes as core
+    from inversion_suite.nodes import NODES
+
+    model = exact_model(kind, SEPARATED)
+    latent = {"samples": vae_scale(model, SEPARATED.sample(2, seed=10).float())}
+    positive, negative = comfy_host.prompt(1), comfy_host.prompt(2)
+    kept = {}
+
+    class Inputs:
+        CATEGORY, FUNCTION = "test", "run"
+        RETURN_TYPES = ("MODEL", "LATENT", "CONDITIONING", "CONDITIONING")
+
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {}}
+
+        def run(self):
+            return model, latent, positive, negative
+
+    class Keep:
+        CATEGORY, FUNCTION, RETURN_TYPES, OUTPUT_NODE = "test", "run", (), True
+
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"inverted": ("LATENT",), "back": ("LATENT",)}}
+
+        def run(self, inverted, back):
+            kept.update(inverted=inverted, back=back)
+            return {}
+
+    for cls in NODES:
+        monkeypatch.setitem(core.NODE_CLASS_MAPPINGS, cls.GET_SCHEMA().node_id, cls)
+    monkeypatch.setitem(core.NODE_CLASS_MAPPINGS, "TestInputs", Inputs)
+    monkeypatch.setitem(core.NODE_CLASS_MAPPINGS, "TestKeep", Keep)
+    neg = {"negative": ["1", 3]} if cfg > 1 else {}
+    graph = {"1": {"class_type": "TestInputs", "inputs": {}},
+             "2": {"class_type": "InversionSuite_Invert",
+                   "inputs": {"model": ["1", 0], "latent": ["1", 1], "positive": ["1", 2], "method": "aidi_anderson",
+                              "steps": 10, "scheduler": SCHEDULER[kind], "cfg": cfg, "denoise": 1.0,
+                              "keep_trajectory": False, **neg}},
+             "3": {"class_type": "InversionSuite_Reconstruct",
+                   "inputs": {"model": ["1", 0], "inverted": ["2", 0], "positive": ["1", 2], "cfg": -1.0, **neg}},
+             "4": {"class_type": "TestKeep", "inputs": {"inverted": ["2", 0], "back": ["3", 0]}}}
+    ex = comfy_host.execute_graph(graph)
+    assert ex.success, ex.status_messages
+    shown = kept["inverted"]["inversion"]["roundtrip"]
+    err = worst_rel(kept["back"]["samples"], latent["samples"])
+    print(f"{kind} cfg {cfg}: shown {shown:.3e}, Reconstruct {err:.3e}")
+    assert abs(shown - err) <= 1e-6 * err
+    text = ex.history_result["outputs"]["2"]["text"][0]
+    assert f"Round trip measured: {err:.1e} relative" in text

@@ -139,6 +139,8 @@ def cases(rec):
         ("kept_ddim", "x", ["'kept_ddim'"]),
         ("costs", "x", ["'costs'"]), ("costs", [float("nan")], ["'costs'"]), ("costs", [-1.0], ["'costs'"]),
         ("costs", [1.0] * 4, ["'costs'", "at most 3"]),
+        ("roundtrip", "x", ["'roundtrip'"]), ("roundtrip", -1.0, ["'roundtrip'"]),
+        ("roundtrip", float("nan"), ["'roundtrip'"]), ("roundtrip", True, ["'roundtrip'"]),
         ("summary", 3, ["'summary'"]), ("summary", "x" * 5000, ["'summary'", "4096"]), ("summary", None, ["'summary'"]),
     ]
     return out

@@ -17,6 +17,7 @@ gets a default here, so older records still read.
 from __future__ import annotations
 
 from dataclasses import MISSING, dataclass, fields, replace
+from typing import Optional
 import torch
 
 from ...solvers import Inversion, SolverError, check_record
@@ -40,6 +41,9 @@ class Record:
     model        ``describe`` of the model: ``{"prediction": ..., "latent_format": ...}``
     summary      the text Invert showed: steps, model calls, convergence and what it costs
                  (added to format 1 with the convergence control: absent from older records)
+    roundtrip    the round trip Invert measured: the relative error of sampling back down the
+                 schedule at the inversion's cfg, the worst item, in the LATENT's scale; None
+                 where it did not measure (added to format 1 in 0.3.0)
     """
 
     inv: Inversion
@@ -49,6 +53,7 @@ class Record:
     denoise: float
     model: dict
     summary: str = ""
+    roundtrip: Optional[float] = None
 
     @classmethod
     def host_fields(cls):
@@ -118,6 +123,8 @@ class Record:
             bad("denoise", "a number in (0, 1]", repr(self.denoise)[:100])
         if not (isinstance(self.summary, str) and len(self.summary) <= 4096):
             bad("summary", "a text of at most 4096 characters", type(self.summary).__name__)
+        if not (self.roundtrip is None or real(self.roundtrip) and self.roundtrip >= 0):
+            bad("roundtrip", "None or a number >= 0", repr(self.roundtrip)[:100])
         try:
             check_tensor("source", self.source, tuple(samples.shape))
         except SolverError as e:
