@@ -84,7 +84,7 @@ class Invert(io.ComfyNode):
             fail(node, "scheduler", f"unknown scheduler {scheduler!r}")
         kwargs = widgets.values(method, settings)
         sigmas = sigmas_for(model, scheduler, steps, denoise)
-        callback = progress(model, 2 * steps if measure else steps)
+        callback = progress(model, 2 * steps if measure else steps)  # progress counts steps, both ways
 
         def job(den, x, inner):
             inv = invert(method, den, x, sigmas, space=space, keep_trajectory=keep_trajectory, callback=callback, **kwargs)

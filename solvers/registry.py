@@ -1,15 +1,16 @@
 """The one place a method is named: its inversion, the sampler that resumes it, its settings.
 
 The Invert node builds its selector and widgets from ``METHODS``; the benchmark and the
-tests iterate over it. A new method is one file in this package and one entry here.
+tests iterate over it. A new method is one file in ``methods/`` and one entry here.
 Solver functions take every setting as a required keyword; ``invert`` passes the
 defaults written here and fills the result's ``method``, ``sampler`` and ``settings``,
 so none of them is written a second time in a solver.
 
 Papers: DDIM, Song et al., arXiv:2010.02502; AIDI, Pan et al., arXiv:2309.04907;
 ReNoise, Garibi et al., arXiv:2403.14602; EasyInv, Zhang et al., arXiv:2408.05159;
-BDIA, Zhang et al., arXiv:2307.10829; EDICT, Wallace et al., arXiv:2211.12446. Naive
-unsampling has none (ComfyUI's FlipSigmas + euler).
+BDIA, Zhang et al., arXiv:2307.10829; EDICT, Wallace et al., arXiv:2211.12446; RF-Solver,
+Wang et al., arXiv:2411.04746; FireFlow, Deng et al., arXiv:2412.07517. Naive unsampling has
+none (ComfyUI's FlipSigmas + euler).
 """
 
 from __future__ import annotations
@@ -26,9 +27,11 @@ from .methods.ddim import invert_ddim
 from .methods.easyinv import invert_easyinv
 from .methods.edict import invert_edict, sample_edict
 from .methods.euler import sample_euler
+from .methods.fireflow import invert_fireflow, sample_fireflow
 from .methods.fixed_point import invert_fixed_point
 from .methods.naive_unsample import invert_naive_unsample
 from .methods.renoise import invert_renoise
+from .methods.rf_solver import invert_rf_solver, sample_rf_solver
 
 
 @dataclass(frozen=True)
@@ -131,22 +134,36 @@ METHODS = {
                      "order": Setting("leapfrog", "Which chain updates first: 'leapfrog' alternates every step (the "
                                                   "paper's default), 'fixed' always starts with the first chain.",
                                       choices=("leapfrog", "fixed"), added="0.2.0")}),
+    "rf_solver": Method(invert_rf_solver, "rf_solver",
+                        "RF-Solver: second-order Taylor steps of the flow ODE, 2 model calls per step, the same "
+                        "rule to sample back; second order, not exact."),
+    "fireflow": Method(invert_fireflow, "fireflow",
+                       "FireFlow: midpoint steps reusing the last midpoint's slope, about 1 model call per step, "
+                       "the same rule to sample back; second order, not exact."),
 }
 
 @dataclass(frozen=True)
 class Sampler:
     """How an inversion is sampled back: the function, the inversion settings it reads, the
-    states it resumes from (2: ``Inversion.latent`` and ``Inversion.pair``) and the fewest
-    steps that leave that pair meaningful (BDIA's pair is the state one step before the end)."""
+    states it resumes from (2: ``Inversion.latent`` and ``Inversion.pair``), the fewest steps
+    that leave that pair meaningful (BDIA's pair is the state one step before the end), and its
+    model calls: ``per_step`` a step, ``extra`` once (BDIA's first step reuses its pair: -1)."""
     sample: Callable
     settings: tuple = ()
     states: int = 1
     min_steps: int = 1
+    per_step: int = 1
+    extra: int = 0
+
+    def calls(self, steps: int) -> int:
+        return self.per_step * steps + self.extra
 
 
 SAMPLERS = {"euler": Sampler(sample_euler),
-            "bdia": Sampler(sample_bdia, ("gamma",), states=2, min_steps=2),
-            "edict": Sampler(sample_edict, ("p", "order"), states=2)}
+            "bdia": Sampler(sample_bdia, ("gamma",), states=2, min_steps=2, extra=-1),
+            "edict": Sampler(sample_edict, ("p", "order"), states=2, per_step=2),
+            "rf_solver": Sampler(sample_rf_solver, per_step=2),
+            "fireflow": Sampler(sample_fireflow, extra=1)}
 
 
 def method(name: str) -> Method:

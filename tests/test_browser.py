@@ -45,6 +45,7 @@ MODELS = {  # placeholder files with the names the workflows use
 NOTES = {"Note", "MarkdownNote"}
 BASE_WIDGETS = {"InversionSuite_Invert": ["method", "steps", "scheduler", "cfg", "denoise", "keep_trajectory"],
                 "InversionSuite_InversionSampler": ["method"]}
+LAST_WIDGETS = {"InversionSuite_Invert": ["measure"], "InversionSuite_InversionSampler": []}  # after the settings
 CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
                 "--disable-dev-shm-usage", "--window-size=2000,1300",
@@ -192,7 +193,8 @@ def test_workflow_loads_unchanged_and_its_prompt_validates(path, browser, server
     for nid, node in got["prompt"].items():  # every Invert's visible widgets: its method's settings only
         if node["class_type"] in BASE_WIDGETS:
             method = node["inputs"]["method"]
-            assert got["visible"][nid] == BASE_WIDGETS[node["class_type"]] + expected_settings(method), nid
+            kind = node["class_type"]
+            assert got["visible"][nid] == BASE_WIDGETS[kind] + expected_settings(method) + LAST_WIDGETS[kind], nid
     if WRITE_SHOTS:
         shoot_graph(browser, path.stem)
 
@@ -226,7 +228,7 @@ def test_each_method_shows_only_its_settings(node_type, browser, server):
     assert got["options"] == methods
     counts = {}
     for m in methods:
-        assert got["shown"][m] == BASE_WIDGETS[node_type] + expected_settings(m), m
+        assert got["shown"][m] == BASE_WIDGETS[node_type] + expected_settings(m) + LAST_WIDGETS[node_type], m
         counts[m] = len(got["shown"][m])
     # Hidden widgets still serialize: positional widgets_values and a full prompt whatever the method.
     assert got["serialized"] == len(got["all"])

@@ -7,7 +7,7 @@ import torch
 
 from inversion_suite.benchmarks import data, reconstruction as rb
 from inversion_suite.benchmarks.tinyunet import VARIANTS, load, path, read
-from inversion_suite.solvers import METHODS, invert, reconstruct
+from inversion_suite.solvers import METHODS, SAMPLERS, invert, reconstruct
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +110,8 @@ def test_benchmark_library_on_a_tiny_config(tmp_path):
     # Every row's NFE is the Inversion's own count, and the fixed costs are what the methods promise.
     x, labels = orig
     fixed = {"ddim": steps, "naive_unsample": steps, "easyinv": steps, "bdia": steps, "edict": 2 * steps,
-             "renoise": METHODS["renoise"].defaults()["iterations"] * steps}
+             "renoise": METHODS["renoise"].defaults()["iterations"] * steps, "rf_solver": 2 * steps,
+             "fireflow": steps + 1}
     for r in rows:
         case = next(c for c in rb.cases() if c.name == r["case"])
         inv = invert(case.method, rb.load(r["space"]), x, rb.schedule(r["space"], steps),
@@ -120,7 +121,7 @@ def test_benchmark_library_on_a_tiny_config(tmp_path):
         assert steps <= r["nfe"] <= steps * r["settings"].get("iterations", 2)
         # BDIA resumes from the stored pair, so its first sampling step needs no call; the
         # implicit methods sample back down their schedule, split steps included.
-        assert r["nfe_rec"] == {"edict": 2 * steps, "bdia": steps - 1}.get(r["method"], inv.steps)
+        assert r["nfe_rec"] == SAMPLERS[inv.sampler].calls(inv.steps)
         assert 0 <= r["outside"] < 1 and r["vs_ddim"] > 0
     assert {(m["space"], m["cfg"], m["method"]) for m in mix} == {
         (s, w, m) for s in ("eps", "flow") for w in (1.0, 3.0) for m in ("fixed_point", "aidi_anderson")}

@@ -10,7 +10,7 @@ import torch
 
 from analytic import Mixture, MixtureDenoiser, karras, uniform_flow
 from measure import rel
-from inversion_suite.solvers import METHODS, SolverError, invert, reconstruct, sampler_for
+from inversion_suite.solvers import METHODS, SAMPLERS, SolverError, invert, reconstruct, sampler_for
 from inversion_suite.solvers.editing import masks
 from inversion_suite.solvers.editing.blended import edit_blended
 from inversion_suite.solvers.editing.direct import edit_direct
@@ -63,7 +63,7 @@ def test_zero_mask_with_blending_is_the_reconstruction_bit_for_bit(method, space
     source = reconstruct(den, inv, {"label": SRC, "cfg": 1.0})
     out, nfe = blended(den, inv, torch.zeros(1, 1, 8, 8))
     assert torch.equal(out, source)
-    calls = {"euler": inv.steps, "bdia": inv.steps - 1, "edict": 2 * inv.steps}[inv.sampler]  # bdia resumes its pair
+    calls = SAMPLERS[inv.sampler].calls(inv.steps)  # bdia resumes its pair
     assert nfe == 2 * calls
 
 

@@ -62,7 +62,7 @@ TIGHT = {"aidi_anderson": dict(tol=1e-6, iterations=60), "fixed_point": dict(tol
 # iterative ones to their tolerance, approximate ones measured on these models (worst
 # family, about 2x headroom).
 BOUNDS = {"bdia": 1e-5, "edict": 1e-5, "aidi_anderson": 1e-4, "fixed_point": 1e-3, "aidi_empirical": 1e-3,
-          "renoise": 0.6, "ddim": 0.6, "easyinv": 0.6, "naive_unsample": 0.6}
+          "renoise": 0.6, "ddim": 0.6, "easyinv": 0.6, "naive_unsample": 0.6, "rf_solver": 0.1, "fireflow": 0.15}
 SOURCE_TEXT, TARGET_TEXT = "a photo of a cat on a sofa", "a photo of a dog on a sofa"
 # Weight scale for the edit test: larger weights sharpen attention, except under SD3.5's
 # RMS-normed q and k, where they flatten it.

@@ -40,7 +40,7 @@ def reconstruct(model, inverted, cfg=-1.0, negative=None):
 # Round-trip bounds measured at 10 steps, cfg 1, on the exact mixture (worst of the three
 # model types, rounded up); BDIA, EDICT and tight AIDI-A are exact up to their tolerance.
 BOUNDS = {"bdia": 1e-5, "edict": 1e-5, "aidi_anderson": 1e-4, "fixed_point": 1e-3, "aidi_empirical": 1e-3,
-          "renoise": 0.1, "ddim": 0.6, "easyinv": 0.6, "naive_unsample": 0.6}
+          "renoise": 0.1, "ddim": 0.6, "easyinv": 0.6, "naive_unsample": 0.6, "rf_solver": 0.05, "fireflow": 0.07}
 TIGHT = {"aidi_anderson": dict(tol=1e-6, iterations=60), "fixed_point": dict(tol=1e-5, iterations=200),
          "aidi_empirical": dict(tol=1e-5, iterations=200)}
 

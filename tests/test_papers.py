@@ -298,6 +298,67 @@ def test_renoise_regularisation_is_refused_on_flow_before_any_call():
     assert torch.isfinite(invert("renoise", den, x, uniform_flow(4), {"label": [0], "cfg": 1.0}, space="flow").latent).all()
 
 
+# -- RF-Solver and FireFlow, restated from their papers ---------------------------------
+
+def velocity(den, x, s):
+    """The flow ODE's right-hand side in the host's sigma (flow: eps - x0; EPS: eps)."""
+    return (x - den(x, torch.full((x.shape[0],), s, dtype=x.dtype), **EXTRA)) / s
+
+
+def midpoint_ode(den, x, sig):
+    """RF-Solver, arXiv 2411.04746, eq. (9): x' = x + h v + (h^2 / 2) v^(1), v^(1) from the half step,
+    written here as the explicit midpoint step it equals: x' = x + h v(x + (h / 2) v, s + h / 2)."""
+    for s, t in zip(sig[:-1], sig[1:]):
+        h = t - s
+        x = x + h * velocity(den, x + (h / 2) * velocity(den, x, max(s, 1e-4)), s + h / 2)
+    return x
+
+
+def fireflow_ode(den, x, sig):
+    """FireFlow, arXiv 2412.07517, Algorithm 1: the midpoint step whose first velocity is the
+    previous step's midpoint velocity (the very first: the velocity at the start)."""
+    u = velocity(den, x, max(float(sig[0]), 1e-4))
+    for s, t in zip(sig[:-1], sig[1:]):
+        h = t - s
+        u = velocity(den, x + (h / 2) * u, s + h / 2)
+        x = x + h * u
+    return x
+
+
+@pytest.mark.parametrize("space", ["eps", "flow"])
+@pytest.mark.parametrize("name,ref", [("rf_solver", midpoint_ode), ("fireflow", fireflow_ode)])
+def test_rf_solver_and_fireflow_are_their_papers_steps(name, ref, space):
+    den, x = MixtureDenoiser(MIX, space), data()
+    up = karras(8) if space == "eps" else uniform_flow(8)
+    inv = invert(name, den, x, up, EXTRA, space=space)
+    want = ref(den, x, [float(v) for v in up])
+    assert rel(inv.latent, want) < TOL and inv.nfe == {"rf_solver": 16, "fireflow": 9}[name]
+    back = reconstruct(den, inv, EXTRA)
+    assert rel(back, ref(den, inv.latent, [float(v) for v in up.flip(0)])) < TOL
+
+
+@pytest.mark.parametrize("space", ["eps", "flow"])
+def test_rf_solver_and_fireflow_against_euler_and_bdia(space, capsys):
+    """FireFlow's paper (Table 3, Flux, 30 steps): Euler 16.6 dB with 60 calls, RF-Solver 20.1 dB with
+    120, FireFlow 23.9 dB with 62, inversion and sampling together. The same comparison on the
+    mixture, 10 steps: both second-order methods beat the first-order DDIM/Euler round trip at their
+    calls; BDIA is exact to float rounding at 10 + 9."""
+    den, x = MixtureDenoiser(MIX, space), MIX.sample(2, seed=5).double()
+    up = karras(10) if space == "eps" else uniform_flow(10)
+    out = {}
+    for name in ("ddim", "naive_unsample", "rf_solver", "fireflow", "bdia"):
+        inv = invert(name, den, x, up, EXTRA, space=space)
+        calls = den.calls
+        err = rel(reconstruct(den, inv, EXTRA), x)
+        out[name] = (err, inv.nfe + den.calls - calls)
+    with capsys.disabled():
+        print(f"\n{space}: " + ", ".join(f"{k} {e:.1e} ({c} calls)" for k, (e, c) in out.items()))
+    assert out["rf_solver"][1] == 40 and out["fireflow"][1] == 22
+    for name in ("rf_solver", "fireflow"):
+        assert out[name][0] < min(out["ddim"][0], out["naive_unsample"][0]) / 3, (name, out)
+    assert out["bdia"][0] < 1e-10
+
+
 # -- one place for each fact ----------------------------------------------------------
 
 @pytest.mark.parametrize("name", list(METHODS))
@@ -322,7 +383,7 @@ def test_registry_and_solvers_agree(name):
         assert invert(name, den, data(), karras(4), EXTRA, space="eps", iterations=3).settings["iterations"] == 3
 
 
-PAPERS = {"ddim": "2010.02502", "easyinv": "2408.05159", "bdia": "2307.10829", "edict": "2211.12446",
+PAPERS = {"rf_solver": "2411.04746", "fireflow": "2412.07517", "ddim": "2010.02502", "easyinv": "2408.05159", "bdia": "2307.10829", "edict": "2211.12446",
           "renoise": "2403.14602", "fixed_point": "2309.04907", "aidi_anderson": "2309.04907",
           "aidi_empirical": "2309.04907"}
 

@@ -157,7 +157,8 @@ def test_nfe_is_the_true_call_count(name, space):
     calls = den.calls
     reconstruct(den, inv, LABELS)
     # Sampling back takes one call per step of the inversion's schedule, split steps included.
-    assert den.calls - calls == {"bdia": 6, "edict": 14}.get(name, inv.steps) and inv.steps >= 7
+    assert den.calls - calls == {"bdia": 6, "edict": 14, "rf_solver": 14, "fireflow": 8}.get(name, inv.steps)
+    assert inv.steps >= 7 and inv.nfe == {"rf_solver": 14, "fireflow": 8}.get(name, inv.nfe)
 
 
 @pytest.mark.parametrize("name", list(METHODS))
