@@ -15,6 +15,7 @@ from inversion_suite.solvers.editing import masks
 from inversion_suite.solvers.editing.blended import edit_blended
 from inversion_suite.solvers.editing.direct import edit_direct
 from inversion_suite.solvers.editing.stochastic import edit_stochastic
+from inversion_suite.solvers.editing.flowedit import edit_flowedit
 from inversion_suite.solvers.editing.guidance import TwoPrompts
 
 SPACES = ("eps", "flow")
@@ -286,3 +287,75 @@ def test_half_precision_inputs_compute_in_float32_and_inputs_stay_unchanged():
     assert out.dtype == d.dtype == e.dtype == torch.float32
     assert torch.equal(x16, keep[0]) and all(torch.equal(a, b) for a, b in zip(traj16, keep[1]))
     assert torch.equal(m, keep[2])
+
+
+# --- FlowEdit ------------------------------------------------------------------------------------
+
+def flowedit_official(den, x_src, sig, w_src, w_tar, n_min, n_max, n_avg, seed, space):
+    """FlowEdit as the authors' FlowEditSD3 loop runs it (fallenshock/FlowEdit), in the host's sigma:
+    velocities from the guided denoiser, a fresh noise per draw, an SDEdit-style tail for n_min."""
+    g = torch.Generator().manual_seed(seed)
+    s = [float(v) for v in sig]
+    T = len(s) - 1
+
+    def vel(x, t, label, w):
+        return (x - den(x, torch.full((x.shape[0],), t, dtype=x.dtype), label=label, cfg=w)) / t
+
+    def scale_noise(x0, t, n):
+        return x0 + t * n if space == "eps" else (1 - t) * x0 + t * n
+
+    zt_edit, xt_tar = x_src.clone(), None
+    for i in range(T):
+        t_i, t_im1 = s[i], s[i + 1]
+        if T - i > n_max:
+            continue
+        if T - i > n_min:
+            v_delta = torch.zeros_like(x_src)
+            for _ in range(n_avg):
+                fwd = torch.randn(x_src.shape, generator=g, dtype=x_src.dtype)
+                zt_src = scale_noise(x_src, t_i, fwd)
+                zt_tar = zt_edit + zt_src - x_src
+                v_delta = v_delta + (1 / n_avg) * (vel(zt_tar, t_i, TGT, w_tar) - vel(zt_src, t_i, SRC, w_src))
+            zt_edit = zt_edit + (t_im1 - t_i) * v_delta
+        else:
+            if i == T - n_min:
+                fwd = torch.randn(x_src.shape, generator=g, dtype=x_src.dtype)
+                xt_tar = zt_edit + scale_noise(x_src, t_i, fwd) - x_src
+            xt_tar = xt_tar + (t_im1 - t_i) * vel(xt_tar, t_i, TGT, w_tar)
+    return zt_edit if n_min == 0 else xt_tar
+
+
+@pytest.mark.parametrize("space", SPACES)
+@pytest.mark.parametrize("n_min,n_max,n_avg", [(0, 6, 1), (2, 8, 2), (0, 8, 3)])
+def test_flowedit_is_the_official_update(space, n_min, n_max, n_avg):
+    den, x = MixtureDenoiser(MIX, space), data().double()
+    sig = schedule(space, 8).flip(0)
+    out, nfe = edit_flowedit(two(den), x, sig, 1.5, 5.5, n_min=n_min, n_max=n_max, n_avg=n_avg, seed=7, space=space)
+    want = flowedit_official(den, x, sig, 1.5, 5.5, n_min, n_max, n_avg, 7, space)
+    assert rel(out, want) < 1e-12 and rel(out, x) > 1e-3
+    assert nfe == 2 * n_avg * (n_max - n_min) + n_min
+
+
+@pytest.mark.parametrize("space", SPACES)
+def test_flowedit_with_the_target_equal_to_the_source_returns_the_source(space):
+    den, x = MixtureDenoiser(MIX, space), data()
+    sig = schedule(space, 8).flip(0)
+    out, _ = edit_flowedit(two(den, SRC), x, sig, 3.0, 3.0, n_max=8, space=space)
+    assert rel(out, x) < 1e-6  # float rounding: z + z_src - x_src is z_src to rounding only
+
+
+@pytest.mark.parametrize("space", SPACES)
+def test_flowedit_region_keeps_the_rest_exactly_and_a_full_one_is_the_unmasked_edit(space):
+    den, x = MixtureDenoiser(MIX, space), data()
+    sig = schedule(space, 8).flip(0)
+    run = dict(n_max=7, seed=3, space=space)
+    free, _ = edit_flowedit(two(den), x, sig, 1.0, 5.0, **run)
+    assert torch.equal(edit_flowedit(two(den), x, sig, 1.0, 5.0, mask=torch.ones(1, 1, 8, 8), **run)[0], free)
+    assert torch.equal(edit_flowedit(two(den), x, sig, 1.0, 5.0, mask=torch.zeros(1, 1, 8, 8), **run)[0], x)
+    m = half(x)
+    part, _ = edit_flowedit(two(den), x, sig, 1.0, 5.0, mask=m, **run)
+    assert torch.equal(part[..., :4], x[..., :4]) and rel(part[..., 4:], x[..., 4:]) > 1e-3
+    a, _ = edit_flowedit(two(den), x, sig, 1.0, 5.0, **run)
+    assert torch.equal(a, free)  # a seed gives the same edit
+    with pytest.raises(SolverError, match="flowedit: expected 0 <= n_min <= n_max <= steps"):
+        edit_flowedit(two(den), x, sig, 1.0, 5.0, n_min=3, n_max=2, space=space)
