@@ -4,6 +4,7 @@ the glue they share with the host is in ``host/``."""
 from comfy_api.latest import ComfyExtension
 
 from .blended_guidance import BlendedGuidanceSampler
+from .flowedit import FlowEdit
 from .invert import Invert
 from .inversion_sampler import InversionSampler
 from .reconstruct import Reconstruct
@@ -12,7 +13,7 @@ from .save_load import LoadInversion, SaveInversion
 from .stochastic_edit import StochasticEditSampler
 
 NODES = [Invert, Reconstruct, InversionSampler, BlendedGuidanceSampler, StochasticEditSampler,
-         SaveInversion, LoadInversion, ReconstructionReport]
+         SaveInversion, LoadInversion, ReconstructionReport, FlowEdit]
 
 
 class InversionSuiteExtension(ComfyExtension):

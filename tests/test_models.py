@@ -310,3 +310,58 @@ def test_model_sampling_types_that_are_not_x0_plus_sigma_eps_are_refused(kind, r
     sigmas = flipped(comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 4).cpu())
     with pytest.raises(NodeInputError, match=rf"^InversionSampler: input 'model': model sampling type {kind}"):
         g.sample(torch.zeros_like(latent["samples"]), latent["samples"], sampler, sigmas, disable_pbar=True, seed=0)
+
+
+# --- FlowEdit on every family ----------------------------------------------------------------------
+
+def with_count(model):
+    """A clone of ``model`` that counts its network evaluations."""
+    m, calls = model.clone(), [0]
+
+    def wrapper(apply_model, args):
+        calls[0] += 1
+        return apply_model(args["input"], args["timestep"], **args["c"])
+    m.set_model_unet_function_wrapper(wrapper)
+    return m, calls
+
+
+@pytest.mark.parametrize("name", ["sd1.5", *FAMILIES])
+def test_flowedit_on_each_family_keeps_what_its_mask_leaves(name):
+    """FlowEdit through its node on each family's own host classes, 4D and 5D latents: inside a MASK the
+    image changes, outside it stays the source (to the latent format's rounding), at 2 calls per step."""
+    from comfy_host import prompt, tiny_model
+    from inversion_suite.nodes.flowedit import FlowEdit
+    if name == "sd1.5":
+        base, latent, make, sched = tiny_model("eps"), {"samples": torch.randn(1, 4, 8, 8) * 0.18}, prompt, "karras"
+    else:
+        base, latent, make, sched = family(name), source(name), FAMILIES[name][2], FAMILIES[name][3]
+    model, calls = with_count(base)
+    x = latent["samples"]
+    mask = torch.zeros(1, 64, 64)
+    mask[..., 32:] = 1
+    if x.ndim == 5:  # a video: one MASK for every frame
+        mask = mask[:1]
+    edited, shown = FlowEdit.execute(model=model, latent=latent, source=make(1), target=make(2), steps=6,
+                                     scheduler=sched, n_max=5, n_min=1, n_avg=1, cfg_source=1.5, cfg_target=4.0,
+                                     seed=1, mask=mask).result
+    y = edited["samples"]
+    assert y.shape == x.shape and torch.isfinite(y).all() and calls[0] == 2 * 4 + 1
+    assert rel(y[..., :4], x[..., :4]) < 1e-6 and rel(y[..., 4:], x[..., 4:]) > 1e-3, name
+    assert torch.equal(shown[..., :, 32:], torch.ones_like(shown[..., :, 32:]))
+
+
+@pytest.mark.parametrize("name", [n for n, f in FAMILIES.items() if f[4] is not None])
+def test_flowedit_region_from_words(name, monkeypatch):
+    from inversion_suite.nodes.flowedit import FlowEdit
+    family(name)
+    model = FAMILIES[name][0](std=EDIT_STD.get(name, 0.3))
+    latent = source(name)
+    added = []
+    add = attention.Capture.add
+    monkeypatch.setattr(attention.Capture, "add", lambda self, f, m: (added.append((self.branch, f)), add(self, f, m)))
+    edited, mask = FlowEdit.execute(model=model, latent=latent, source=FAMILIES[name][2](1), target=FAMILIES[name][2](2),
+                                    steps=4, scheduler=FAMILIES[name][3], n_max=4, n_min=0, n_avg=1, cfg_source=1.0,
+                                    cfg_target=3.0, seed=0, clip=clip_of(FAMILIES[name][4]()), source_text=SOURCE_TEXT,
+                                    target_text=TARGET_TEXT, words="", threshold=0.9, dilation=0).result
+    assert {b for b, _ in added} == {"source", "target"} and 0 < float(mask.mean()) < 1
+    assert torch.isfinite(edited["samples"]).all() and edited["samples"].shape == latent["samples"].shape

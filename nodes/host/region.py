@@ -54,7 +54,7 @@ class Region:
     """The edit region of one node run: validated inputs, the attention capture, the mask."""
 
     def __init__(self, node, model, latent, clip, source_text, target_text, words, mask, mask_mode, threshold,
-                 softness, dilation):
+                 softness, dilation, required=True):
         self.node, self.mode = node, mask_mode
         self.layers = attention.unet_layers(model)
         self.threshold, self.softness, self.dilation = threshold, softness, dilation
@@ -68,7 +68,9 @@ class Region:
         found, counts = {"source": [], "target": []}, {}
         if clip is not None and not (mask is not None and mask_mode == "replace"):
             found, counts = tokens.edited(node, clip, source_text, target_text, words, None if self.layers else "t5xxl")
-        if self.user is None and not any(found.values()):
+        # Without a MASK or words, an editor that may edit everything does (``required=False``).
+        self.whole = self.user is None and not any(found.values())
+        if self.whole and required:
             fail(node, "mask", "no edit region: connect a MASK, or a CLIP with the prompts' texts and the words to edit")
         self.capture = attention.Capture(found, counts, self.size)
         self.guider = None
@@ -109,7 +111,7 @@ class Region:
         att = None if raw is None else masks.shape_mask(raw, self.threshold, self.softness, self.dilation)
         user = None if self.user is None else self.user.to(raw.device if raw is not None else self.user.device)
         m = masks.combine_masks(att, user, self.mode)
-        return torch.zeros(self.batch, 1, *self.size) if m is None else m
+        return torch.full((self.batch, 1, *self.size), float(self.whole)) if m is None else m
 
     def mask(self):
         """What the solvers take: the fixed MASK when no attention is read, else ``current`` itself."""
