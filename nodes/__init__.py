@@ -9,11 +9,12 @@ from .invert import Invert
 from .inversion_sampler import InversionSampler
 from .reconstruct import Reconstruct
 from .report import ReconstructionReport
+from .rf_inversion import RFInversionEdit
 from .save_load import LoadInversion, SaveInversion
 from .stochastic_edit import StochasticEditSampler
 
 NODES = [Invert, Reconstruct, InversionSampler, BlendedGuidanceSampler, StochasticEditSampler,
-         SaveInversion, LoadInversion, ReconstructionReport, FlowEdit]
+         SaveInversion, LoadInversion, ReconstructionReport, FlowEdit, RFInversionEdit]
 
 
 class InversionSuiteExtension(ComfyExtension):

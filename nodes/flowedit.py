@@ -4,11 +4,8 @@ import comfy.samplers
 from comfy_api.latest import io
 
 from ..solvers.editing.flowedit import edit_flowedit
-from .host import edit_guider
-from .host.inputs import fail, no_noise_mask
-from .host.model import check_latent, space_of
-from .host.region import Region, image_mask, inputs as region_inputs
-from .host.run import progress, run_guider, sigmas_for
+from .host import latent_edit
+from .host.inputs import fail
 
 NODE = "FlowEdit"
 
@@ -45,54 +42,34 @@ class FlowEdit(io.ComfyNode):
                                      "0 in the paper's defaults)."),
                 io.Int.Input("n_avg", default=1, min=1, max=16,
                              tooltip="Noise draws averaged per step (each costs 2 model calls)."),
-                io.Float.Input("cfg_source", default=1.5, min=0.0, max=100.0, step=0.1, round=0.01,
-                               tooltip="Guidance of the source prompt (FlowEdit's Flux default 1.5; SD3 3.5)."),
-                io.Float.Input("cfg_target", default=5.5, min=0.0, max=100.0, step=0.1, round=0.01,
-                               tooltip="Guidance of the target prompt: higher edits more strongly (Flux 5.5; SD3 "
-                                       "13.5)."),
+                io.Float.Input("cfg_source", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="Classifier-free guidance of the source prompt. Guidance-distilled models "
+                                       "(Flux.1-dev): keep 1 and set FluxGuidance on each prompt instead (the "
+                                       "paper: 1.5 source, 5.5 target). SD3: the paper's 3.5."),
+                io.Float.Input("cfg_target", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="Classifier-free guidance of the target prompt: higher edits more strongly. "
+                                       "Flux.1-dev: keep 1 (FluxGuidance 5.5 on the target). SD3: the paper's 13.5; "
+                                       "SD1.5/SDXL: 5 to 7.5."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Seed of the noise draws: a seed always gives the same edit."),
-                io.Conditioning.Input("negative", optional=True,
-                                      tooltip="Negative prompt; unconnected, a zeroed source (as ConditioningZeroOut)."),
-                *region_inputs(),
+                *latent_edit.tail_inputs(),
             ],
-            outputs=[io.Latent.Output(display_name="edited", tooltip="The edited latent."),
-                     io.Mask.Output(display_name="mask", tooltip="The edit region used, at image size (all white "
-                                                                 "without a region).")],
+            outputs=latent_edit.outputs(),
         )
 
     @classmethod
     def execute(cls, model, latent, source, target, steps, scheduler, n_max, n_min, n_avg, cfg_source, cfg_target,
-                seed, negative=None, clip=None, source_text="", target_text="", words="", mask=None,
-                mask_mode="union", threshold=0.3, softness=0.0, dilation=1):
-        samples = check_latent(NODE, latent, model)
-        no_noise_mask(NODE, latent, "latent", "its edit region is the mask input (or the edited words): connect the "
-                                              "mask there instead of SetLatentNoiseMask")
-        space = space_of(model, NODE)
-        if scheduler not in comfy.samplers.KSampler.SCHEDULERS:
-            fail(NODE, "scheduler", f"unknown scheduler {scheduler!r}")
+                seed, **region):
         if not 1 <= n_max <= steps:
             fail(NODE, "n_max", f"expected a value from 1 to steps ({steps}), got {n_max}")
         if not 0 <= n_min <= n_max:
             fail(NODE, "n_min", f"expected a value from 0 to n_max ({n_max}), got {n_min}")
         if n_avg < 1:
             fail(NODE, "n_avg", f"expected at least 1, got {n_avg}")
-        for name, w in (("cfg_source", cfg_source), ("cfg_target", cfg_target)):
-            if not 0 <= w <= 100:
-                fail(NODE, name, f"expected a value from 0 to 100, got {w}")
-        region = Region(NODE, model, samples, clip, source_text, target_text, words, mask, mask_mode, threshold,
-                        softness, dilation, required=False)
-        sigmas = sigmas_for(model, scheduler, steps, 1.0).flip(0)
-        callback = progress(model, steps)
-        g = edit_guider.build(NODE, region.attach(model), region.capture, source, target, negative)
-        region.guider = g
 
-        def job(den, x, inner):
-            out, _ = edit_flowedit(g.model(den), x, sigmas, cfg_source, cfg_target, n_min=n_min, n_max=n_max,
-                                   n_avg=n_avg, seed=seed, mask=region.mask(), space=space, callback=callback)
-            return None, out
+        def solve(edit_model, x, sigmas, mask, space, callback):
+            return edit_flowedit(edit_model, x, sigmas, cfg_source, cfg_target, n_min=n_min, n_max=n_max, n_avg=n_avg,
+                                 seed=seed, mask=mask, space=space, callback=callback)[0]
 
-        _, out = run_guider(NODE, g, samples, sigmas, job)
-        result = {k: v for k, v in latent.items() if k not in ("samples", "noise_mask")}
-        result["samples"] = out
-        return io.NodeOutput(result, image_mask(region, region.current(), model))
+        return latent_edit.run(NODE, model, latent, source, target, steps, scheduler,
+                               {"cfg_source": cfg_source, "cfg_target": cfg_target}, solve, **region)

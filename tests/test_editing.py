@@ -17,6 +17,8 @@ from inversion_suite.solvers.editing.direct import edit_direct
 from inversion_suite.solvers.editing.stochastic import edit_stochastic
 from inversion_suite.solvers.editing.flowedit import edit_flowedit
 from inversion_suite.solvers.editing.guidance import TwoPrompts
+from inversion_suite.solvers.editing.rf_inversion import edit_rf_inversion
+from inversion_suite.solvers.methods.euler import sample_euler
 
 SPACES = ("eps", "flow")
 MIX = Mixture((4, 8, 8), components=4, seed=0)
@@ -359,3 +361,49 @@ def test_flowedit_region_keeps_the_rest_exactly_and_a_full_one_is_the_unmasked_e
     assert torch.equal(a, free)  # a seed gives the same edit
     with pytest.raises(SolverError, match="flowedit: expected 0 <= n_min <= n_max <= steps"):
         edit_flowedit(two(den), x, sig, 1.0, 5.0, n_min=3, n_max=2, space=space)
+
+
+# --- RF-Inversion ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("space", SPACES)
+def test_rf_inversion_without_control_is_plain_inversion_and_sampling(space):
+    den, x = MixtureDenoiser(MIX, space), data().double()
+    up = schedule(space, 8)
+    out, nfe = edit_rf_inversion(two(den), x, up.flip(0), 1.0, 4.0, gamma=0.0, eta=0.0, space=space)
+    inv = invert("naive_unsample", den, x, up, {"label": SRC, "cfg": 1.0}, space=space)
+    plain = sample_euler(den, inv.latent, up.flip(0), {"label": TGT, "cfg": 4.0}, space=space)
+    assert rel(out, plain) < 1e-12 and nfe == 16
+
+
+def rf_inversion_paper(den, x0, up, gamma, eta, start, stop, y1, space):
+    """Rout et al., Algorithms 1 and 2 (controlled forward and reverse ODEs), in the host's sigma."""
+    def v(x, s, label, w):
+        return (x - den(x, torch.full((x.shape[0],), s, dtype=x.dtype), label=label, cfg=w)) / s
+    s = [float(t) for t in up]
+    y = x0
+    for i in range(len(s) - 1):
+        u = v(y, max(s[i], 1e-4), SRC, 1.0)
+        cond = y1 if space == "eps" else (y1 - y) / (1 - s[i])  # the path from y to y1
+        y = y + (s[i + 1] - s[i]) * (u + gamma * (cond - u))
+    d = s[::-1]
+    for i in range(len(d) - 1):
+        u = v(y, d[i], TGT, 4.0)
+        if start <= i < stop:
+            u = u + eta * ((y - x0) / d[i] - u)  # the path from y back to x0
+        y = y + (d[i + 1] - d[i]) * u
+    return y
+
+
+@pytest.mark.parametrize("space", SPACES)
+def test_rf_inversion_is_the_papers_controller(space):
+    den, x = MixtureDenoiser(MIX, space), data().double()
+    up = schedule(space, 8)
+    out, _ = edit_rf_inversion(two(den), x, up.flip(0), 1.0, 4.0, gamma=0.5, eta=0.9, start=1, stop=5, seed=2,
+                               space=space)
+    y1 = torch.randn(x.shape, generator=torch.Generator().manual_seed(2), dtype=x.dtype)
+    want = rf_inversion_paper(den, x, up, 0.5, 0.9, 1, 5, y1, space)
+    assert rel(out, want) < 1e-12 and rel(out, x) > 1e-3
+    kept, _ = edit_rf_inversion(two(den), x, up.flip(0), 1.0, 4.0, seed=2, space=space, mask=torch.zeros(1, 1, 8, 8))
+    assert torch.equal(kept, x)
+    with pytest.raises(SolverError, match="rf_inversion: expected 0 <= start <= stop <= steps"):
+        edit_rf_inversion(two(den), x, up.flip(0), 1.0, 4.0, start=5, stop=2, space=space)

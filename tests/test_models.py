@@ -325,12 +325,21 @@ def with_count(model):
     return m, calls
 
 
-@pytest.mark.parametrize("name", ["sd1.5", *FAMILIES])
-def test_flowedit_on_each_family_keeps_what_its_mask_leaves(name):
-    """FlowEdit through its node on each family's own host classes, 4D and 5D latents: inside a MASK the
-    image changes, outside it stays the source (to the latent format's rounding), at 2 calls per step."""
-    from comfy_host import prompt, tiny_model
+def latent_editors():
     from inversion_suite.nodes.flowedit import FlowEdit
+    from inversion_suite.nodes.rf_inversion import RFInversionEdit
+    # node, its own inputs for 6 steps, its model calls there
+    return {"flowedit": (FlowEdit, dict(n_max=5, n_min=1, n_avg=1), 2 * 4 + 1),
+            "rf_inversion": (RFInversionEdit, dict(gamma=0.5, eta=0.9, start_step=0, stop_step=3), 2 * 6)}
+
+
+@pytest.mark.parametrize("editor", ["flowedit", "rf_inversion"])
+@pytest.mark.parametrize("name", ["sd1.5", *FAMILIES])
+def test_latent_editors_on_each_family_keep_what_their_mask_leaves(name, editor):
+    """FlowEdit and RF-Inversion through their nodes on each family's own host classes, 4D and 5D latents:
+    inside a MASK the image changes, outside it stays the source (to the latent format's rounding)."""
+    from comfy_host import prompt, tiny_model
+    node, own, expected = latent_editors()[editor]
     if name == "sd1.5":
         base, latent, make, sched = tiny_model("eps"), {"samples": torch.randn(1, 4, 8, 8) * 0.18}, prompt, "karras"
     else:
@@ -341,27 +350,27 @@ def test_flowedit_on_each_family_keeps_what_its_mask_leaves(name):
     mask[..., 32:] = 1
     if x.ndim == 5:  # a video: one MASK for every frame
         mask = mask[:1]
-    edited, shown = FlowEdit.execute(model=model, latent=latent, source=make(1), target=make(2), steps=6,
-                                     scheduler=sched, n_max=5, n_min=1, n_avg=1, cfg_source=1.5, cfg_target=4.0,
-                                     seed=1, mask=mask).result
+    edited, shown = node.execute(model=model, latent=latent, source=make(1), target=make(2), steps=6,
+                                 scheduler=sched, cfg_source=1.5, cfg_target=4.0, seed=1, mask=mask, **own).result
     y = edited["samples"]
-    assert y.shape == x.shape and torch.isfinite(y).all() and calls[0] == 2 * 4 + 1
+    assert y.shape == x.shape and torch.isfinite(y).all() and calls[0] == expected
     assert rel(y[..., :4], x[..., :4]) < 1e-6 and rel(y[..., 4:], x[..., 4:]) > 1e-3, name
     assert torch.equal(shown[..., :, 32:], torch.ones_like(shown[..., :, 32:]))
 
 
+@pytest.mark.parametrize("editor", ["flowedit", "rf_inversion"])
 @pytest.mark.parametrize("name", [n for n, f in FAMILIES.items() if f[4] is not None])
-def test_flowedit_region_from_words(name, monkeypatch):
-    from inversion_suite.nodes.flowedit import FlowEdit
+def test_latent_editors_region_from_words(name, editor, monkeypatch):
+    node, own, _ = latent_editors()[editor]
     family(name)
     model = FAMILIES[name][0](std=EDIT_STD.get(name, 0.3))
     latent = source(name)
     added = []
     add = attention.Capture.add
     monkeypatch.setattr(attention.Capture, "add", lambda self, f, m: (added.append((self.branch, f)), add(self, f, m)))
-    edited, mask = FlowEdit.execute(model=model, latent=latent, source=FAMILIES[name][2](1), target=FAMILIES[name][2](2),
-                                    steps=4, scheduler=FAMILIES[name][3], n_max=4, n_min=0, n_avg=1, cfg_source=1.0,
-                                    cfg_target=3.0, seed=0, clip=clip_of(FAMILIES[name][4]()), source_text=SOURCE_TEXT,
-                                    target_text=TARGET_TEXT, words="", threshold=0.9, dilation=0).result
+    edited, mask = node.execute(model=model, latent=latent, source=FAMILIES[name][2](1), target=FAMILIES[name][2](2),
+                                steps=6, scheduler=FAMILIES[name][3], cfg_source=1.0, cfg_target=3.0, seed=0,
+                                clip=clip_of(FAMILIES[name][4]()), source_text=SOURCE_TEXT, target_text=TARGET_TEXT,
+                                words="", threshold=0.9, dilation=0, **own).result
     assert {b for b, _ in added} == {"source", "target"} and 0 < float(mask.mean()) < 1
     assert torch.isfinite(edited["samples"]).all() and edited["samples"].shape == latent["samples"].shape

@@ -1,0 +1,59 @@
+"""The shared run of the editors that take a plain image latent (no inversion): FlowEdit and RF-Inversion.
+
+Their inputs end alike (a negative prompt, then the optional region) and their runs do too: the
+checks every such node makes, the region (optional: without one the whole image may change),
+the two-prompt guider, the solver under the host's guider, and the LATENT and MASK it returns.
+"""
+
+import comfy.samplers
+from comfy_api.latest import io
+
+from . import edit_guider
+from .inputs import fail, no_noise_mask
+from .model import check_latent, space_of
+from .region import Region, image_mask, inputs as region_inputs
+from .run import progress, run_guider, sigmas_for
+
+
+def tail_inputs():
+    """The negative prompt and the optional edit region, after each node's own inputs."""
+    return [io.Conditioning.Input("negative", optional=True,
+                                  tooltip="Negative prompt; unconnected, a zeroed source (as ConditioningZeroOut)."),
+            *region_inputs()]
+
+
+def outputs():
+    return [io.Latent.Output(display_name="edited", tooltip="The edited latent."),
+            io.Mask.Output(display_name="mask", tooltip="The edit region used, at image size (all white without a "
+                                                        "region).")]
+
+
+def run(node, model, latent, source, target, steps, scheduler, cfgs: dict, solve, passes=1, negative=None,
+        clip=None, source_text="", target_text="", words="", mask=None, mask_mode="union", threshold=0.3,
+        softness=0.0, dilation=1):
+    """Check the shared inputs, then ``solve(edit_model, x, sigmas, mask, space, callback) -> latent``
+    under the host's guider; returns the node's output. ``passes``: how often the solver walks the
+    schedule (for the progress bar)."""
+    samples = check_latent(node, latent, model)
+    no_noise_mask(node, latent, "latent", "its edit region is the mask input (or the edited words): connect the "
+                                          "mask there instead of SetLatentNoiseMask")
+    space = space_of(model, node)
+    if scheduler not in comfy.samplers.KSampler.SCHEDULERS:
+        fail(node, "scheduler", f"unknown scheduler {scheduler!r}")
+    for name, w in cfgs.items():
+        if not 0 <= w <= 100:
+            fail(node, name, f"expected a value from 0 to 100, got {w}")
+    region = Region(node, model, samples, clip, source_text, target_text, words, mask, mask_mode, threshold,
+                    softness, dilation, required=False)
+    sigmas = sigmas_for(model, scheduler, steps, 1.0).flip(0)
+    callback = progress(model, passes * steps)
+    g = edit_guider.build(node, region.attach(model), region.capture, source, target, negative)
+    region.guider = g
+
+    def job(den, x, inner):
+        return None, solve(g.model(den), x, sigmas, region.mask(), space, callback)
+
+    _, out = run_guider(node, g, samples, sigmas, job)
+    result = {k: v for k, v in latent.items() if k not in ("samples", "noise_mask")}
+    result["samples"] = out
+    return io.NodeOutput(result, image_mask(region, region.current(), model))
