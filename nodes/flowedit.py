@@ -15,7 +15,7 @@ class FlowEdit(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="InversionSuite_FlowEdit",
-            display_name="FlowEdit",
+            display_name="Edit with FlowEdit",
             category="sampling/inversion",
             description="Edits an image latent with a target prompt without inverting it (Kulikov et al., "
                         "FlowEdit): over the last n_max steps it integrates the difference of the target's and the "
