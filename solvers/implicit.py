@@ -57,7 +57,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .core import DEPTH, EPS, Denoiser, NonFiniteError, SolverError, notify, prepare, rel_norm, vp_scale
+from .core import DEPTH, EPS, Denoiser, NonFiniteError, SolverError, notify, prepare, rel_norm, run_steps, vp_scale
 from .record import Inversion
 
 GUESSES = ("ddim", "extrapolate")
@@ -381,3 +381,48 @@ def invert_implicit(method: str, update: Update, model, x, sigmas, extra_args=No
     return Inversion(latent=x, sigmas=torch.tensor(sig, dtype=sigmas.dtype, device=sigmas.device), space=space,
                      nfe=den.nfe, trajectory=traj, residuals=residuals, unconverged=unconverged, budget=budget,
                      base_steps=n, split=sorted(set(split)), kept_ddim=kept_ddim, costs=costs)
+
+
+def invert_paper(method: str, update: Update, model, x, sigmas, extra_args=None, callback=None, *, space,
+                 iterations, guess, keep_trajectory=False) -> Inversion:
+    """The loop the AIDI paper and the EasyInv reference code publish: each step starts at its guess
+    point, takes ``iterations - 1`` updates and returns ``F`` of the last iterate, so exactly
+    ``iterations`` calls a step: no tolerance, no splitting, no fallback, nothing carried."""
+    den, x, sig, s = prepare(method, model, x, sigmas, extra_args, space)
+    states = deque(maxlen=2)
+
+    def step(i, x_a, sa, sb):
+        shape, flat_a, c = x_a.shape, x_a.flatten(1), (sb - sa) / sb
+        z = guess_point(x_a, sa, sb, space, states if guess == "extrapolate" else ()).flatten(1)
+        states.append((sa, x_a))
+        nxt = update([])
+        for _ in range(int(iterations) - 1):
+            g = torch.add(flat_a, z - den(z.view(shape), sb).flatten(1), alpha=c)  # F(z) = x_a + h d(z, sb)
+            d = g - z
+            z = nxt(z, g, d, rel_norm(d, z).tolist())
+        return torch.add(flat_a, z - den(z.view(shape), sb).flatten(1), alpha=c).view(shape)
+
+    x, traj = run_steps(method, den, x, s, step, callback, keep_trajectory)
+    return Inversion(latent=x, sigmas=sig, space=space, nfe=den.nfe, trajectory=traj)
+
+
+LOOPS = ("budget", "paper")
+
+
+def invert_loop(method: str, update: Update, model, x, sigmas, extra_args=None, callback=None, *, space, loop,
+                iterations, tol, guess, keep_trajectory=False, carry=0, depth=DEPTH) -> Inversion:
+    """The fixed-point methods' entry: the budgeted loop (``invert_implicit``) or the papers' (``invert_paper``,
+    which takes no tolerance and carries nothing)."""
+    if loop == "budget":
+        return invert_implicit(method, update, model, x, sigmas, extra_args, callback, space=space,
+                               iterations=iterations, tol=tol, guess=guess, keep_trajectory=keep_trajectory,
+                               carry=carry, depth=depth)
+    if loop != "paper":
+        raise SolverError(f"{method}: loop must be one of {LOOPS}, got {loop!r}")
+    if guess not in GUESSES or int(iterations) < 1:
+        raise SolverError(f"{method}: the paper loop needs a guess in {GUESSES} and iterations >= 1, got "
+                          f"{guess!r} and {iterations}")
+    if int(carry):
+        raise SolverError(f"{method}: the paper loop carries no secant pairs: set carry to 0 (got {carry})")
+    return invert_paper(method, update, model, x, sigmas, extra_args, callback, space=space, iterations=iterations,
+                        guess=guess, keep_trajectory=keep_trajectory)

@@ -48,6 +48,8 @@ class Setting:
     # Its widget's name where it is not the setting's: methods share a widget only where they share
     # the setting's default and range, so each method runs with its own defaults.
     widget: str = ""
+    # Added to the method after records of it were written: an older record lacks it (read as the default).
+    later: bool = False
 
 
 ITER = {
@@ -63,6 +65,12 @@ ITER = {
     "guess": Setting("ddim", "Where each step's iteration starts: 'ddim' (the DDIM inversion step, as in "
                              "the paper) or 'extrapolate' (the previous steps' slopes, no model call, "
                              "usually closer).", choices=("ddim", "extrapolate")),
+    "loop": Setting("budget", "'budget': the pack's loop (a budget of iterations x steps calls spent where the "
+                              "residual needs them, stalled steps split, an unsolved one keeps its best candidate). "
+                              "'paper': the loop the AIDI paper publishes, to reproduce its figures: exactly "
+                              "iterations calls a step, returning F of the last iterate; no tol, no splitting, no "
+                              "fallback, no carried pairs (with guess 'ddim' and carry 0 it is the paper's method).",
+                    choices=("budget", "paper"), added="0.3.0", later=True),
 }
 
 
@@ -244,14 +252,18 @@ def check_record(inv: Inversion) -> Inversion:
 
 
 def check_settings(name: str, settings) -> None:
-    """A record's settings: exactly method ``name``'s, each of its type; those its sampler reads within
-    the setting's range (the others are kept for the report)."""
+    """A record's settings: exactly method ``name``'s (one added later may be missing from an older
+    record), each of its type; those its sampler reads within the setting's range (the others are
+    kept for the report)."""
     m = METHODS[name]
-    if not isinstance(settings, dict) or set(settings) != set(m.settings):
+    required = {k for k, s in m.settings.items() if not s.later}
+    if not isinstance(settings, dict) or not required <= set(settings) <= set(m.settings):
         got = ", ".join(map(repr, settings))[:200] if isinstance(settings, dict) else type(settings).__name__
         bad("settings", f"exactly {name}'s settings ({', '.join(m.settings) or 'none'})", got or "none")
     used = m.resumer.settings
     for key, spec in m.settings.items():
+        if key not in settings:
+            continue
         v, d = settings[key], spec.default
         if isinstance(d, tuple):
             ok = isinstance(v, (list, tuple)) and len(v) == len(d) and all(type(i) is int and i >= 0 for i in v)

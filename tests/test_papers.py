@@ -393,3 +393,64 @@ def test_docstrings_name_their_papers(name):
     doc = inspect.getmodule(METHODS[name].invert).__doc__
     assert f"arXiv:{PAPERS[name]}" in doc
     assert "No paper" in inspect.getmodule(METHODS["naive_unsample"].invert).__doc__
+
+
+# -- the AIDI paper's own loop (loop = "paper") ---------------------------------------------
+
+def aidi_paper(den, x, up, K, rule, m=3, lam=1e-6):
+    """The published loop, per step: from the DDIM point, K updates of the rule, then F of the last
+    iterate (K + 1 calls). Rules: Picard, AIDI-E (the mean of the last two F values), and Anderson
+    with the last m iterates (m - 1 differences), gamma from the regularised least squares
+    (A + lam tr(A) / (m - 1) I) gamma = dR^T r, x' = g - dG gamma."""
+    s = [float(v) for v in up]
+    for i in range(len(s) - 1):
+        sa, sb = s[i], s[i + 1]
+
+        def F(z):
+            return x + (sb - sa) * (z - den(z, torch.full((z.shape[0],), sb, dtype=z.dtype), **EXTRA)) / sb
+        z = x * ((1 + sb * sb) ** 0.5 / (1 + sa * sa) ** 0.5)  # the DDIM point: F(z) is the DDIM step
+        xs, gs = [], []
+        for k in range(K):
+            g = F(z)
+            xs.append(z)
+            gs.append(g)
+            if rule == "picard":
+                z = g
+            elif rule == "empirical":
+                z = g if k == 0 else 0.5 * (g + gs[-2])
+            else:
+                X, G = xs[-m:], gs[-m:]
+                if len(X) == 1:
+                    z = g
+                    continue
+                out = []
+                for b in range(z.shape[0]):
+                    R = torch.stack([(gg - xx)[b].flatten() for xx, gg in zip(X, G)], 1)
+                    dR, dG = R[:, 1:] - R[:, :-1], torch.stack([gg[b].flatten() for gg in G], 1)
+                    dG = dG[:, 1:] - dG[:, :-1]
+                    A = dR.T @ dR
+                    reg = lam * torch.trace(A) / (m - 1)
+                    gamma = torch.linalg.solve(A + reg * torch.eye(A.shape[0], dtype=A.dtype), dR.T @ R[:, -1])
+                    out.append(G[-1][b].flatten() - dG @ gamma)
+                z = torch.stack(out).view_as(z)
+        x = F(z)
+    return x
+
+
+@pytest.mark.parametrize("name,rule", [("fixed_point", "picard"), ("aidi_empirical", "empirical"),
+                                       ("aidi_anderson", "anderson")])
+def test_the_paper_loop_is_the_published_algorithm(name, rule):
+    den, x, up = MixtureDenoiser(MIX, "eps"), data(), karras(6)
+    settings = dict(loop="paper", guess="ddim", iterations=5)
+    inv = invert(name, den, x, up, EXTRA, space="eps", **settings)
+    want = aidi_paper(den, x, up, 4, rule)
+    assert inv.nfe == 6 * 5 and not inv.split and rel(inv.latent, want) < TOL
+    assert inv.settings["loop"] == "paper"
+
+
+def test_the_paper_loop_refuses_what_it_would_ignore():
+    den, x = MixtureDenoiser(MIX, "eps"), data()
+    with pytest.raises(SolverError, match="aidi_anderson: the paper loop carries no secant pairs"):
+        invert("aidi_anderson", den, x, karras(4), EXTRA, space="eps", loop="paper", carry=2)
+    with pytest.raises(SolverError, match="loop must be one of"):
+        invert("fixed_point", den, x, karras(4), EXTRA, space="eps", loop="nope")

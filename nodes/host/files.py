@@ -20,6 +20,7 @@ import torch
 from ...solvers.record import MAX_STEPS, REFINE
 from .inputs import fail
 from .model import check_layout
+from .record import same_samples
 
 FILE_FORMAT = 1
 VERSION_KEY = "inversion_suite_format"
@@ -212,9 +213,8 @@ def plan(content, table: dict, bad: str, node: str, what: str, model=None) -> No
     rec = content.get("inversion") if isinstance(content.get("inversion"), dict) else {}
     steps = rec.get("steps") if type(rec.get("steps")) is int and 1 <= rec["steps"] <= MAX_STEPS else MAX_STEPS
     most = 1 + steps * REFINE
-    if ref(rec.get("samples")) is not None and table[ref(rec["samples"])][1] != samples:
-        fail(node, what, f"its samples have shape {samples} but the inversion's have {table[ref(rec['samples'])][1]}: "
-                         "a node changed them after Invert; reconnect Invert's output directly")
+    if ref(rec.get("samples")) is not None:
+        same_samples(node, what, samples, table[ref(rec["samples"])][1])
     traj = rec.get("trajectory")
     traj = list(enumerate(traj)) if isinstance(traj, list) else []
     if len(traj) > most:

@@ -87,10 +87,8 @@ class Record:
         if not isinstance(d, dict):
             fail(node, what, f"carries no inversion record: {hint}")
         # The LATENT's samples against the record's first: a node that changed them breaks everything else.
-        s = d.get("samples")
-        if isinstance(s, torch.Tensor) and s.shape != latent["samples"].shape:
-            fail(node, what, f"its samples have shape {tuple(latent['samples'].shape)} but the inversion's have "
-                             f"{tuple(s.shape)}: a node changed them after Invert; reconnect Invert's output directly")
+        if isinstance(d.get("samples"), torch.Tensor):
+            same_samples(node, what, tuple(latent["samples"].shape), tuple(d["samples"].shape))
         own = [f.name for f in cls.host_fields() if f.default is MISSING and f.default_factory is MISSING]
         try:
             inv = check_record(Inversion.from_dict(d, own))
@@ -164,6 +162,13 @@ class Record:
         to model space: what the solvers resume from."""
         pair = None if self.inv.pair is None else inner.process_latent_in(self.inv.pair.to(like.device, like.dtype))
         return replace(self.inv, latent=like, pair=pair)
+
+
+def same_samples(node: str, what: str, have: tuple, recorded: tuple) -> None:
+    """The LATENT's samples (``have``) must keep the shape the inversion recorded."""
+    if have != recorded:
+        fail(node, what, f"its samples have shape {have} but the inversion's have {recorded}: a node changed them "
+                         "after Invert; reconnect Invert's output directly")
 
 
 def resume(node: str, latent, model, what: str = "inverted"):

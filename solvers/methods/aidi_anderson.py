@@ -48,7 +48,7 @@ import math
 import torch
 
 from ..core import SolverError
-from ..implicit import DEPTH, Carried, invert_implicit
+from ..implicit import DEPTH, Carried, invert_loop
 
 # A carried pair stays in an item's solve while each iteration at least divides that
 # item's residual by this; past that it is doing no better than the step's own pairs.
@@ -84,10 +84,11 @@ class Anderson:
     in (B, m - 1, n) buffers; per item ``A = dR^T dR``, ``b = dR^T r`` and the columns that take
     part, as Python lists."""
 
-    def __init__(self, carried, m, beta, lam):
+    def __init__(self, carried, m, beta, lam, guard=True):
         self.carried = carried if isinstance(carried, Carried) else Carried.of(list(carried)) if carried else None
         self.nc = len(self.carried) if self.carried else 0
         self.beta, self.lam, self.own = beta, lam, m - 1
+        self.guard = guard  # an item whose residual grew takes the plain step (off: the paper's Anderson)
         self.last = None  # (x, g, r) of the previous iterate (not d: dr = dg - dx needs no earlier d)
         self.count = 0  # own pairs seen so far
 
@@ -178,7 +179,7 @@ class Anderson:
             self.start(x, d)
             grew = [False] * len(r)
         else:
-            grew = [a > b for a, b in zip(r, self.last[2])]
+            grew = [a > b and self.guard for a, b in zip(r, self.last[2])]
             self.update(x, g, d, r)
         self.last = (x, g, r)
         k = self.nc + min(self.count, self.own)
@@ -210,12 +211,12 @@ class Anderson:
         return torch.where(torch.tensor(use, device=x.device)[:, None], mixed, plain)
 
 
-def anderson(m: int, beta: float, lam: float):
-    return lambda carried: Anderson(carried, m, beta, lam)
+def anderson(m: int, beta: float, lam: float, guard: bool = True):
+    return lambda carried: Anderson(carried, m, beta, lam, guard)
 
 
 def invert_aidi_anderson(model, x, sigmas, extra_args=None, callback=None, *, space, iterations, tol, guess, m,
-                         beta, lam, carry, keep_trajectory=False, depth=DEPTH):
+                         beta, lam, carry, loop, keep_trajectory=False, depth=DEPTH):
     if int(m) < 1:
         raise SolverError(f"aidi_anderson: m must be >= 1, got {m}")
     if not 0 < beta <= 1:
@@ -224,6 +225,8 @@ def invert_aidi_anderson(model, x, sigmas, extra_args=None, callback=None, *, sp
         raise SolverError(f"aidi_anderson: lam must be >= 0, got {lam}")
     if int(carry) < 0:
         raise SolverError(f"aidi_anderson: carry must be >= 0, got {carry}")
-    return invert_implicit("aidi_anderson", anderson(int(m), float(beta), float(lam)), model, x, sigmas,
-                           extra_args, callback, space=space, iterations=iterations, tol=tol, guess=guess,
-                           keep_trajectory=keep_trajectory, carry=int(carry), depth=depth)
+    # The paper's loop runs the paper's Anderson: no plain step where a residual grew.
+    update = anderson(int(m), float(beta), float(lam), guard=loop != "paper")
+    return invert_loop("aidi_anderson", update, model, x, sigmas, extra_args,
+                       callback, space=space, loop=loop, iterations=iterations, tol=tol, guess=guess,
+                       keep_trajectory=keep_trajectory, carry=int(carry), depth=depth)

@@ -9,7 +9,7 @@ plain iteration diverge where ``F`` has a negative slope. Budget, step splitting
 DDIM fallback are ``implicit``'s.
 """
 
-from ..implicit import DEPTH, invert_implicit
+from ..implicit import DEPTH, invert_loop
 
 
 def average_last_two(carried):
@@ -22,7 +22,8 @@ def average_last_two(carried):
     return step
 
 
-def invert_aidi_empirical(model, x, sigmas, extra_args=None, callback=None, *, space, iterations, tol, guess,
+def invert_aidi_empirical(model, x, sigmas, extra_args=None, callback=None, *, space, iterations, tol, guess, loop,
                           keep_trajectory=False, depth=DEPTH):
-    return invert_implicit("aidi_empirical", average_last_two, model, x, sigmas, extra_args, callback, space=space,
-                           iterations=iterations, tol=tol, guess=guess, keep_trajectory=keep_trajectory, depth=depth)
+    return invert_loop("aidi_empirical", average_last_two, model, x, sigmas, extra_args, callback, space=space,
+                       loop=loop, iterations=iterations, tol=tol, guess=guess, keep_trajectory=keep_trajectory,
+                       depth=depth)

@@ -9,14 +9,14 @@ inversion itself; each further iterate costs 1 NFE. Plain iteration converges on
 call budget, and reports the steps it could not solve in ``Inversion.unconverged``.
 """
 
-from ..implicit import DEPTH, invert_implicit
+from ..implicit import DEPTH, invert_loop
 
 
 def picard(carried):
     return lambda x, g, d, r: g
 
 
-def invert_fixed_point(model, x, sigmas, extra_args=None, callback=None, *, space, iterations, tol, guess,
+def invert_fixed_point(model, x, sigmas, extra_args=None, callback=None, *, space, iterations, tol, guess, loop,
                        keep_trajectory=False, depth=DEPTH):
-    return invert_implicit("fixed_point", picard, model, x, sigmas, extra_args, callback, space=space,
-                           iterations=iterations, tol=tol, guess=guess, keep_trajectory=keep_trajectory, depth=depth)
+    return invert_loop("fixed_point", picard, model, x, sigmas, extra_args, callback, space=space, loop=loop,
+                       iterations=iterations, tol=tol, guess=guess, keep_trajectory=keep_trajectory, depth=depth)
