@@ -38,7 +38,7 @@ def status(key):
     raise RuntimeError(f"no {key} in /proc/self/status")
 
 
-def measure(method, steps, shape, carry, pack, tol=None):
+def measure(method, steps, shape, carry, pack, tol=None, check=True):
     host = os.environ.get("COMFYUI_PATH")
     if not host:
         sys.exit("set COMFYUI_PATH to a ComfyUI checkout")
@@ -83,7 +83,8 @@ def measure(method, steps, shape, carry, pack, tol=None):
 
     def run(latent):
         return Invert.execute(model=model, latent=latent, positive=positive, method=method, steps=steps,
-                              scheduler="simple", cfg=1.0, denoise=1.0, keep_trajectory=True, **extra).result[0]
+                              scheduler="simple", cfg=1.0, denoise=1.0, keep_trajectory=True, measure=check,
+                              **extra).result[0]
 
     g = torch.Generator().manual_seed(0)
     small = {"samples": base.process_latent_out(var ** 0.5 * torch.randn(1, 16, 2, 8, 8, generator=g))}
@@ -116,14 +117,15 @@ def main(argv=None):
     p.add_argument("--shape", nargs="+", type=int, default=[1, 16, 13, 60, 104])
     p.add_argument("--tol", type=float, default=None, help="tol of the fixed-point methods (default: theirs)")
     p.add_argument("--pack", type=pathlib.Path, default=HERE.parent, help="the pack to measure (default: this one)")
+    p.add_argument("--no-measure", action="store_true", help="turn Invert's round-trip measurement off")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.child:
-        print(json.dumps(measure(a.methods[0], a.steps[0], tuple(a.shape), a.carry[0], a.pack, a.tol)))
+        print(json.dumps(measure(a.methods[0], a.steps[0], tuple(a.shape), a.carry[0], a.pack, a.tol, not a.no_measure)))
         return
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_WAIT_POLICY="PASSIVE")
     print(f"latent {'x'.join(map(str, a.shape))}, float32, CPU; peak = high-water mark above idle"
-          + (f"; tol {a.tol:g}" if a.tol is not None else ""))
+          + (f"; tol {a.tol:g}" if a.tol is not None else "") + ("; measure off" if a.no_measure else ""))
     print("| method | carry | steps | NFE | one latent MiB | record MiB | peak MiB | peak - record, latents |")
     print("|---|---|---|---|---|---|---|---|")
     for method in a.methods:
@@ -132,6 +134,7 @@ def main(argv=None):
                 cmd = [sys.executable, __file__, "--child", "--methods", method, "--steps", str(steps), "--carry",
                        str(carry), "--pack", str(a.pack), "--shape", *map(str, a.shape)]
                 cmd += ["--tol", str(a.tol)] if a.tol is not None else []
+                cmd += ["--no-measure"] if a.no_measure else []
                 done = subprocess.run(cmd, env=env, capture_output=True, text=True)
                 if done.returncode:
                     sys.exit(done.stderr[-3000:])

@@ -1,11 +1,10 @@
 """Invert: a VAE-encoded image to the noise latent that the model would turn back into it."""
 
 import logging
+from dataclasses import replace
 
 import comfy.samplers
 from comfy_api.latest import io, ui
-
-from dataclasses import replace
 
 from ..solvers import METHODS, invert, metrics, reconstruct
 from ..solvers.record import MAX_STEPS, summary
