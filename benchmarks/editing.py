@@ -141,6 +141,14 @@ def run_editor(editor, model, x, src, tgt, mask, space, n, cfg_edit, clf, region
 def benchmark(spaces=("eps", "flow"), steps=(10, 20, 50), cfgs=(5.0,), sweep=(3.0, 7.5), batch=8, weights=None,
               editors=EDITORS, progress=True):
     """Every (space, steps, cfg_edit, editor); returns (rows, {key: edited batch}, (x, labels, targets, mask))."""
+    jobs = [(s, n, w) for s in spaces for n in steps for w in cfgs]
+    jobs += [(s, min(steps), w) for s in spaces for w in sweep if w not in cfgs]
+    runs = [e for e in editors if e != "stochastic mean of 4"]
+    bar = None
+    if progress:  # from the first second: the set-up below takes about half a minute
+        from tqdm import tqdm
+        bar = tqdm(total=len(jobs) * len(runs), desc="edit benchmark", unit="run")
+        bar.set_postfix_str("loading the held-out patches and the model")
     import torch
     from .data import held_out
     from .reconstruction import psnr, ssim
@@ -150,14 +158,9 @@ def benchmark(spaces=("eps", "flow"), steps=(10, 20, 50), cfgs=(5.0,), sweep=(3.
     mask = torch.zeros(1, 1, 16, 16)
     mask[..., 8:] = 1
     region, keep = (lambda t: t[..., 8:]), (lambda t: t[..., :8])
+    if bar is not None:
+        bar.set_postfix_str("training the edit-strength classifier (4000 patches)")
     clf = classifier(region)
-    jobs = [(s, n, w) for s in spaces for n in steps for w in cfgs]
-    jobs += [(s, min(steps), w) for s in spaces for w in sweep if w not in cfgs]
-    runs = [e for e in editors if e != "stochastic mean of 4"]
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=len(jobs) * len(runs), desc="edit benchmark", unit="run")
     rows, outs, models = [], {}, {}
     floor = strength(clf, region(x), tgt)
     for s, n, w in jobs:
