@@ -294,33 +294,66 @@ def mixture_table(rows):
     return "\n".join(out) + "\n"
 
 
+# One colour map per method family (shades within it), one marker per step count.
+FAMILIES = (("first order", ("ddim", "naive_unsample", "easyinv"), "Greys"),
+            ("fixed point", ("fixed_point", "aidi_anderson", "aidi_empirical"), "Blues"),
+            ("ReNoise", ("renoise",), "Oranges"),
+            ("exact", ("bdia", "edict"), "Greens"),
+            ("second order", ("rf_solver", "fireflow"), "Purples"))
+STEP_MARKS = {10: "o", 20: "s", 50: "^"}
+CAP = 160.0  # dB: an exact method at float rounding; points above are drawn here, hollow
+
+
+def colours(rows, names):
+    """case -> colour: its method's family map, shades spread over that family's cases."""
+    import matplotlib.pyplot as plt
+    method = {r["case"]: r["method"] for r in rows}
+    out = {}
+    for _, members, cmap in FAMILIES:
+        cases = [c for c in names if method.get(c) in members]
+        for i, c in enumerate(cases):
+            out[c] = plt.get_cmap(cmap)(0.45 + 0.5 * (i + 1) / (len(cases) + 1))
+    return out
+
+
 def plot(rows, file):
-    """PSNR against inversion NFE, one line per case through its step counts, a panel per (space, cfg)."""
+    """PSNR against inversion NFE, one line per case through its step counts, a panel per (space, cfg):
+    a colour family per kind of method, a marker per step count, capped points hollow at the cap."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
     spaces, cfgs, _, names = layout(rows)
     fig, axes = plt.subplots(len(spaces), len(cfgs), figsize=(5.5 * len(cfgs), 4.2 * len(spaces)), squeeze=False)
-    cmap = plt.get_cmap("tab20")
-    marks = "osD^v<>phX*Pd"
+    colour = colours(rows, names)
     for i, s in enumerate(spaces):
         for j, w in enumerate(cfgs):
             ax = axes[i][j]
-            for k, c in enumerate(names):
-                pts = sorted((r["nfe"], min(r["psnr"], 160.0)) for r in rows
+            for c in names:
+                pts = sorted((r["nfe"], r["psnr"], r["steps"]) for r in rows
                              if r["space"] == s and r["cfg"] == w and r["case"] == c)
-                if pts:
-                    ax.plot(*zip(*pts), marker=marks[k % len(marks)], ms=4, lw=1.2, color=cmap(k % 20), label=c,
-                            ls="--" if "tight" in c or "=" in c else "-")
+                if not pts:
+                    continue
+                style = "--" if "tight" in c or "=" in c or "paper" in c or "fixed" == c.split()[-1] else "-"
+                ax.plot([p[0] for p in pts], [min(p[1], CAP) for p in pts], color=colour[c], lw=1.2, ls=style,
+                        label=c)
+                for nfe, db, n in pts:
+                    ax.plot(nfe, min(db, CAP), marker=STEP_MARKS.get(n, "x"), ms=5, color=colour[c],
+                            mfc="none" if db > CAP else colour[c])
+            ax.axhline(CAP, color="0.6", lw=0.6, ls=":")
             ax.set_xscale("log")
             ticks = [t for t in (10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
                      if any(r["nfe"] <= 2 * t and r["nfe"] >= t / 2 for r in rows)]
             ax.set_xticks(ticks, [str(t) for t in ticks])
             ax.minorticks_off()
+            ax.set_ylim(top=CAP + 8)
             ax.set_xlabel("inversion NFE")
             ax.set_ylabel("reconstruction PSNR (dB)")
             ax.set_title(f"{s.upper()}, cfg {w:g}")
             ax.grid(alpha=0.3)
+    steps = [Line2D([], [], color="0.3", marker=m, ls="none", label=f"{n} steps") for n, m in STEP_MARKS.items()]
+    steps.append(Line2D([], [], color="0.3", marker="o", mfc="none", ls="none", label=f"above {CAP:g} dB (capped)"))
+    axes[-1][-1].legend(handles=steps, fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     save(fig, axes, file)
 
 
