@@ -192,8 +192,8 @@ def table_of(head: dict, size: int, bad: str, node: str, what: str) -> dict:
 
 def plan(content, table: dict, bad: str, node: str, what: str, model=None) -> None:
     """Every tensor the LATENT names, its shape checked from the header before any is read: the
-    record's latents match the samples', the schedule is within what the pack writes, and
-    nothing else is larger than the samples (a noise mask: than 64 times, an image-sized mask)."""
+    record's latents match the samples', the schedule is within what the pack writes, and no
+    tensor is larger than 64 times the samples (an image-sized mask of them)."""
     def ref(v):
         return v[TENSOR] if isinstance(v, dict) and set(v) == {TENSOR} else None
 
