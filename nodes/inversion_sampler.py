@@ -34,11 +34,27 @@ def _at_base(base, callback):
     return lambda d: callback(dict(d, i=at[float(d["sigma"])])) if float(d["sigma"]) in at else None
 
 
+class SplitSchedule:
+    """The schedule the last inversion ran, steps split where they stalled, kept under the host's
+    schedule it was given: sampling back down that schedule follows the split one, as Reconstruct
+    follows an Invert record, so that the round trip stays exact."""
+
+    def __init__(self):
+        self.given, self.ran = None, None
+
+    def remember(self, given_up, ran_up):
+        """After an inversion: the ascending schedule given and the one run (None where none was split)."""
+        split = ran_up.numel() != given_up.numel()
+        self.given = tuple(float(v) for v in given_up.flip(0)) if split else None
+        self.ran = ran_up.flip(0) if split else None
+
+    def down(self, sigmas):
+        """The schedule to sample down for the host's descending ``sigmas``, or None to use them as they are."""
+        return self.ran.to(sigmas) if self.given is not None and tuple(float(v) for v in sigmas) == self.given else None
+
+
 def _function(method, kwargs):
-    # The schedule the last inversion ran, steps split where they stalled, by the host's schedule
-    # it was given (descending): sampling back down that schedule follows the split one, as
-    # Reconstruct follows an Invert record, so that the round trip stays exact.
-    split = {}
+    split = SplitSchedule()
 
     def sample(model, x, sigmas, extra_args=None, callback=None, disable=None):
         space = space_of(model.inner_model.model_patcher, NODE)  # model: the host's KSampler wrapper of the guider
@@ -59,13 +75,11 @@ def _function(method, kwargs):
             # The state x_N is returned as is: the host's division makes it the LATENT x_N / (1 - s_N),
             # which KSAMPLER (any sampler, DisableNoise) turns back into x_N at s_N.
             inv = invert(method, model, x, sig, extra_args, callback, space=space, **kwargs)
-            split.clear()
-            if inv.steps != len(sig) - 1:
-                split[tuple(float(v) for v in sig.flip(0))] = inv.sigmas.flip(0).to(sigmas)
+            split.remember(sig, inv.sigmas)
             if inv.unconverged:
                 logging.warning("%s: %s", NODE, summary(inv))
             return inv.latent
-        down = split.get(tuple(float(v) for v in sigmas))
+        down = split.down(sigmas)
         if down is not None:
             sigmas, callback = down, _at_base(sigmas, callback)
         fn, kw = sampler_for(METHODS[method].sampler, kwargs)

@@ -12,18 +12,21 @@ DDIM fallback are ``implicit``'s.
 from ..implicit import DEPTH, invert_loop
 
 
-def average_last_two(carried):
-    last = []
+class AverageLastTwo:
+    """One step's update: the mean of this F value and the last (the first iteration: F itself).
+    Carried pairs are not used."""
 
-    def step(x, g, d, r):
-        nxt = g if not last else 0.5 * (g + last[0])
-        last[:] = [g]
+    def __init__(self, carried):
+        self.last = None
+
+    def __call__(self, x, g, d, r):
+        nxt = g if self.last is None else 0.5 * (g + self.last)
+        self.last = g
         return nxt
-    return step
 
 
 def invert_aidi_empirical(model, x, sigmas, extra_args=None, callback=None, *, space, iterations, tol, guess, loop,
                           keep_trajectory=False, depth=DEPTH):
-    return invert_loop("aidi_empirical", average_last_two, model, x, sigmas, extra_args, callback, space=space,
+    return invert_loop("aidi_empirical", AverageLastTwo, model, x, sigmas, extra_args, callback, space=space,
                        loop=loop, iterations=iterations, tol=tol, guess=guess, keep_trajectory=keep_trajectory,
                        depth=depth)

@@ -17,6 +17,23 @@ from ..record import Inversion
 from .ddim import ddim_slope
 
 
+class Blend:
+    """EasyInv's blend of a step's start with the previous blended start ``(x~_{i-1}, s_{i-1})``, inside
+    the window ``lo < i < hi`` (in steps). Blending in sigma coordinates, with the past state carried
+    to ``sa``, equals blending ``z = x * vp``; written this way eta = 1 leaves x bit-identical to DDIM."""
+
+    def __init__(self, eta, lo, hi, space):
+        self.eta, self.lo, self.hi, self.space, self.prev = eta, lo, hi, space, None
+
+    def __call__(self, i, x, sa):
+        tilde = x
+        if self.lo < i < self.hi and self.prev is not None:
+            px, ps = self.prev
+            tilde = self.eta * x + (1 - self.eta) * px * (vp_scale(ps, self.space) / vp_scale(sa, self.space))
+        self.prev = (tilde, sa)
+        return tilde
+
+
 def invert_easyinv(model, x, sigmas, extra_args=None, callback=None, *, space, eta, start, end,
                    keep_trajectory=False):
     if not 0 < eta <= 1:
@@ -24,18 +41,10 @@ def invert_easyinv(model, x, sigmas, extra_args=None, callback=None, *, space, e
     if not 0 <= start <= end <= 1:
         raise SolverError(f"easyinv: the window needs 0 <= start <= end <= 1, got ({start}, {end})")
     den, x, sig, s = prepare("easyinv", model, x, sigmas, extra_args, space)
-    n = len(s) - 1
-    prev = [None]  # (x~_{i-1}, s_{i-1})
+    blend = Blend(eta, start * (len(s) - 1), end * (len(s) - 1), space)
 
     def step(i, x, sa, sb):
-        # Blending in sigma coordinates, with the past state carried to sa, equals blending
-        # z = x * vp; written this way eta = 1 leaves x bit-identical to DDIM.
-        tilde = x
-        if start * n < i < end * n and prev[0] is not None:
-            px, ps = prev[0]
-            tilde = eta * x + (1 - eta) * px * (vp_scale(ps, space) / vp_scale(sa, space))
-        prev[0] = (tilde, sa)
-        return tilde + (sb - sa) * ddim_slope(den, x, sa, sb, space)
+        return blend(i, x, sa) + (sb - sa) * ddim_slope(den, x, sa, sb, space)
 
     x, traj = run_steps("easyinv", den, x, s, step, callback, keep_trajectory)
     return Inversion(latent=x, sigmas=sig, space=space, nfe=den.nfe, trajectory=traj)

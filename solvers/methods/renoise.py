@@ -135,6 +135,20 @@ def regularise(e, ref, lambda_ac, lambda_kl, rounds, gen):
         return e.detach().reshape(shape)
 
 
+class Reference:
+    """A step's reference noise for the KL term: the model's noise on the clean latent forward-noised
+    to ``sb``, one model call, made on first use (None without the KL term)."""
+
+    def __init__(self, den, x0, noise, sb, wanted):
+        self.den, self.x0, self.e, self.sb, self.wanted, self.value, self.made = den, x0, noise, sb, wanted, None, False
+
+    def noise(self):
+        if not self.made:
+            self.value = self.den.slope(self.x0 + self.sb * self.e, self.sb) if self.wanted else None
+            self.made = True
+        return self.value
+
+
 def check_settings(space, iterations, window, first_window, first_iterations, first_until, reg_steps, lambda_ac,
                    lambda_kl):
     for name, v in (("iterations", iterations), ("first_iterations", first_iterations)):
@@ -169,12 +183,10 @@ def invert_renoise(model, x, sigmas, extra_args=None, callback=None, *, space, i
         first = sb < low
         lo, hi = (int(v) for v in (first_window if first else window))
         calls = min(int(first_iterations), int(iterations)) if first else int(iterations)
-        ref = []  # the reference noise, evaluated once, on first use
+        ref = Reference(den, x0, noise, sb, lambda_kl > 0)
 
         def regular(d):  # EPS noise only (check_settings)
-            if not ref:
-                ref.append(den.slope(x0 + sb * noise, sb) if lambda_kl > 0 else None)
-            return regularise(d, ref[0], lambda_ac, lambda_kl, reg_steps, gen)
+            return regularise(d, ref.noise(), lambda_ac, lambda_kl, reg_steps, gen)
 
         xk, avg, n = x_a * (vp_scale(sa, space) / vp_scale(sb, space)), None, 0  # DDIM's point
         for k in range(calls):
