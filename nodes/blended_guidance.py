@@ -8,7 +8,7 @@ from ..solvers.editing.direct import edit_direct
 from .host import edit_guider
 from .host.inputs import fail, no_noise_mask
 from .host.record import KEY, resume
-from .host.region import Region, image_mask, inputs as region_inputs
+from .host.region import NOISE_MASK, Region, image_mask, inputs as region_inputs
 from .host.run import progress, run_guider, to_model
 
 
@@ -62,8 +62,7 @@ class BlendedGuidanceSampler(io.ComfyNode):
                 softness=0.0, dilation=1, direct=False):
         node = "BlendedGuidanceSampler"
         samples, rec = resume(node, inverted, model)
-        no_noise_mask(node, inverted, "inverted", "its edit region is the mask input (or the edited words): connect "
-                                                  "the mask there instead of SetLatentNoiseMask")
+        no_noise_mask(node, inverted, "inverted", NOISE_MASK)
         w_inv = rec.cfg_for(node, "cfg_inversion", cfg_inversion)
         if cfg_edit < 0:
             fail(node, "cfg_edit", f"expected a value >= 0, got {cfg_edit}")
@@ -76,7 +75,7 @@ class BlendedGuidanceSampler(io.ComfyNode):
         if direct and rec.inv.trajectory is None:
             fail(node, "direct", "DirectInversion needs the inversion's trajectory: set keep_trajectory on Invert")
         region = Region(node, model, samples, clip, source_text, target_text, words, mask, mask_mode, threshold,
-                             softness, dilation)
+                        softness, dilation)
         fn, kwargs = sampler_for(rec.inv.sampler, rec.inv.settings)
         sigmas = rec.inv.sigmas.flip(0)
         callback = progress(model, len(sigmas) - 1)

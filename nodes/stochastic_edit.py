@@ -7,7 +7,7 @@ from ..solvers.editing.stochastic import edit_stochastic
 from .host import edit_guider
 from .host.inputs import fail, no_noise_mask
 from .host.record import KEY, resume
-from .host.region import Region, image_mask, inputs as region_inputs
+from .host.region import NOISE_MASK, Region, image_mask, inputs as region_inputs
 from .host.run import progress, run_guider, to_model
 
 
@@ -57,8 +57,7 @@ class StochasticEditSampler(io.ComfyNode):
                 target_text="", words="", mask=None, mask_mode="union", threshold=0.3, softness=0.0, dilation=1):
         node = "StochasticEditSampler"
         samples, rec = resume(node, inverted, model)
-        no_noise_mask(node, inverted, "inverted", "its edit region is the mask input (or the edited words): connect "
-                                                  "the mask there instead of SetLatentNoiseMask")
+        no_noise_mask(node, inverted, "inverted", NOISE_MASK)
         if rec.inv.trajectory is None:
             fail(node, "inverted", "has no trajectory: set keep_trajectory on Invert")
         if not 0 <= eta <= 1:
@@ -67,7 +66,7 @@ class StochasticEditSampler(io.ComfyNode):
             fail(node, "count", f"expected at least 1, got {count}")
         w_edit = rec.cfg_for(node, "cfg", cfg)
         region = Region(node, model, samples, clip, source_text, target_text, words, mask, mask_mode, threshold,
-                             softness, dilation)
+                        softness, dilation)
         steps = len(rec.inv.sigmas) - 1
         callback = progress(model, (1 + count) * steps)
         g = edit_guider.build(node, region.attach(model), region.capture, source, target, negative)

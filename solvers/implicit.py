@@ -393,14 +393,18 @@ def invert_paper(method: str, update: Update, model, x, sigmas, extra_args=None,
 
     def step(i, x_a, sa, sb):
         shape, flat_a, c = x_a.shape, x_a.flatten(1), (sb - sa) / sb
+
+        def F(z):  # x_a + h d(z, sb), flattened
+            return torch.add(flat_a, z - den(z.view(shape), sb).flatten(1), alpha=c)
+
         z = guess_point(x_a, sa, sb, space, states if guess == "extrapolate" else ()).flatten(1)
         states.append((sa, x_a))
         nxt = update([])
         for _ in range(int(iterations) - 1):
-            g = torch.add(flat_a, z - den(z.view(shape), sb).flatten(1), alpha=c)  # F(z) = x_a + h d(z, sb)
+            g = F(z)
             d = g - z
             z = nxt(z, g, d, rel_norm(d, z).tolist())
-        return torch.add(flat_a, z - den(z.view(shape), sb).flatten(1), alpha=c).view(shape)
+        return F(z).view(shape)
 
     x, traj = run_steps(method, den, x, s, step, callback, keep_trajectory)
     return Inversion(latent=x, sigmas=sig, space=space, nfe=den.nfe, trajectory=traj)

@@ -241,7 +241,7 @@ def check_record(inv: Inversion) -> Inversion:
         bad("sampler", f"{m.sampler!r} (the sampler of {inv.method})", repr(inv.sampler)[:100])
     check_settings(inv.method, inv.settings)
     spec = m.resumer
-    if spec.states == 2 and inv.steps < spec.min_steps:
+    if inv.steps < spec.min_steps:
         raise SolverError(f"is a {inv.method.upper()} inversion of {inv.steps} step(s): its pair is the clean "
                           f"source, so resuming it would return the source unchanged. Invert with at least "
                           f"{spec.min_steps} steps")

@@ -320,17 +320,17 @@ def read(node: str, what: str, name: str, model=None) -> dict:
 def fingerprint(name) -> str:
     """What changes when input file ``name`` does: its size, its time and its header (which names
     every tensor's offsets), read without the rest of the file; "" for no readable file."""
-    path = resolve(name)
-    if path is None:
+    f = open_input(name)
+    if f is None:
         return ""
     try:
-        with open(path, "rb") as f:
+        with f:
             st = os.fstat(f.fileno())
             n = int.from_bytes(f.read(8), "little")
             head = f.read(min(max(n, 0), MAX_HEADER))
     except OSError:
         return ""
-    return f"{path}:{st.st_size}:{st.st_mtime_ns}:{hashlib.sha256(head).hexdigest()}"
+    return f"{f.name}:{st.st_size}:{st.st_mtime_ns}:{hashlib.sha256(head).hexdigest()}"
 
 
 def input_files():

@@ -11,7 +11,7 @@ from comfy_api.latest import io
 from . import edit_guider
 from .inputs import fail, no_noise_mask
 from .model import check_latent, space_of
-from .region import Region, image_mask, inputs as region_inputs
+from .region import NOISE_MASK, Region, image_mask, inputs as region_inputs
 from .run import progress, run_guider, sigmas_for
 
 
@@ -35,8 +35,7 @@ def run(node, model, latent, source, target, steps, scheduler, cfgs: dict, solve
     under the host's guider; returns the node's output. ``passes``: how often the solver walks the
     schedule (for the progress bar)."""
     samples = check_latent(node, latent, model)
-    no_noise_mask(node, latent, "latent", "its edit region is the mask input (or the edited words): connect the "
-                                          "mask there instead of SetLatentNoiseMask")
+    no_noise_mask(node, latent, "latent", NOISE_MASK)
     space = space_of(model, node)
     if scheduler not in comfy.samplers.KSampler.SCHEDULERS:
         fail(node, "scheduler", f"unknown scheduler {scheduler!r}")

@@ -24,6 +24,7 @@ from ...solvers import Inversion, SolverError, check_record
 from ...solvers.record import NotARecord, check_tensor, real
 from .inputs import fail
 from .model import check_latent, describe, sigma_max, space_of
+from .run import to_model
 
 KEY = "inversion"  # the LATENT key of the record: the inversion, as a dict
 PLAIN = ("it did not come from Invert, or a node on the way rebuilt the LATENT dict and dropped the record. "
@@ -160,8 +161,7 @@ class Record:
     def in_model_space(self, inner, like) -> Inversion:
         """The inversion with its latent ``like`` (the guider's, in model space) and its pair converted
         to model space: what the solvers resume from."""
-        pair = None if self.inv.pair is None else inner.process_latent_in(self.inv.pair.to(like.device, like.dtype))
-        return replace(self.inv, latent=like, pair=pair)
+        return replace(self.inv, latent=like, pair=to_model(inner, self.inv.pair, like))
 
 
 def same_samples(node: str, what: str, have: tuple, recorded: tuple) -> None:

@@ -14,24 +14,26 @@ target follows the source (``target = source``, or outside a locally blended mas
 on ``x*_{k+1}`` exactly and the edit returns the source bit for bit. The prediction of each
 branch is blended guidance (``guidance.Branches``): a whole-image edit is ``mask = 1``.
 
-It applies to single-state methods, whose sampler is Euler (DDIM, naive unsampling,
-fixed-point, AIDI, ReNoise, EasyInv): it needs their kept trajectory. It does not apply to
-BDIA and EDICT: their samplers already retrace the inverted states exactly (the correction
-``c_k`` is float rounding), and their second state (BDIA's previous state, EDICT's twin
-chain) has no trajectory to snap to, so ``edit_direct`` refuses a non-Euler sampler.
+It applies to single-state methods (DDIM, naive unsampling, fixed-point, AIDI, ReNoise,
+EasyInv, RF-Solver, FireFlow): it needs their kept trajectory. It does not apply to BDIA and
+EDICT: their samplers already retrace the inverted states exactly (the correction ``c_k`` is
+float rounding), and their second state (BDIA's previous state, EDICT's twin chain) has no
+trajectory to snap to, so ``edit_direct`` refuses a sampler that resumes from a pair.
 Cost: the two branches' calls per step, as blended guidance; memory: the trajectory.
 """
 
 from ..core import SolverError, check_finite, check_latent, check_schedule, notify, work_dtype
+from ..registry import SAMPLERS
 from .guidance import Branches
 from .masks import check_mask, window
 
 
 def edit_direct(model, trajectory, sigmas, mask, w_inv, w_edit, space="eps", mask_steps=1.0, local_blend=True,
                 extra_args=None, callback=None, sampler="euler"):
-    """Edit along ``trajectory`` (index i at the ascending inversion ``sigmas[i]``); returns (edited, calls)."""
-    if sampler != "euler":
-        raise SolverError(f"DirectInversion applies to single-state methods (Euler sampler); {sampler} already "
+    """Edit along ``trajectory`` (index i at the ascending inversion ``sigmas[i]``); returns (edited, calls).
+    ``sampler``: the name of the inversion's resuming sampler, which must resume from one state."""
+    if sampler not in SAMPLERS or SAMPLERS[sampler].states != 1:
+        raise SolverError(f"DirectInversion applies to single-state methods; {sampler} already "
                           "samples back exactly along its inverted states and its second state has no trajectory "
                           "to snap to: edit it without DirectInversion")
     if trajectory is None or len(trajectory) != len(sigmas):
