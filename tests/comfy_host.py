@@ -295,6 +295,8 @@ def serving(config, dirs, log_path, timeout=120):
            "--user-directory", str(dirs["user"]), "--database-url", "sqlite:///:memory:",
            # only this pack, even where the checkout has others (or this one) in its own custom_nodes
            "--disable-all-custom-nodes", "--whitelist-custom-nodes", "inversion-suite"]
+    if os.environ.get("COMFYUI_FRONTEND_ROOT"):  # another frontend's static folder (a newer release, say)
+        cmd += ["--front-end-root", os.environ["COMFYUI_FRONTEND_ROOT"]]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env.pop("PYTHONPATH", None)
     base = f"http://127.0.0.1:{port}"
@@ -341,3 +343,63 @@ def execute_graph(graph, extra_data=None):
         await ex.execute_async(graph, "r", extra_data=extra_data or {}, execute_outputs=outputs)
         return ex
     return asyncio.run(run())
+
+
+# ---------------------------------------------------------------- the shipped workflows' files
+# Empty placeholder files with the names the shipped workflows load (the server's validation and
+# the frontend only list them), and the inputs they open: a photo whose alpha marks the painted
+# region (LoadImage's MASK is 1 - alpha) and a short clip with its mask clip.
+MODELS = {
+    "checkpoints": ["v1-5-pruned-emaonly.safetensors", "sd3.5_medium.safetensors", "sd_xl_base_1.0.safetensors"],
+    "text_encoders": ["clip_l.safetensors", "clip_g.safetensors", "t5xxl_fp16.safetensors",
+                      "qwen_2.5_vl_7b_fp8_scaled.safetensors", "umt5_xxl_fp8_e4m3fn_scaled.safetensors"],
+    "vae": ["ae.safetensors", "qwen_image_vae.safetensors", "wan2.2_vae.safetensors"],
+    "diffusion_models": ["flux1-dev.safetensors", "qwen_image_fp8_e4m3fn.safetensors", "wan2.2_ti2v_5B_fp16.safetensors"],
+}
+CLIP, CLIP_MASK = "clip.mp4", "clip_mask.mp4"
+
+
+def placeholder_models(base):
+    """The placeholder model files under ``base/<folder>``; returns {folder: its path}."""
+    made = {}
+    for folder, names in MODELS.items():
+        d = pathlib.Path(base) / folder
+        d.mkdir(parents=True, exist_ok=True)
+        for n in names:
+            (d / n).write_bytes(b"")
+        made[folder] = d
+    return made
+
+
+def write_clip(path, frames=5, size=64, mask=False):
+    """An H.264 clip of ``frames`` frames: a moving gradient, or its mask (white right half)."""
+    import av
+    import numpy as np
+
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=8)
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv420p"
+        ramp = np.linspace(0, 255, size, dtype=np.float32)
+        for t in range(frames):
+            if mask:
+                img = np.zeros((size, size, 3), np.uint8)
+                img[:, size // 2 + t % 2:] = 255
+            else:
+                img = np.stack([np.add.outer(ramp, ramp * 0.5 + 8 * t) % 256, np.tile(ramp, (size, 1)),
+                                np.full((size, size), 90.0)], -1).astype(np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+def workflow_inputs(folder):
+    """The files the shipped workflows open, in the input ``folder``."""
+    from PIL import Image
+
+    img = Image.new("RGBA", (64, 64), (120, 90, 60, 255))
+    img.paste((150, 110, 70, 0), (32, 0, 64, 64))  # the painted region: the right half
+    img.save(pathlib.Path(folder) / "example.png")
+    write_clip(pathlib.Path(folder) / CLIP)
+    write_clip(pathlib.Path(folder) / CLIP_MASK, mask=True)

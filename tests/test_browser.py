@@ -36,12 +36,6 @@ ROOT = comfy_host.ROOT
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
 SHOTS = ROOT / "docs" / "screenshots"
 WRITE_SHOTS = os.environ.get("INVERSION_SUITE_SCREENSHOTS") == "1"
-MODELS = {  # placeholder files with the names the workflows use
-    "checkpoints": ["v1-5-pruned-emaonly.safetensors", "sd3.5_medium.safetensors"],
-    "text_encoders": ["clip_l.safetensors", "clip_g.safetensors", "t5xxl_fp16.safetensors"],
-    "vae": ["ae.safetensors"],
-    "diffusion_models": ["flux1-dev.safetensors"],
-}
 NOTES = {"Note", "MarkdownNote"}
 BASE_WIDGETS = {"InversionSuite_Invert": ["method", "steps", "scheduler", "cfg", "denoise", "keep_trajectory"],
                 "InversionSuite_InversionSampler": ["method"]}
@@ -86,21 +80,15 @@ def server(tmp_path_factory):
         (packs / "inversion-suite").symlink_to(ROOT, target_is_directory=True)
     except OSError as e:
         pytest.skip(f"cannot create a symlink to the pack: {e}")
-    models = tmp / "models"
-    for folder, names in MODELS.items():
-        (models / folder).mkdir(parents=True)
-        for n in names:
-            (models / folder / n).write_bytes(b"")
+    models = comfy_host.placeholder_models(tmp / "models")
     lines = ["inversion_suite_test:", f"  base_path: {tmp}", f"  custom_nodes: {packs}"]
-    lines += [f"  {folder}: models/{folder}" for folder in MODELS]
+    lines += [f"  {folder}: models/{folder}" for folder in models]
     config = tmp / "extra_model_paths.yaml"
     config.write_text("\n".join(lines) + "\n")
     dirs = {k: tmp / k for k in ("output", "input", "temp", "user")}
     for d in dirs.values():
         d.mkdir()
-    from PIL import Image
-
-    Image.new("RGB", (64, 64), (120, 90, 60)).save(dirs["input"] / "example.png")
+    comfy_host.workflow_inputs(dirs["input"])
     # A returning user: no first-run template dialog over the canvas.
     (dirs["user"] / "default").mkdir()
     (dirs["user"] / "default" / "comfy.settings.json").write_text(json.dumps({

@@ -13,9 +13,11 @@ templates over HTTP.
 import asyncio
 import json
 import pathlib
+import zlib
 
 import comfy_host  # skips this module where no ComfyUI is found
 import pytest
+import torch
 
 import folder_paths
 import utils.extra_config  # noqa: F401  (before the host's nodes.py, as main.py does)
@@ -27,19 +29,11 @@ ROOT = comfy_host.ROOT
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
 PACK_NODES = {f"InversionSuite_{n}" for n in (
     "Invert", "Reconstruct", "InversionSampler", "BlendedGuidanceSampler", "StochasticEditSampler",
-    "SaveInversion", "LoadInversion", "ReconstructionReport")}
+    "SaveInversion", "LoadInversion", "ReconstructionReport", "FlowEdit", "RFInversionEdit")}
 NOTES = {"Note", "MarkdownNote"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 SEED_NAMES = ("seed", "noise_seed")  # the frontend adds a control widget after these, as after control_after_generate
 UPLOAD_FLAGS = ("image_upload", "video_upload", "audio_upload", "animated_image_upload")
-# Placeholder model files: the standard names the workflows use, empty.
-MODELS = {
-    "checkpoints": ["v1-5-pruned-emaonly.safetensors", "sd3.5_medium.safetensors"],
-    "text_encoders": ["clip_l.safetensors", "clip_g.safetensors", "t5xxl_fp16.safetensors"],
-    "vae": ["ae.safetensors"],
-    "diffusion_models": ["flux1-dev.safetensors"],
-}
-INPUT_IMAGE = "example.png"
 EXPECTED = {  # node types each workflow must contain (the file names are the template browser's titles)
     "Invert and reconstruct (SD1.5)": {
         "CheckpointLoaderSimple", "LoadImage", "VAEEncode", "CLIPTextEncode", "VAEDecode", "InversionSuite_Invert",
@@ -54,7 +48,25 @@ EXPECTED = {  # node types each workflow must contain (the file names are the te
     "Compare five methods (SD1.5)": {
         "CheckpointLoaderSimple", "InversionSuite_Invert", "InversionSuite_Reconstruct",
         "InversionSuite_ReconstructionReport"},
+    "Edit a photo with FlowEdit and RF-Inversion (Flux.1-dev)": {
+        "UNETLoader", "DualCLIPLoader", "VAELoader", "FluxGuidance", "InversionSuite_FlowEdit",
+        "InversionSuite_RFInversionEdit"},
+    "Edit a photo with blended guidance and FlowEdit (Qwen-Image)": {
+        "UNETLoader", "CLIPLoader", "VAELoader", "ModelSamplingAuraFlow", "InversionSuite_Invert",
+        "InversionSuite_BlendedGuidanceSampler", "InversionSuite_FlowEdit"},
+    "Edit a photo with blended guidance and FlowEdit (SDXL)": {
+        "CheckpointLoaderSimple", "InversionSuite_Invert", "InversionSuite_BlendedGuidanceSampler",
+        "InversionSuite_FlowEdit"},
+    "Edit a video clip with a per-frame mask (Wan 2.2)": {
+        "UNETLoader", "CLIPLoader", "VAELoader", "LoadVideo", "GetVideoComponents", "ImageToMask",
+        "InversionSuite_Invert", "InversionSuite_BlendedGuidanceSampler", "InversionSuite_FlowEdit"},
 }
+# The workflows for a family beyond SD1.5 and SD3.5, and the tiny host classes they run on here.
+FAMILY = {"Edit a photo with FlowEdit and RF-Inversion (Flux.1-dev)": "flux",
+          "Edit a photo with blended guidance and FlowEdit (Qwen-Image)": "qwen-image",
+          "Edit a photo with blended guidance and FlowEdit (SDXL)": "sdxl",
+          "Edit a video clip with a per-frame mask (Wan 2.2)": "wan2.2"}
+LOADERS = ("CheckpointLoaderSimple", "UNETLoader", "CLIPLoader", "DualCLIPLoader", "VAELoader")
 
 
 def node_info(name):
@@ -77,19 +89,13 @@ def host(tmp_path_factory):
     """Core nodes, the pack loaded by the host's own loader, placeholder models and an input image."""
     base = tmp_path_factory.mktemp("comfy_files")
     mp = pytest.MonkeyPatch()
-    for folder, names in MODELS.items():
-        d = base / "models" / folder
-        d.mkdir(parents=True)
-        for n in names:
-            (d / n).write_bytes(b"")
+    for folder, d in comfy_host.placeholder_models(base / "models").items():
         exts = folder_paths.folder_names_and_paths[folder][1]
         mp.setitem(folder_paths.folder_names_and_paths, folder, ([str(d)], exts))
     mp.setattr(folder_paths, "filename_list_cache", {})
     inputs = base / "input"
     inputs.mkdir()
-    from PIL import Image
-
-    Image.new("RGB", (64, 64), (120, 90, 60)).save(inputs / INPUT_IMAGE)
+    comfy_host.workflow_inputs(inputs)
     old_input = folder_paths.get_input_directory()
     folder_paths.set_input_directory(str(inputs))
     try:
@@ -166,7 +172,7 @@ def load(path):
         return json.load(f)
 
 
-def test_the_five_workflows_are_there():
+def test_the_workflows_are_there():
     assert {p.stem for p in WORKFLOWS} >= set(EXPECTED)
 
 
@@ -227,6 +233,151 @@ def test_workflow_settings_match_their_purpose(host):
     assert len(set(methods)) == len(methods) >= 3
     assert len(of("Compare five methods (SD1.5)", "InversionSuite_Reconstruct")) == len(methods)
     assert len(of("Compare five methods (SD1.5)", "InversionSuite_ReconstructionReport")) == len(methods)
+
+
+# ---------------------------------------------------------------- the family workflows, run
+# The loaders' real files are many gigabytes, so the graph runs on placeholders the test builds:
+# the family's tiny host model classes (comfy_host), its real VAE architecture at random weights
+# loaded by the host's own comfy.sd.VAE, and a random CONDITIONING per text in the place of the
+# text encoders (a 7B Qwen-VL or a T5 cannot be built small through the host's loader). Everything
+# else (image and mask nodes, ModelSampling*, FluxGuidance, LoadVideo, the pack's nodes, VAE
+# encode and decode, the savers) is the workflow's own, with its own values, images at 64x64.
+def _tiny(family):
+    return {"flux": lambda: comfy_host.tiny_flux(std=0.05), "qwen-image": comfy_host.tiny_qwen,
+            "sdxl": lambda: comfy_host.tiny_sdxl(std=0.05, out_scale=0.1), "wan2.2": comfy_host.tiny_wan22}[family]()
+
+
+def _conditioning(family, text):
+    seed = zlib.crc32(text.encode())
+    if family == "flux":
+        return comfy_host.flux_prompt(seed, tokens=32)
+    return comfy_host.text_prompt(seed, tokens=77 if family == "sdxl" else 32, pooled=family == "sdxl")
+
+
+def _vae(family):
+    """The family's VAE architecture with random weights (norm scales 1, biases 0), through comfy.sd.VAE."""
+    import comfy.ldm.models.autoencoder
+    import comfy.ldm.wan.vae
+    import comfy.ldm.wan.vae2_2
+    import comfy.sd
+
+    wan = dict(dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[], temperal_downsample=[False, True, True],
+               dropout=0.0)
+    if family in ("sdxl", "flux"):
+        z = 4 if family == "sdxl" else 16
+        dd = {"double_z": True, "z_channels": z, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+              "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+        net = comfy.ldm.models.autoencoder.AutoencoderKL(ddconfig=dd, embed_dim=z)
+    elif family == "qwen-image":  # the Wan 2.1 VAE
+        net = comfy.ldm.wan.vae.WanVAE(dim=96, z_dim=16, **wan)
+    else:
+        net = comfy.ldm.wan.vae2_2.WanVAE(dim=160, z_dim=48, **wan)
+    g = torch.Generator().manual_seed(0)
+    sd = {}
+    for k, v in net.state_dict().items():
+        if v.ndim <= 1 or v.numel() == v.shape[0]:
+            sd[k] = torch.ones(v.shape) if k.endswith(("weight", "gamma")) else torch.zeros(v.shape)
+        else:
+            sd[k] = torch.randn(v.shape, generator=g) * (v[0].numel() ** -0.5)
+    return comfy.sd.VAE(sd=sd)
+
+
+def _node(types, run):
+    class Node:
+        CATEGORY, FUNCTION, RETURN_TYPES = "test", "run", types
+
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"clip": ("CLIP",), "text": ("STRING", {"multiline": True})}} if types == (
+                "CONDITIONING",) else {"required": {}}
+
+    Node.run = lambda self, **kw: run(**kw)
+    return Node
+
+
+@pytest.mark.parametrize("name", sorted(FAMILY))
+def test_family_workflow_runs_through_the_executor(name, host, monkeypatch, tmp_path):
+    family = FAMILY[name]
+    model = _tiny(family)
+    if model is None:
+        pytest.skip(f"this host has no {family} model class")
+    vae, clip = _vae(family), object()
+    made = {"MODEL": model, "CLIP": clip, "VAE": vae}
+
+    def encode(clip=None, text=""):
+        assert clip is made["CLIP"]
+        return (_conditioning(family, text),)
+
+    prompt = to_api(load(ROOT / "workflows" / f"{name}.json"), host)
+    for nid, node in prompt.items():
+        kind = node["class_type"]
+        if kind in LOADERS:
+            types = tuple(host[kind]["output"])
+            monkeypatch.setitem(core.NODE_CLASS_MAPPINGS, f"Test{kind}", _node(types, lambda t=types: tuple(made[x] for x in t)))
+            node.update(class_type=f"Test{kind}", inputs={})
+        elif kind == "CLIPTextEncode":
+            monkeypatch.setitem(core.NODE_CLASS_MAPPINGS, "TestEncode", _node(("CONDITIONING",), encode))
+            node["class_type"] = "TestEncode"
+        elif kind == "ImageScale":
+            node["inputs"].update(width=64, height=64)
+    monkeypatch.setattr(folder_paths, "output_directory", str(tmp_path))
+    ex = comfy_host.execute_graph(prompt)
+    assert ex.success, ex.status_messages
+    outputs = ex.history_result["outputs"]
+    saved = [nid for nid, n in prompt.items() if n["class_type"] in ("SaveImage", "SaveAnimatedWEBP")]
+    assert saved and all(outputs[nid]["images"] for nid in saved)
+    for nid in saved:
+        for img in outputs[nid]["images"]:
+            assert (tmp_path / img["subfolder"] / img["filename"]).stat().st_size > 0
+    if family == "wan2.2":  # 5 frames in, 2 latent frames, 5 frames out
+        from PIL import Image
+
+        for nid in saved:
+            frames = Image.open(tmp_path / outputs[nid]["images"][0]["subfolder"] / outputs[nid]["images"][0]["filename"])
+            assert frames.n_frames == 5
+    for nid, n in prompt.items():
+        if n["class_type"] == "InversionSuite_Invert":
+            assert "Round trip measured" in outputs[nid]["text"][0]
+
+
+def test_family_workflows_carry_their_model_files(host):
+    """Each loader names its files with a download URL and models folder, so the frontend offers missing ones."""
+    folder = {"ckpt_name": "checkpoints", "unet_name": "diffusion_models", "clip_name": "text_encoders",
+              "clip_name1": "text_encoders", "clip_name2": "text_encoders", "vae_name": "vae"}
+    for name in FAMILY:
+        for node in load(ROOT / "workflows" / f"{name}.json")["nodes"]:
+            if node["type"] not in LOADERS:
+                continue
+            files = {(folder[k], v) for k, v in to_api({"nodes": [node], "links": []}, host)[str(node["id"])]["inputs"].items()
+                     if k in folder}
+            models = node["properties"].get("models", [])
+            assert {(m["directory"], m["name"]) for m in models} == files, (name, node["type"])
+            assert all(m["url"].startswith("https://huggingface.co/") and m["url"].split("?")[0].endswith(m["name"])
+                       for m in models), (name, models)
+            assert all(f in comfy_host.MODELS[d] for d, f in files)
+
+
+def test_family_workflow_settings(host):
+    by = {p.stem: to_api(load(p), host) for p in WORKFLOWS if p.stem in FAMILY}
+
+    def of(name, kind):
+        return [n["inputs"] for n in by[name].values() if n["class_type"] == kind]
+
+    flux = "Edit a photo with FlowEdit and RF-Inversion (Flux.1-dev)"
+    # guidance-distilled: guidance through FluxGuidance, never a second (cfg) pass
+    for kind in ("InversionSuite_FlowEdit", "InversionSuite_RFInversionEdit"):
+        assert [(i["cfg_source"], i["cfg_target"]) for i in of(flux, kind)] == [(1.0, 1.0)]
+    assert sorted(i["guidance"] for i in of(flux, "FluxGuidance")) == [1.5, 3.5, 5.5]
+    for name, graph in by.items():
+        editors = [n for n in graph.values() if n["class_type"] in (
+            "InversionSuite_FlowEdit", "InversionSuite_RFInversionEdit", "InversionSuite_BlendedGuidanceSampler")]
+        assert editors and all(n["inputs"]["mask_mode"] == "replace" and "mask" in n["inputs"] for n in editors), name
+        if name != flux:  # true guidance: the negative prompt is connected
+            assert all("negative" in n["inputs"] for n in editors), name
+    wan = by["Edit a video clip with a per-frame mask (Wan 2.2)"]
+    mask = next(n for n in wan.values() if n["class_type"] == "ImageToMask")
+    scaled = wan[mask["inputs"]["image"][0]]
+    assert wan[scaled["inputs"]["image"][0]]["class_type"] == "GetVideoComponents"  # one mask per frame of a clip
 
 
 def test_a_bad_widget_value_is_caught(host):
