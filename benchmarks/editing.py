@@ -1,26 +1,41 @@
 """Edit benchmark: label edits inside a region of held-out photo patches, on the bundled TinyUNet.
 
     python benchmarks/editing.py            # the default below: about 4 minutes on 2 cores
-    python benchmarks/editing.py --quick    # 10 steps, cfg_edit 5: a smoke run
+    python benchmarks/editing.py --quick    # cfg_edit 5 and each editor's middle knob only: ~40 s
 
-Each of the 8 held-out 16x16 patches (one per photo, ``data.held_out``) is inverted with its
-own photo's label as the source prompt (cfg 1) and edited towards another photo's label
-(``(label + 4) % 8``) inside the right half (the region); the left half should stay. Editors:
+Each of the 8 held-out 16x16 patches (one per photo, ``data.held_out``) is edited from its own
+photo's label (the source prompt, cfg 1) towards another photo's label (``(label + 4) % 8``)
+inside the right half (the region); the left half should stay. Editors, each swept over its
+own strength knob and over ``cfg_edit`` (3, 5, 7.5) at 10 steps:
 
-- ``peer``: naive unsampling, then Euler sampling with the target label at ``cfg_edit`` over
-  the whole image (FlipSigmas + euler, what ComfyUI users do today);
-- ``ddim+target``: DDIM inversion, then the same whole-image sampling;
-- ``blended``: blended guidance (``solvers.blended``) over the inversion of ``ddim``,
-  ``aidi_anderson``, ``bdia`` or ``edict`` with its own sampler: ``w_inv`` 1 outside,
-  ``cfg_edit`` inside, local blend;
-- ``direct``: DirectInversion (``solvers.direct``) over DDIM inversion's trajectory, with the
-  same blended guidance; ``direct whole``: DirectInversion editing the whole image (mask 1,
-  no blend), as the PnP inversion paper edits;
-- ``stochastic``: four edit-friendly edits (``solvers.editing.stochastic``, eta 1, seeds 0-3) over
-  AIDI-A's trajectory with the same blended guidance; ``best of 4`` keeps the edit the
-  classifier scores highest (as a user picks by eye), ``mean of 4`` averages the four scores.
+- the peers, as users run them today:
+  - ``peer``: naive unsampling, then Euler sampling with the target label at ``cfg_edit`` over
+    the whole image (FlipSigmas + euler); ``ddim+target``: DDIM inversion, the same sampling;
+  - ``inpaint``: core inpainting exactly as the host runs it (VAE Encode -> Set Latent Noise
+    Mask -> KSampler euler at ``denoise`` 0.6, 0.8, 1.0; ``inpaint`` below restates the host's
+    ``KSamplerX0Inpaint``, and ``tests/test_inpaint_peer.py`` proves it equal to the host's
+    KSampler through its executor); ``inpaint_dd``: the same with DifferentialDiffusion and a
+    mask feathered over ``FEATHER`` px across the region's edge;
+  - ``flowedit``: FlowEdit by its official rule (``solvers.editing.flowedit``: n_min 0, n_avg 1,
+    source cfg 1) at ``n_max`` 6, 8, 10 over the whole image, composited by the region's mask
+    (the edit pasted into the region, the source kept outside); ``flowedit whole``: the same
+    not composited;
+  - the seeded peers run seeds 0-3 and report the means;
+- the pack's editors: ``flowedit region``, the pack's FlowEdit with its region (the mask
+  multiplies the velocity difference at every step, so the source stays exactly outside;
+  ``n_max`` as above), and, each over an inversion run part-way (``denoise`` 1.0, 0.8, 0.6: the
+  host's KSampler schedule cut as Invert's ``denoise`` cuts it):
+  - ``blended``: blended guidance (``solvers.editing.blended``) over the inversion of ``ddim``,
+    ``aidi_anderson``, ``bdia`` or ``edict`` with its own sampler: ``w_inv`` 1 outside,
+    ``cfg_edit`` inside, local blend;
+  - ``direct``: DirectInversion (``solvers.editing.direct``) over DDIM inversion's trajectory,
+    with the same blended guidance; ``direct whole``: DirectInversion editing the whole image
+    (mask 1, no blend), as the PnP inversion paper edits;
+  - ``stochastic``: four edit-friendly edits (``solvers.editing.stochastic``, eta 1, seeds 0-3)
+    over AIDI-A's trajectory with the same blended guidance; ``best of 4`` keeps the edit the
+    classifier scores highest (as a user picks by eye), ``mean of 4`` averages the four.
 
-Measures, in the model's own space (pixels in [-1, 1], no VAE):
+Measures, in the model's own space (pixels in [-1, 1], no VAE), means over the patches:
 
 - ``background_psnr`` / ``background_ssim``: the left half against the source (PSNR with the
   mse floored at 1e-30, so 306 dB means bit for bit; SSIM by scikit-image, 7x7 window);
@@ -29,13 +44,22 @@ Measures, in the model's own space (pixels in [-1, 1], no VAE):
   (downsampled pixels, colour histograms, channel means and deviations; seeded, so the same
   classifier every run). It never sees the diffusion model. ``source_strength``: the same
   probability for the unedited source, the floor;
+- ``structure``: the layout kept inside the region, ``metrics.structure``: the correlation of
+  the 2x2-mean luminance of the edited right half with the source's, each centred and
+  normalised (the source scores 1, unrelated patches about 0);
+- ``seam_ratio``: ``metrics.seam_ratio``: the mean step across the region's edge over the mean
+  step between neighbouring columns elsewhere (the source scores about 1.1);
 - ``nfe``: denoiser calls of inversion plus edit as the host counts them (one guided call
   is one, though cfg != 0, 1 runs the network on both halves); ``net`` counts network
-  passes over the batch (a guided call is two).
+  passes over the batch (a guided call is two);
+- ``setting``: the editor's own knob and its value (``{"denoise": 0.8}``, ``{"n_max": 8}``;
+  the whole-image peers: ``{"cfg_edit": 5}``); ``frontier``: whether no other setting of the
+  same editor (same space and steps) is at least as strong and keeps at least as much
+  structure, and better in one.
 
-The default runs 10, 20 and 50 steps at ``cfg_edit`` 5 and, at 10 steps, also 3 and 7.5 for
-the strength-against-background plot. Writes editing.json, editing.md, edit_tradeoff.png
-and edit_grid.png to --out.
+The default runs 10 steps, the whole sweep (162 runs). ``--steps 10 20 50`` adds the other step
+counts at cfg_edit 5 (every knob). Measured: 248 s wall on this project's 2-core machine (shared).
+Writes editing.json, editing.md, edit_tradeoff.png and edit_grid.png to --out.
 """
 
 from __future__ import annotations
@@ -51,9 +75,30 @@ import time
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 HERE = pathlib.Path(__file__).resolve().parent
-EDITORS = ("peer", "ddim+target", "blended ddim", "blended aidi_anderson", "blended bdia", "blended edict", "direct",
-           "direct whole", "stochastic best of 4", "stochastic mean of 4")
+PEERS = ("peer", "ddim+target", "inpaint", "inpaint_dd", "flowedit", "flowedit whole")
+PACK = ("flowedit region", "blended ddim", "blended aidi_anderson", "blended bdia", "blended edict", "direct", "direct whole",
+        "stochastic best of 4", "stochastic mean of 4")
+EDITORS = PEERS + PACK
 SEEDS = (0, 1, 2, 3)
+CFGS = (3.0, 5.0, 7.5)
+DENOISE = (1.0, 0.8, 0.6)
+N_MAX = (6, 8, 10)  # at 10 steps; other step counts scale them
+FEATHER = 4  # px: inpaint_dd's mask ramps linearly over the 4 columns around the region's edge
+SIGMA_MAX = {"eps": 14.6, "flow": 1.0}  # the schedules' top: the benchmark model's sigma_max
+
+
+def knobs(editor, steps):
+    """The editor's own strength settings at ``steps``."""
+    if editor in ("peer", "ddim+target"):
+        return [{}]
+    if editor.startswith("flowedit"):
+        return [{"n_max": max(1, round(k * steps / 10))} for k in N_MAX]
+    return [{"denoise": d} for d in DENOISE]
+
+
+def middle(editor, steps):
+    """The knob's middle setting (the quick run's, and the grid's): denoise 1, n_max 8 of 10."""
+    return knobs(editor, steps)[1 if editor.startswith("flowedit") else 0]
 
 
 class Counted:
@@ -67,6 +112,113 @@ class Counted:
         self.net += 1 if label is None or cfg in (0, 1) else 2
         return self.model(x, sigma, label=label, cfg=cfg)
 
+
+# -- the host's inpainting, restated ----------------------------------------------------------
+
+class Discrete:
+    """SD1.x's discrete schedule as the host's ``ModelSamplingDiscrete`` holds it (scaled-linear
+    betas 0.00085..0.012, 1000 steps; float32 sigmas): ``timestep`` is the nearest index in
+    log sigma, as the host's; DifferentialDiffusion reads it on EPS models."""
+
+    def __init__(self, start=0.00085, end=0.012, n=1000):
+        import torch
+        betas = torch.linspace(start ** 0.5, end ** 0.5, n, dtype=torch.float64) ** 2
+        ac = torch.cumprod(1.0 - betas, 0)
+        sigmas = ((1 - ac) / ac) ** 0.5
+        self.sigmas, self.log_sigmas = sigmas.float(), sigmas.log().float()
+        self.sigma_min = self.sigmas[0]
+
+    def timestep(self, sigma):
+        d = sigma.log().to(self.log_sigmas.device) - self.log_sigmas[:, None]
+        return d.abs().argmin(dim=0).view(sigma.shape).to(sigma.device)
+
+
+class Flow:
+    """A flow model's ``ModelSamplingDiscreteFlow`` (shift 1, multiplier 1000): ``timestep`` is
+    ``1000 sigma``, ``sigma_min`` its first table entry (1/1000)."""
+
+    sigma_min = 1e-3
+
+    @staticmethod
+    def timestep(sigma):
+        return sigma * 1000
+
+
+def differential(sampling, sigma, mask, sigmas):
+    """DifferentialDiffusion's per-call mask (strength 1), as the host's node computes it: the
+    soft mask thresholded at the current timestep's place between the schedule's first sigma
+    and ``sigma_min``, so a pixel joins the region once the noise level falls to its value."""
+    ts = sampling.timestep
+    to = sampling.sigma_min if not sigmas[-1] > sampling.sigma_min else sigmas[-1]
+    ts_from, ts_to, now = ts(sigmas[0]), ts(to), ts(sigma[0])
+    threshold = (now - ts_to) / (ts_from - ts_to)
+    return (mask >= threshold).to(mask.dtype)
+
+
+def noise_scaling(space, sigma, noise, latent, max_denoise=False):
+    """The host's model sampling: the noised latent at ``sigma`` (EPS ``x + sigma e``, at the
+    schedule's top ``x + sqrt(1 + sigma^2) e``; flow ``(1 - sigma) x + sigma e``)."""
+    if space == "flow":
+        return sigma * noise + (1.0 - sigma) * latent
+    import torch
+    return noise * (torch.sqrt(1.0 + sigma ** 2.0) if max_denoise else sigma) + latent
+
+
+def inpaint(model, latent, noise, sigmas, mask, *, space="eps", max_denoise=False, sampling=None, extra_args=None):
+    """Core inpainting, the host's rule: KSampler (euler) over ``latent`` with a noise mask.
+
+    ``sigmas``: KSampler's descending schedule (denoise included, ending at 0); ``noise``: the
+    seeded initial noise (``comfy.sample.prepare_noise``); ``mask``: the latent noise mask,
+    (B or 1, 1, H, W) in [0, 1]; ``max_denoise``: the schedule starts at the model's
+    sigma_max. The start is ``noise_scaling(sigmas[0])``; each Euler call (the host's
+    ``KSamplerX0Inpaint``) feeds the model ``x m + noised(latent, sigma) (1 - m)`` and takes
+    its output as ``D m + latent (1 - m)``, the step ``x + (sigma' - sigma)(x - D) / sigma``.
+    ``sampling`` (``Discrete()``, ``Flow()`` or a host's ``model_sampling``) turns on
+    DifferentialDiffusion: ``m`` is ``differential`` of the mask at each call. Returns
+    (latent, model calls).
+    """
+    import torch
+    extra = extra_args or {}
+    s_in = latent.new_ones([latent.shape[0]])
+    x = noise_scaling(space, sigmas[0], noise, latent, max_denoise)
+    calls = 0
+    for i in range(len(sigmas) - 1):
+        sigma = sigmas[i]
+        m = mask if sampling is None else differential(sampling, sigma * s_in, mask, sigmas)
+        keep = 1.0 - m
+        xin = x * m + noise_scaling(space, sigma, noise, latent) * keep
+        den = model(xin, sigma * s_in, **extra)
+        calls += 1
+        den = den * m + latent * keep
+        x = x + (x - den) / sigma * (sigmas[i + 1] - sigma)
+    if not torch.isfinite(x).all():
+        raise RuntimeError("inpaint: the output is not finite")
+    return x, calls
+
+
+def host_sigmas(space, steps, denoise):
+    """KSampler's descending schedule at ``denoise``: the last ``steps + 1`` of ``steps / denoise``."""
+    from .reconstruction import schedule
+    total = steps if denoise > 0.9999 else int(steps / denoise)
+    return schedule(space, total)[:steps + 1].flip(0)
+
+
+def seeded_noise(shape, seed):
+    """``comfy.sample.prepare_noise``'s draw: the CPU generator seeded with ``seed``."""
+    import torch
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def feathered(mask, width=FEATHER):
+    """The right-half mask with a linear ramp over ``width`` columns centred on its edge."""
+    import torch
+    w = mask.shape[-1]
+    edge = int(mask[0, 0, 0].argmax())
+    cols = torch.arange(w, dtype=mask.dtype) + 0.5
+    return ((cols - edge) / width + 0.5).clamp(0, 1).expand(mask.shape).clone()
+
+
+# -- running the editors ----------------------------------------------------------------------
 
 def features(x):
     """Classifier features of (n, 3, h, w) regions: 2x2-mean pixels, 8-bin channel histograms, means, stds."""
@@ -97,25 +249,91 @@ def strength(clf, regions, labels):
     return p[np.arange(len(labels)), labels.numpy()]
 
 
-def run_editor(editor, model, x, src, tgt, mask, space, n, cfg_edit, clf, region):
-    """One editor on the batch; returns (edited batch, extra row fields)."""
-    from ..solvers import invert, sampler_for
+class Bench:
+    """The fixed inputs of a run and its measures; inversions shared between editors."""
+
+    def __init__(self, x, src, tgt, mask, clf):
+        self.x, self.src, self.tgt, self.mask, self.clf = x, src, tgt, mask, clf
+        self.inversions = {}
+
+    def region(self, t):
+        return t[..., 8:]
+
+    def keep(self, t):
+        return t[..., :8]
+
+    def measure(self, out):
+        """Per-patch measures of an edited batch."""
+        from ..solvers import metrics
+        from .reconstruction import psnr, ssim
+        return {"background_psnr": psnr(self.keep(out), self.keep(self.x)).numpy(),
+                "background_ssim": ssim(self.keep(out), self.keep(self.x)).numpy(),
+                "edit_strength": strength(self.clf, self.region(out), self.tgt),
+                "structure": metrics.structure(self.region(self.x), self.region(out)).numpy(),
+                "seam_ratio": metrics.seam_ratio(out, self.mask).numpy()}
+
+    def invert(self, model, method, space, steps, denoise, trajectory):
+        """The source's inversion at ``denoise`` (cached), and its wall seconds."""
+        from ..solvers import invert
+        key = (space, steps, method, denoise, trajectory)
+        if key not in self.inversions:
+            t0 = time.perf_counter()
+            sig = host_sigmas(space, steps, denoise).flip(0)
+            inv = invert(method, model, self.x, sig, {"label": self.src, "cfg": 1.0}, space=space,
+                         keep_trajectory=trajectory)
+            self.inversions[key] = (inv, time.perf_counter() - t0)
+        return self.inversions[key]
+
+
+def mean(measures):
+    """Each measure's mean over the patches (and the seeds' runs, given a list)."""
+    import numpy as np
+    measures = measures if isinstance(measures, list) else [measures]
+    return {k: float(np.mean([m[k] for m in measures])) for k in measures[0]}
+
+
+def run_editor(editor, model, bench, space, n, cfg_edit, setting):
+    """One editor at one setting on the batch; returns (rows' fields, {editor: shown batch})."""
+    import numpy as np
+    from ..solvers import sampler_for
     from ..solvers.editing.blended import edit_blended
     from ..solvers.editing.direct import edit_direct
+    from ..solvers.editing.flowedit import edit_flowedit
     from ..solvers.editing.guidance import TwoPrompts
     from ..solvers.editing.stochastic import edit_stochastic
     from ..solvers.methods.euler import sample_euler
-    from .reconstruction import schedule
-    sig = schedule(space, n)
-    two = TwoPrompts(model, {"label": src}, {"label": tgt})
+    b = bench
+    x, mask, tgt = b.x, b.mask, {"label": b.tgt, "cfg": cfg_edit}
+    two = TwoPrompts(model, {"label": b.src}, {"label": b.tgt})
+    c0, k0, t0 = model.calls, model.net, time.perf_counter()
+    extra, inv_seconds = {"inversion": "", "nfe_inversion": 0, "net_inversion": 0}, 0.0
+    if editor.startswith(("inpaint", "flowedit")):
+        runs, out = [], None
+        for seed in SEEDS:
+            if editor.startswith("inpaint"):
+                sig = host_sigmas(space, n, setting["denoise"])
+                top = float(sig[0]) >= SIGMA_MAX[space] * (1 - 1e-5)
+                sampling = None if editor == "inpaint" else (Discrete() if space == "eps" else Flow())
+                m = mask if editor == "inpaint" else feathered(mask)
+                e, _ = inpaint(model, x, seeded_noise(x.shape, seed), sig.float(), m, space=space,
+                               max_denoise=top, sampling=sampling, extra_args=tgt)
+            else:
+                e, _ = edit_flowedit(two, x, host_sigmas(space, n, 1.0), 1.0, cfg_edit, n_max=setting["n_max"],
+                                     seed=seed, mask=mask if editor == "flowedit region" else None, space=space)
+                if editor == "flowedit":  # the whole-image edit pasted into the region
+                    e = x + mask * (e - x)
+            runs.append(b.measure(e))
+            out = e if out is None else out
+        calls, net = (model.calls - c0) // len(SEEDS), (model.net - k0) // len(SEEDS)
+        return dict(mean(runs), nfe_edit=calls, net_edit=net, **extra), out, time.perf_counter() - t0
     method = {"peer": "naive_unsample", "ddim+target": "ddim", "direct": "ddim", "direct whole": "ddim"}.get(
         editor, editor.split()[-1] if editor.startswith("blended") else "aidi_anderson")
-    inv = invert(method, model, x, sig, {"label": src, "cfg": 1.0}, space=space,
-                 keep_trajectory=editor.startswith(("direct", "stochastic")))
+    denoise = setting.get("denoise", 1.0)
+    inv, inv_seconds = b.invert(model, method, space, n, denoise, editor.startswith(("direct", "stochastic")))
+    extra = {"inversion": method, "nfe_inversion": inv.nfe, "net_inversion": inv.nfe}  # inverted at cfg 1
     c0, k0 = model.calls, model.net
-    extra = {"inversion": method, "nfe_inversion": inv.nfe}
     if editor in ("peer", "ddim+target"):
-        out = sample_euler(model, inv.latent, inv.sigmas.flip(0), {"label": tgt, "cfg": cfg_edit}, space=space)
+        out = sample_euler(model, inv.latent, inv.sigmas.flip(0), tgt, space=space)
     elif editor.startswith("blended"):
         fn, kw = sampler_for(inv.sampler, inv.settings)
         out, _ = edit_blended(two, inv.latent, inv.sigmas.flip(0), mask, 1.0, cfg_edit, sampler=fn, sampler_args=kw,
@@ -127,206 +345,267 @@ def run_editor(editor, model, x, src, tgt, mask, space, n, cfg_edit, clf, region
                              local_blend=False)
     else:
         edits, _, _ = edit_stochastic(two, inv.trajectory, inv.sigmas, mask, 1.0, cfg_edit, SEEDS, space=space)
-        b = x.shape[0]
-        per = [strength(clf, region(edits[j * b:(j + 1) * b]), tgt) for j in range(len(SEEDS))]
-        import numpy as np
-        pick = np.argmax(np.stack(per), 0)
-        out = edits.view(len(SEEDS), b, *x.shape[1:])[pick, range(b)]
-        extra["strength_mean_of_4"] = float(np.mean(per))
-    extra["nfe_edit"] = model.calls - c0
-    extra["net"] = inv.nfe + model.net - k0  # the inversion runs at cfg 1: one pass per call
-    return out, extra
+        k = x.shape[0]
+        runs = [b.measure(edits[j * k:(j + 1) * k]) for j in range(len(SEEDS))]
+        pick = np.argmax(np.stack([r["edit_strength"] for r in runs]), 0)
+        out = edits.view(len(SEEDS), k, *x.shape[1:])[pick, range(k)]
+        extra["mean_of_4"] = mean(runs)
+    fields = dict(mean(b.measure(out)), nfe_edit=model.calls - c0, net_edit=model.net - k0, **extra)
+    return fields, out, time.perf_counter() - t0 + inv_seconds
 
 
-def benchmark(spaces=("eps", "flow"), steps=(10, 20, 50), cfgs=(5.0,), sweep=(3.0, 7.5), batch=8, weights=None,
-              editors=EDITORS, progress=True):
-    """Every (space, steps, cfg_edit, editor); returns (rows, {key: edited batch}, (x, labels, targets, mask))."""
-    jobs = [(s, n, w) for s in spaces for n in steps for w in cfgs]
-    jobs += [(s, min(steps), w) for s in spaces for w in sweep if w not in cfgs]
-    runs = [e for e in editors if e != "stochastic mean of 4"]
+def jobs_for(spaces, steps, cfgs, editors):
+    """(space, steps, cfg_edit, editor, setting): the whole sweep at the fewest steps, cfg_edit 5
+    (every knob) at the others."""
+    few = min(steps)
+    out = []
+    for s in spaces:
+        for n in steps:
+            for e in editors:
+                if e == "stochastic mean of 4":
+                    continue
+                for k in knobs(e, n):
+                    for w in (cfgs if n == few else [c for c in cfgs if c == 5.0] or cfgs[:1]):
+                        out.append((s, n, w, e, k))
+    return out
+
+
+def benchmark(spaces=("eps", "flow"), steps=(10,), cfgs=CFGS, batch=8, weights=None, editors=EDITORS, progress=True,
+              quick=False):
+    """Every job; returns (rows, {(space, steps, cfg, editor, setting): shown batch}, (x, labels, targets, mask))."""
+    jobs = jobs_for(spaces, steps, cfgs, editors)
+    if quick:
+        jobs = [j for j in jobs if j[4] == middle(j[3], j[1])]
     bar = None
     if progress:  # from the first second: the set-up below takes about half a minute
         from tqdm import tqdm
-        bar = tqdm(total=len(jobs) * len(runs), desc="edit benchmark", unit="run")
+        bar = tqdm(total=len(jobs), desc="edit benchmark", unit="run")
         bar.set_postfix_str("loading the held-out patches and the model")
     import torch
     from .data import held_out
-    from .reconstruction import psnr, ssim
     from .tinyunet import load
     x, src = held_out(batch)
     tgt = (src + 4) % 8
     mask = torch.zeros(1, 1, 16, 16)
     mask[..., 8:] = 1
-    region, keep = (lambda t: t[..., 8:]), (lambda t: t[..., :8])
     if bar is not None:
         bar.set_postfix_str("training the edit-strength classifier (4000 patches)")
-    clf = classifier(region)
+    bench = Bench(x, src, tgt, mask, classifier(lambda t: t[..., 8:]))
+    floor = float(strength(bench.clf, bench.region(x), tgt).mean())
     rows, outs, models = [], {}, {}
-    floor = strength(clf, region(x), tgt)
-    for s, n, w in jobs:
+    for s, n, w, e, k in jobs:
         if s not in models:
             models[s] = Counted(load(s, (weights or {}).get(s)))
-        for e in runs:
-            if bar is not None:
-                bar.set_postfix_str(f"{s} {n} steps cfg {w:g} {e}")
-            t0 = time.perf_counter()
-            out, extra = run_editor(e, models[s], x, src, tgt, mask, s, n, w, clf, region)
-            row = {"space": s, "steps": n, "cfg_edit": w, "editor": e, "inversion": extra["inversion"],
-                   "background_psnr": float(psnr(keep(out), keep(x)).mean()),
-                   "background_ssim": float(ssim(keep(out), keep(x)).mean()),
-                   "edit_strength": float(strength(clf, region(out), tgt).mean()),
-                   "source_strength": float(floor.mean()),
-                   "nfe": extra["nfe_inversion"] + extra["nfe_edit"], "nfe_inversion": extra["nfe_inversion"],
-                   "nfe_edit": extra["nfe_edit"], "net": extra["net"], "seconds": time.perf_counter() - t0}
-            rows.append(row)
-            outs[(s, n, w, e)] = out
-            if "strength_mean_of_4" in extra:
-                rows.append(dict(row, editor="stochastic mean of 4", edit_strength=extra["strength_mean_of_4"]))
-            if bar is not None:
-                bar.update()
+        if bar is not None:
+            bar.set_postfix_str(f"{s} {n} steps cfg {w:g} {e} {k}")
+        fields, out, seconds = run_editor(e, models[s], bench, s, n, w, k)
+        setting = dict(k) if k else {"cfg_edit": w}
+        later = fields.pop("mean_of_4", None)
+        row = {"space": s, "steps": n, "cfg_edit": w, "editor": e, "setting": setting, **fields,
+               "source_strength": floor}
+        row["nfe"] = row["nfe_inversion"] + row["nfe_edit"]
+        row["net"] = row.pop("net_inversion") + row.pop("net_edit")
+        row["seconds"] = seconds
+        rows.append(row)
+        outs[(s, n, w, e, json.dumps(setting))] = out
+        if later is not None:
+            rows.append(dict(row, editor="stochastic mean of 4", **later))
+        if bar is not None:
+            bar.update()
     if bar is not None:
         bar.close()
+    mark_frontier(rows)
     return rows, outs, (x, src, tgt, mask)
 
 
-def claims(rows, steps=10, within=0.05, margin=10.0):
-    """Per space at ``steps``, two readings of "the pack's best editor keeps the background at least
-    ``margin`` dB better than the peer at an edit strength at most ``within`` below the peer's":
+def mark_frontier(rows):
+    """``frontier``: no other row of the same (space, steps, editor) is at least as strong and as
+    structured, and better in one."""
+    for r in rows:
+        same = [q for q in rows if (q["space"], q["steps"], q["editor"]) == (r["space"], r["steps"], r["editor"])]
+        a, s = r["edit_strength"], r["structure"]
+        r["frontier"] = not any(q["edit_strength"] >= a and q["structure"] >= s and
+                                (q["edit_strength"] > a or q["structure"] > s) for q in same)
 
-    - ``same cfg``: at each cfg_edit, the pack's editors against the peer at that cfg;
-    - ``matched strength``: the pack's deterministic editors (no best-of-4 pick) at any cfg_edit
-      against the peer at its strongest cfg_edit.
 
-    The best editor is the one with the highest background PSNR among those close enough in
-    strength."""
+def compare(rows, steps=10, within=0.02):
+    """Per space, each frontier point of an honest peer (inpainting, FlowEdit composited) against
+    the pack's inversion-based editors (not its FlowEdit, nor the best-of-4 pick) at no weaker edit (strength at most ``within`` below): the one keeping the
+    most structure, its structure, background, seam and calls against the peer's."""
     out = []
-    pack = lambda r: r["editor"] not in ("peer", "stochastic mean of 4")
-    for s in dict.fromkeys(r["space"] for r in rows):
-        here = [r for r in rows if r["space"] == s and r["steps"] == steps]
-        peers = [r for r in here if r["editor"] == "peer"]
-        cases = [("same cfg", p, [r for r in here if r["cfg_edit"] == p["cfg_edit"] and pack(r)]) for p in peers]
-        if peers:
-            strongest = max(peers, key=lambda r: r["edit_strength"])
-            cases.append(("matched strength", strongest,
-                          [r for r in here if pack(r) and not r["editor"].startswith("stochastic")]))
-        for how, peer, cands in cases:
-            ok = [r for r in cands if r["edit_strength"] >= peer["edit_strength"] - within]
-            best = max(ok, key=lambda r: r["background_psnr"], default=None)
-            out.append({"space": s, "steps": steps, "how": how, "peer_cfg": peer["cfg_edit"],
-                        "peer_psnr": peer["background_psnr"], "peer_strength": peer["edit_strength"],
-                        "best": best and best["editor"], "best_cfg": best and best["cfg_edit"],
-                        "best_psnr": best and best["background_psnr"], "best_strength": best and best["edit_strength"],
-                        "margin_db": best and best["background_psnr"] - peer["background_psnr"],
-                        "holds": bool(best and best["background_psnr"] - peer["background_psnr"] >= margin)})
+    pack = [r for r in rows if r["editor"] in PACK and r["steps"] == steps and
+            r["editor"] not in ("flowedit region", "stochastic best of 4")]
+    for r in rows:
+        if r["steps"] != steps or r["editor"] not in ("inpaint", "inpaint_dd", "flowedit") or not r["frontier"]:
+            continue
+        ok = [q for q in pack if q["space"] == r["space"] and q["edit_strength"] >= r["edit_strength"] - within]
+        best = max(ok, key=lambda q: q["structure"], default=None)
+        c = {"space": r["space"], "steps": steps, "peer": r["editor"], "peer_setting": r["setting"],
+             "peer_cfg": r["cfg_edit"], **{f"peer_{k}": r[k] for k in ("edit_strength", "structure", "background_psnr",
+                                                                        "seam_ratio", "nfe")}}
+        if best is not None:
+            c.update(pack=best["editor"], pack_setting=best["setting"], pack_cfg=best["cfg_edit"],
+                     **{f"pack_{k}": best[k] for k in ("edit_strength", "structure", "background_psnr", "seam_ratio",
+                                                       "nfe")})
+            c["structure_gain"] = best["structure"] - r["structure"]
+        out.append(c)
     return out
 
 
 # -- reporting ------------------------------------------------------------------------
 
+def fmt_setting(r):
+    k = r["setting"]
+    knob = ", ".join(f"{a} {v:g}" for a, v in k.items() if a != "cfg_edit")
+    return f"{knob}, cfg {r['cfg_edit']:g}" if knob else f"cfg {r['cfg_edit']:g}"
+
+
 def table(rows):
-    """Markdown: per space, editors down; background PSNR / SSIM / strength / NFE per step count across."""
+    """Markdown: per (space, steps) one table, every editor at every setting; frontier points marked."""
     out = []
-    steps = sorted(set(r["steps"] for r in rows))
     for s in dict.fromkeys(r["space"] for r in rows):
-        for w in sorted(set(r["cfg_edit"] for r in rows if r["space"] == s)):
-            here = [r for r in rows if r["space"] == s and r["cfg_edit"] == w]
-            cols = [n for n in steps if any(r["steps"] == n for r in here)]
-            floor = here[0]["source_strength"]
-            out.append(f"\n**{s.upper()}, cfg_edit {w:g}** (background PSNR dB / SSIM / edit strength / NFE; "
-                       f"unedited source's strength {floor:.3f})\n")
-            out.append("| editor | inversion | " + " | ".join(f"{n} steps" for n in cols) + " |")
-            out.append("|---|---|" + "---|" * len(cols))
-            for e in dict.fromkeys(r["editor"] for r in here):
-                cells = []
-                for n in cols:
-                    r = next((q for q in here if q["editor"] == e and q["steps"] == n), None)
-                    cells.append("" if r is None else f"{r['background_psnr']:.1f} / {r['background_ssim']:.3f} / "
-                                                      f"{r['edit_strength']:.3f} / {r['nfe']}")
-                inv = next(q["inversion"] for q in here if q["editor"] == e)
-                out.append(f"| {e} | {inv} | " + " | ".join(cells) + " |")
+        for n in sorted(set(r["steps"] for r in rows if r["space"] == s)):
+            here = [r for r in rows if r["space"] == s and r["steps"] == n]
+            out.append(f"\n**{s.upper()}, {n} steps** (unedited source's strength {here[0]['source_strength']:.3f}; "
+                       "F: on the editor's frontier of strength against structure)\n")
+            out.append("| editor | setting | inversion | background dB / SSIM | strength | structure | seam ratio | "
+                       "NFE | F |")
+            out.append("|---|---|---|---|---|---|---|---|---|")
+            for r in here:
+                out.append(f"| {r['editor']} | {fmt_setting(r)} | {r['inversion'] or '-'} | "
+                           f"{r['background_psnr']:.1f} / {r['background_ssim']:.3f} | {r['edit_strength']:.3f} | "
+                           f"{r['structure']:.3f} | {r['seam_ratio']:.2f} | {r['nfe']} | "
+                           f"{'F' if r['frontier'] else ''} |")
     return "\n".join(out) + "\n"
 
 
-def claims_table(cl):
-    out = ["| space | steps | comparison | peer cfg: PSNR / strength | best pack editor (cfg) | its PSNR / strength | "
-           "margin | >= 10 dB |", "|---|---|---|---|---|---|---|---|"]
-    for c in cl:
-        best = "none within 0.05" if c["best"] is None else f"{c['best']} ({c['best_cfg']:g})"
-        vals = "" if c["best"] is None else f"{c['best_psnr']:.1f} / {c['best_strength']:.3f}"
-        marg = "" if c["best"] is None else f"{c['margin_db']:.1f} dB"
-        out.append(f"| {c['space']} | {c['steps']} | {c['how']} | {c['peer_cfg']:g}: {c['peer_psnr']:.1f} / "
-                   f"{c['peer_strength']:.3f} | {best} | {vals} | {marg} | {'yes' if c['holds'] else 'no'} |")
+def compare_table(cmp):
+    out = ["| space | peer (setting) | its strength / structure / background dB / seam / NFE | pack's best at no "
+           "weaker edit (setting) | its strength / structure / background dB / seam / NFE | structure gain |",
+           "|---|---|---|---|---|---|"]
+    for c in cmp:
+        peer = f"{c['peer']} ({', '.join(f'{a} {v:g}' for a, v in c['peer_setting'].items())}, cfg {c['peer_cfg']:g})"
+        pv = (f"{c['peer_edit_strength']:.3f} / {c['peer_structure']:.3f} / {c['peer_background_psnr']:.1f} / "
+              f"{c['peer_seam_ratio']:.2f} / {c['peer_nfe']}")
+        if "pack" not in c:
+            out.append(f"| {c['space']} | {peer} | {pv} | none within 0.02 | | |")
+            continue
+        pack = f"{c['pack']} ({', '.join(f'{a} {v:g}' for a, v in c['pack_setting'].items())}, cfg {c['pack_cfg']:g})"
+        kv = (f"{c['pack_edit_strength']:.3f} / {c['pack_structure']:.3f} / {c['pack_background_psnr']:.1f} / "
+              f"{c['pack_seam_ratio']:.2f} / {c['pack_nfe']}")
+        out.append(f"| {c['space']} | {peer} | {pv} | {pack} | {kv} | {c['structure_gain']:+.3f} |")
     return "\n".join(out) + "\n"
+
+
+FAMILIES = {  # one colour per family of editors; a marker and a line style per editor in it
+    "peer": ("0.45", ("peer", "ddim+target")),
+    "inpainting": ("tab:blue", ("inpaint", "inpaint_dd")),
+    "FlowEdit": ("tab:green", ("flowedit", "flowedit whole", "flowedit region")),
+    "blended": ("tab:orange", ("blended ddim", "blended aidi_anderson", "blended bdia", "blended edict")),
+    "DirectInversion": ("tab:purple", ("direct", "direct whole")),
+    "stochastic": ("tab:red", ("stochastic best of 4", "stochastic mean of 4")),
+}
+
+
+def style(editor):
+    for colour, names in FAMILIES.values():
+        if editor in names:
+            k = names.index(editor)
+            return dict(color=colour, marker="osD^"[k], ls=("-", "--", "-.", ":")[k])
+    return dict(color="black", marker="x", ls="-")
 
 
 def plot(rows, file, steps=10, cap=120.0):
-    """Background PSNR against edit strength at ``steps``; a line per editor through its cfg_edit values,
-    a panel per space. Editors at or above ``cap`` (bit for bit is 306 dB) are drawn hollow, each in a
-    lane of its own above the cap, so that they do not stack into one line."""
+    """Per space (columns) at ``steps``: structure against edit strength (top) and background PSNR
+    against edit strength (bottom). Every setting is a small faint marker; each editor's frontier
+    of strength against structure is a line through its frontier points, drawn in both panels.
+    Background PSNR at or above ``cap`` dB (306 = bit for bit) is drawn hollow in a lane of its own
+    per editor above the cap."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
-    from .reconstruction import save
     spaces = list(dict.fromkeys(r["space"] for r in rows))
-    fig, axes = plt.subplots(1, len(spaces), figsize=(6.2 * len(spaces), 5.4), squeeze=False)
-    cmap = plt.get_cmap("tab10")
-    names = list(dict.fromkeys(r["editor"] for r in rows))
+    names = [e for e in EDITORS if any(r["editor"] == e for r in rows)]
+    fig, axes = plt.subplots(2, len(spaces), figsize=(6.0 * len(spaces) + 2.6, 10.0), squeeze=False)
     for i, s in enumerate(spaces):
-        ax = axes[0][i]
-        lane = 0
-        for k, e in enumerate(names):
-            pts = sorted((r["cfg_edit"], r["edit_strength"], r["background_psnr"]) for r in rows
-                         if r["space"] == s and r["steps"] == steps and r["editor"] == e)
-            if not pts:
+        top, bottom = axes[0][i], axes[1][i]
+        lanes = [e for e in names if any(r["background_psnr"] >= cap for r in rows
+                                         if r["space"] == s and r["steps"] == steps and r["editor"] == e)]
+        for e in names:
+            here = [r for r in rows if r["space"] == s and r["steps"] == steps and r["editor"] == e]
+            if not here:
                 continue
-            capped = all(p[2] >= cap for p in pts)
-            if capped:
-                lane += 1
-            ys = [cap + 6 * lane if capped else min(p[2], cap) for p in pts]
-            ax.plot([p[1] for p in pts], ys, marker="os^Dv<>phX"[k % 10], ms=5, lw=1.2, color=cmap(k % 10),
-                    mfc="none" if capped else cmap(k % 10), label=e,
-                    ls="--" if e in ("peer", "ddim+target") else "-")
-            for (w, a, _), y in zip(pts, ys):
-                ax.annotate(f"{w:g}", (a, y), fontsize=6, xytext=(2, 3), textcoords="offset points")
+            st = style(e)
+            lane = cap + 5 * (lanes.index(e) + 1) if e in lanes else None
+            bg = lambda r: lane if r["background_psnr"] >= cap else r["background_psnr"]  # noqa: E731
+            front = sorted((r for r in here if r["frontier"]), key=lambda r: r["edit_strength"])
+            rest = [r for r in here if not r["frontier"]]
+            top.scatter([r["edit_strength"] for r in rest], [r["structure"] for r in rest], s=10, marker=st["marker"],
+                        color=st["color"], alpha=0.3, linewidths=0)
+            top.plot([r["edit_strength"] for r in front], [r["structure"] for r in front], color=st["color"],
+                     marker=st["marker"], ls=st["ls"], ms=5, lw=1.4)
+            for ax_rows, filled in ((rest, None), (front, True)):
+                for r in ax_rows:
+                    capped = r["background_psnr"] >= cap
+                    bottom.scatter([r["edit_strength"]], [bg(r)], s=22 if filled else 10, marker=st["marker"],
+                                   facecolors="none" if capped else st["color"], edgecolors=st["color"],
+                                   alpha=1.0 if filled else 0.35, linewidths=0.9)
+            bottom.plot([r["edit_strength"] for r in front], [bg(r) for r in front], color=st["color"], ls=st["ls"],
+                        lw=1.0, alpha=0.8)
         floor = next(r["source_strength"] for r in rows if r["space"] == s)
-        ax.axvline(floor, color="grey", lw=0.8, ls=":")
-        ax.axhline(cap + 3, color="grey", lw=0.6, ls=":")
-        ax.text(0.01, cap + 2, f"above: hollow, {cap:g} dB or more (306 = bit for bit), a lane per editor",
-                fontsize=7, color="0.35", va="top", transform=ax.get_yaxis_transform())
-        ax.set_ylim(0, cap + 6 * (lane + 1) + 2)
-        ax.set_xlabel("edit strength (target label's probability, region)")
-        ax.set_ylabel("background PSNR (dB)")
-        ax.set_title(f"{s.upper()}, {steps} steps (numbers: cfg_edit; dotted: unedited)")
-        ax.grid(alpha=0.3)
-    save(fig, axes, file)
+        for ax in (top, bottom):
+            ax.axvline(floor, color="grey", lw=0.8, ls=":")
+            ax.grid(alpha=0.3)
+            ax.set_xlabel("edit strength (target label's probability, region)")
+        top.set_ylabel("structure kept in the region (1 = the source's layout)")
+        top.set_title(f"{s.upper()}, {steps} steps: each editor's frontier (faint: its other settings)", fontsize=10)
+        bottom.axhline(cap + 2, color="grey", lw=0.6, ls=":")
+        bottom.text(0.01, cap + 1, f"above: hollow, {cap:g} dB or more (306 = bit for bit), a lane per editor",
+                    fontsize=7, color="0.35", va="top", transform=bottom.get_yaxis_transform())
+        bottom.set_ylim(0, cap + 5 * (len(lanes) + 1) + 2)
+        bottom.set_ylabel("background PSNR (dB)")
+        bottom.set_title(f"{s.upper()}, {steps} steps: background kept (frontier points large)", fontsize=10)
+    handles = [Line2D([], [], label=e, **{k: v for k, v in style(e).items()}, ms=6) for e in names]
+    handles.append(Line2D([], [], color="grey", ls=":", label="unedited source's strength"))
+    axes[0][-1].legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0),
+                       title="editor (colour: family)", title_fontsize=8)
+    fig.tight_layout()
+    fig.savefig(file, dpi=100)
+    plt.close(fig)
 
 
 def grid(outs, originals, file, steps=10, cfg=5.0, scale=4):
-    """Per space a block: the source, the region (right half lit), a patch of the target photo, each editor."""
+    """Per space a block: the source, the region (right half lit), a patch of the target photo, each
+    editor at cfg_edit 5 and its middle knob (denoise 1; FlowEdit n_max 8; seed 0)."""
     from PIL import Image, ImageDraw
     from .data import held_out
     from .reconstruction import label_font, strip
     x, src, tgt, mask = originals
-    keys = [k for k in outs if k[1] == steps and k[2] == cfg]
+    keys = [k for k in outs if k[1] == steps and k[2] == cfg and json.loads(k[4]) in
+            (middle(k[3], steps), {"cfg_edit": cfg})]
     spaces = list(dict.fromkeys(k[0] for k in keys))
-    names = list(dict.fromkeys(k[3] for k in keys))
+    names = [e for e in EDITORS if any(k[3] == e for k in keys)]
     region = x * (0.35 + 0.65 * mask)
     ex, _ = held_out(16)
     target = ex[8:16][tgt] if len(ex) >= 16 else ex[tgt]  # a second held-out patch of each target photo
     b, _, h, w = x.shape
     font = label_font()
-    label_w, gap, head = 190, 10, 28
+    label_w, gap, head = 230, 10, 28
     cw, ch = (b * (w + 2) - 2) * scale, h * scale
-    rows_ = ["source", "region (right half)", "target photo (example)"] + names
-    img = Image.new("RGB", (label_w + len(spaces) * (cw + gap), head + len(rows_) * (ch + 4)), "white")
+    labels = ["source", "region (right half)", "target photo (example)"]
+    labels += [f"{e} ({fmt_setting({'setting': middle(e, steps), 'cfg_edit': cfg}).split(', cfg')[0]})"
+               if middle(e, steps) else e for e in names]
+    img = Image.new("RGB", (label_w + len(spaces) * (cw + gap), head + len(labels) * (ch + 4)), "white")
     d = ImageDraw.Draw(img)
     for j, s in enumerate(spaces):
         x0 = label_w + j * (cw + gap)
         d.text((x0, 4), f"{s.upper()}, {steps} steps, cfg_edit {cfg:g}", fill="black", font=font)
-        for i, t in enumerate([x, region, target] + [outs[(s, steps, cfg, e)] for e in names]):
+        shown = [x, region, target] + [next(outs[k] for k in keys if k[0] == s and k[3] == e) for e in names]
+        for i, t in enumerate(shown):
             img.paste(Image.fromarray(strip(t)).resize((cw, ch), Image.NEAREST), (x0, head + i * (ch + 4)))
-    for i, c in enumerate(rows_):
+    for i, c in enumerate(labels):
         d.text((4, head + i * (ch + 4) + ch // 2 - 7), c, fill="black", font=font)
     img.save(file)
 
@@ -338,37 +617,42 @@ def write(rows, outs, originals, out, meta):
     out.mkdir(parents=True, exist_ok=True)
     meta = dict(meta, torch=torch.__version__, threads=torch.get_num_threads(), machine=platform.machine(),
                 commit=_commit())
-    cl = claims(rows)
-    (out / "editing.json").write_text(json.dumps({"meta": meta, "rows": rows, "claims": cl}, indent=1,
+    steps = min(r["steps"] for r in rows)
+    cmp = compare(rows, steps)
+    (out / "editing.json").write_text(json.dumps({"meta": meta, "rows": rows, "comparisons": cmp}, indent=1,
                                                  default=_json_default))
     md = ["# Edit benchmark", "", f"Command: `{meta['command']}`; wall time {meta['seconds']:.0f} s on "
-          f"{meta['threads']} thread(s), torch {meta['torch']}, commit {meta['commit']}.",
+          f"{meta['threads']} thread(s), torch {meta['torch']}, commit {meta['commit']}.", "",
           "8 held-out 16x16 photo patches, each edited from its photo's label to another's inside the right half; "
-          "background = the left half.", table(rows), "## The claim at 10 steps", "", claims_table(cl)]
+          "background = the left half. Seeded editors (inpaint, inpaint_dd and the three FlowEdit rows): means over seeds 0-3.",
+          table(rows), f"## The honest peers' frontier points against the pack at {steps} steps", "",
+          "For each frontier point of inpainting and of FlowEdit composited by the mask, the pack's editor "
+          "(best of 4 left out) that keeps the most structure at an edit strength at most 0.02 below.", "",
+          compare_table(cmp)]
     (out / "editing.md").write_text("\n".join(md))
-    plot(rows, out / "edit_tradeoff.png")
-    grid(outs, originals, out / "edit_grid.png", steps=min(r["steps"] for r in rows))
+    plot(rows, out / "edit_tradeoff.png", steps=steps)
+    grid(outs, originals, out / "edit_grid.png", steps=steps)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Edit benchmark on the bundled TinyUNet.")
     p.add_argument("--spaces", nargs="+", default=["eps", "flow"], choices=["eps", "flow"])
-    p.add_argument("--steps", nargs="+", type=int, default=[10, 20, 50])
-    p.add_argument("--cfg", nargs="+", type=float, default=[5.0], help="cfg_edit at every step count")
-    p.add_argument("--sweep", nargs="*", type=float, default=[3.0, 7.5], help="extra cfg_edit at the fewest steps")
+    p.add_argument("--steps", nargs="+", type=int, default=[10],
+                   help="the whole sweep at the fewest, cfg_edit 5 (every knob) at the others")
+    p.add_argument("--cfg", nargs="+", type=float, default=list(CFGS), help="cfg_edit values of the sweep")
     p.add_argument("--editors", nargs="+", default=list(EDITORS), choices=list(EDITORS))
-    p.add_argument("--quick", action="store_true", help="10 steps, cfg_edit 5 only")
+    p.add_argument("--quick", action="store_true", help="cfg_edit 5 and each editor's middle knob only")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--weights", type=pathlib.Path, default=None)
     p.add_argument("--out", type=pathlib.Path, default=HERE / "out")
     a = p.parse_args(argv)
     if a.quick:
-        a.steps, a.sweep = [10], []
+        a.cfg = [5.0]
     import torch
     torch.set_num_threads(a.threads)
     weights = {s: a.weights / f"tinyunet_{s}.safetensors" for s in a.spaces} if a.weights else None
     t0 = time.perf_counter()
-    rows, outs, originals = benchmark(a.spaces, a.steps, a.cfg, a.sweep, weights=weights, editors=a.editors)
+    rows, outs, originals = benchmark(a.spaces, a.steps, a.cfg, weights=weights, editors=a.editors, quick=a.quick)
     seconds = time.perf_counter() - t0
     command = "python benchmarks/editing.py " + " ".join(sys.argv[1:] if argv is None else argv)
     write(rows, outs, originals, a.out, dict(command=command.strip(), seconds=seconds))

@@ -1,4 +1,5 @@
-"""Reconstruction quality in pure torch: relative error, PSNR and SSIM per batch item.
+"""Reconstruction and edit quality in pure torch: relative error, PSNR and SSIM per batch item;
+for edits, the structure kept inside a region and the seam at its edge.
 
 Tensors are channel-first, ``(B, C, H, W)`` or ``(B, C, T, H, W)`` (frames count as extra
 channels). Every function takes ``(reference, test)`` in scikit-image's order and returns
@@ -126,6 +127,63 @@ def ssim(ref: torch.Tensor, test: torch.Tensor, data_range=None, window: int = 0
     if min(s.shape[-2:]) > 2 * pad:
         s = s[..., pad:-pad, pad:-pad]
     return s.flatten(2).mean(2).mean(1)
+
+
+LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 luminance of RGB
+
+
+def structure(ref: torch.Tensor, test: torch.Tensor) -> torch.Tensor:
+    """Per item layout kept: the correlation of the 2x2-mean luminance of ``test`` with ``ref``'s.
+
+    ``(B, 3, H, W)`` RGB regions (H and W even). Each luminance map is centred and normalised,
+    so colour and contrast (what a label edit must move) do not count: ``ref`` itself, or any
+    ``a * ref + b`` with ``a > 0``, scores 1; unrelated patches near 0; a constant map 0.
+    """
+    ref, test = _pair(ref, test)
+    if ref.ndim != 4 or ref.shape[1] != 3:
+        raise ValueError(f"expected (B, 3, H, W) RGB regions, got shape {tuple(ref.shape)}")
+    w = torch.tensor(LUMA, dtype=ref.dtype, device=ref.device).view(1, 3, 1, 1)
+
+    def layout(x):
+        y = torch.nn.functional.avg_pool2d((x * w).sum(1, keepdim=True), 2).flatten(1)
+        y = y - y.mean(1, keepdim=True)
+        n = y.norm(dim=1, keepdim=True)
+        return torch.where(n > 0, y / n.clamp_min(1e-300), torch.zeros_like(y))
+    return (layout(ref) * layout(test)).sum(1)
+
+
+def seam_ratio(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per item: the mean step across the region's edge over the mean step just beside it.
+
+    ``x`` is ``(B, C, H, W)``; ``mask`` ``(B or 1, 1, H, W)``, the region where it is >= 0.5. A step
+    is the channel-mean absolute difference of two neighbouring pixels along one axis; it is
+    across the edge where one of them is in the region and the other not, and beside the edge
+    where it is one pixel further along the same axis on either side (and not across it
+    itself): for a vertical edge, the steps between the two columns next to it on each side.
+    So the image's own texture at the edge scores about 1, and a visible seam more.
+    """
+    x = _work(x)
+    if x.ndim != 4 or mask.ndim != 4 or mask.shape[1] != 1 or mask.shape[2:] != x.shape[2:] or \
+            mask.shape[0] not in (1, x.shape[0]):
+        raise ValueError(f"expected x (B, C, H, W) and a mask (B or 1, 1, H, W), got {tuple(x.shape)} and "
+                         f"{tuple(mask.shape)}")
+    m = (mask.to(x.device) >= 0.5).expand(x.shape[0], 1, *x.shape[2:])
+    across, beside, count = 0, 0, 0  # per axis: the sum of the edge's steps, and its count times the mean step beside
+    for d in (2, 3):
+        n = x.shape[d] - 1
+        step = (x.narrow(d, 1, n) - x.narrow(d, 0, n)).abs().mean(1, keepdim=True)
+        cross = m.narrow(d, 1, n) != m.narrow(d, 0, n)
+        near = torch.zeros_like(cross)
+        near.narrow(d, 1, n - 1).logical_or_(cross.narrow(d, 0, n - 1))
+        near.narrow(d, 0, n - 1).logical_or_(cross.narrow(d, 1, n - 1))
+        near &= ~cross
+        k = cross.flatten(1).sum(1)
+        count = count + k
+        across = across + (step * cross).flatten(1).sum(1)
+        beside = beside + k * (step * near).flatten(1).sum(1) / near.flatten(1).sum(1).clamp_min(1)
+    if (count == 0).any():
+        raise ValueError("the mask has no edge inside the image: every pixel is in the region, or none is")
+    return across / beside
 
 
 def report(ref: torch.Tensor, test: torch.Tensor, data_range=None) -> dict:

@@ -117,3 +117,55 @@ def test_video_frames_count_as_channels():
 def test_shape_mismatch_is_refused():
     with pytest.raises(ValueError, match="shapes differ"):
         metrics.psnr(torch.zeros(1, 3, 16, 16), torch.zeros(1, 3, 16, 15))
+
+
+# --- edit measures: structure inside the region, seam at its edge ---------------------------------
+
+def test_structure_is_the_correlation_of_the_2x2_mean_luminance():
+    g = torch.Generator().manual_seed(2)
+    ref = torch.rand(3, 3, 16, 8, generator=g, dtype=torch.float64) * 2 - 1
+    test = torch.rand(3, 3, 16, 8, generator=g, dtype=torch.float64) * 2 - 1
+    got = metrics.structure(ref, test)
+    for i in range(3):  # restated in numpy: BT.601 luminance, 2x2 means, Pearson's r
+        lum = [np.tensordot([0.299, 0.587, 0.114], t[i].numpy(), 1) for t in (ref, test)]
+        a, b = [y.reshape(8, 2, 4, 2).mean((1, 3)).ravel() for y in lum]
+        assert float(got[i]) == pytest.approx(np.corrcoef(a, b)[0, 1], abs=1e-12)
+    assert torch.allclose(metrics.structure(ref, ref), torch.ones(3, dtype=torch.float64), atol=1e-12)
+    # colour and contrast do not count, the layout does
+    assert torch.allclose(metrics.structure(ref, 0.3 * ref - 0.2), torch.ones(3, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(metrics.structure(ref, -ref), -torch.ones(3, dtype=torch.float64), atol=1e-12)
+    assert float(metrics.structure(ref, torch.zeros_like(ref)).abs().max()) == 0.0
+    with pytest.raises(ValueError, match="RGB"):
+        metrics.structure(torch.zeros(1, 4, 8, 8), torch.zeros(1, 4, 8, 8))
+
+
+def test_seam_ratio_compares_the_step_across_the_edge_with_the_steps_beside_it():
+    mask = torch.zeros(1, 1, 6, 8)
+    mask[..., 4:] = 1
+    cols = torch.arange(8, dtype=torch.float64)
+    ramp = cols.expand(2, 3, 6, 8).clone()  # the same step (1) between every two columns
+    assert torch.allclose(metrics.seam_ratio(ramp, mask), torch.ones(2, dtype=torch.float64))
+    # rows change by 5 a step: a vertical edge reads column steps only, so the ratio stays 1
+    rows = torch.arange(6, dtype=torch.float64).view(6, 1) * 5
+    assert torch.allclose(metrics.seam_ratio(ramp + rows, mask), torch.ones(2, dtype=torch.float64))
+    jump = ramp.clone()
+    jump[..., 4:] += 3  # across the edge (columns 3|4) 4; beside it (2|3 and 4|5) 1
+    jump[..., :2] *= 7  # far from the edge: not counted
+    assert torch.allclose(metrics.seam_ratio(jump, mask), torch.full((2,), 4.0, dtype=torch.float64))
+    steps = torch.tensor([0, 1, 3, 6, 8, 9, 9, 9], dtype=torch.float64)  # column steps 1 2 3 2 1 0 0
+    assert float(metrics.seam_ratio(steps.expand(1, 3, 6, 8), mask)[0]) == pytest.approx(2 / ((3 + 1) / 2), abs=1e-12)
+    # a square region: edge steps along both axes, each against the steps beside it on its own axis
+    sq = torch.zeros(1, 1, 7, 8)
+    sq[..., 2:4, 2:5] = 1
+    rows7 = torch.arange(7, dtype=torch.float64).view(7, 1) * 5
+    x = (cols * 2 + rows7).expand(1, 1, 7, 8).clone()  # column steps 2, row steps 5
+    x[..., 2:4, 2:5] += 10
+    # across: columns 1|2 and 4|5 in two rows (12, 8), rows 1|2 and 3|4 in three columns (15, 5);
+    # beside: column steps 2 (and 2 inside), row steps 5 (0|1, 2|3 inside, 4|5)
+    across = 2 * 12 + 2 * 8 + 3 * 15 + 3 * 5
+    beside = 4 * 2 + 6 * 5  # each axis's mean step beside, times its count of edge steps
+    assert float(metrics.seam_ratio(x, sq)[0]) == pytest.approx(across / beside, abs=1e-12)
+    with pytest.raises(ValueError, match="no edge"):
+        metrics.seam_ratio(ramp, torch.ones(1, 1, 6, 8))
+    with pytest.raises(ValueError, match="mask"):
+        metrics.seam_ratio(ramp, torch.ones(1, 6, 8))
