@@ -48,24 +48,24 @@ EXPECTED = {  # node types each workflow must contain (the file names are the te
     "Compare five methods (SD1.5)": {
         "CheckpointLoaderSimple", "InversionSuite_Invert", "InversionSuite_Reconstruct",
         "InversionSuite_ReconstructionReport"},
-    "Edit a photo with FlowEdit and RF-Inversion (Flux.1-dev)": {
+    "Masked photo edit (Flux.1-dev)": {
         "UNETLoader", "DualCLIPLoader", "VAELoader", "FluxGuidance", "InversionSuite_FlowEdit",
         "InversionSuite_RFInversionEdit"},
-    "Edit a photo with blended guidance and FlowEdit (Qwen-Image)": {
+    "Masked photo edit (Qwen-Image)": {
         "UNETLoader", "CLIPLoader", "VAELoader", "ModelSamplingAuraFlow", "InversionSuite_Invert",
         "InversionSuite_BlendedGuidanceSampler", "InversionSuite_FlowEdit"},
-    "Edit a photo with blended guidance and FlowEdit (SDXL)": {
+    "Masked photo edit (SDXL)": {
         "CheckpointLoaderSimple", "InversionSuite_Invert", "InversionSuite_BlendedGuidanceSampler",
         "InversionSuite_FlowEdit"},
-    "Edit a video clip with a per-frame mask (Wan 2.2)": {
+    "Masked video edit (Wan 2.2)": {
         "UNETLoader", "CLIPLoader", "VAELoader", "LoadVideo", "GetVideoComponents", "ImageToMask",
         "InversionSuite_Invert", "InversionSuite_BlendedGuidanceSampler", "InversionSuite_FlowEdit"},
 }
 # The workflows for a family beyond SD1.5 and SD3.5, and the tiny host classes they run on here.
-FAMILY = {"Edit a photo with FlowEdit and RF-Inversion (Flux.1-dev)": "flux",
-          "Edit a photo with blended guidance and FlowEdit (Qwen-Image)": "qwen-image",
-          "Edit a photo with blended guidance and FlowEdit (SDXL)": "sdxl",
-          "Edit a video clip with a per-frame mask (Wan 2.2)": "wan2.2"}
+FAMILY = {"Masked photo edit (Flux.1-dev)": "flux",
+          "Masked photo edit (Qwen-Image)": "qwen-image",
+          "Masked photo edit (SDXL)": "sdxl",
+          "Masked video edit (Wan 2.2)": "wan2.2"}
 LOADERS = ("CheckpointLoaderSimple", "UNETLoader", "CLIPLoader", "DualCLIPLoader", "VAELoader")
 
 
@@ -363,7 +363,7 @@ def test_family_workflow_settings(host):
     def of(name, kind):
         return [n["inputs"] for n in by[name].values() if n["class_type"] == kind]
 
-    flux = "Edit a photo with FlowEdit and RF-Inversion (Flux.1-dev)"
+    flux = "Masked photo edit (Flux.1-dev)"
     # guidance-distilled: guidance through FluxGuidance, never a second (cfg) pass
     for kind in ("InversionSuite_FlowEdit", "InversionSuite_RFInversionEdit"):
         assert [(i["cfg_source"], i["cfg_target"]) for i in of(flux, kind)] == [(1.0, 1.0)]
@@ -374,7 +374,7 @@ def test_family_workflow_settings(host):
         assert editors and all(n["inputs"]["mask_mode"] == "replace" and "mask" in n["inputs"] for n in editors), name
         if name != flux:  # true guidance: the negative prompt is connected
             assert all("negative" in n["inputs"] for n in editors), name
-    wan = by["Edit a video clip with a per-frame mask (Wan 2.2)"]
+    wan = by["Masked video edit (Wan 2.2)"]
     mask = next(n for n in wan.values() if n["class_type"] == "ImageToMask")
     scaled = wan[mask["inputs"]["image"][0]]
     assert wan[scaled["inputs"]["image"][0]]["class_type"] == "GetVideoComponents"  # one mask per frame of a clip
