@@ -428,13 +428,15 @@ def mark_frontier(rows):
                                 (q["edit_strength"] > a or q["structure"] > s) for q in same)
 
 
-def compare(rows, steps=10, within=0.02):
+def compare(rows, steps=10, within=0.02, background=50.0):
     """Per space, each frontier point of an honest peer (inpainting, FlowEdit composited) against
-    the pack's inversion-based editors (not its FlowEdit, nor the best-of-4 pick) at no weaker edit (strength at most ``within`` below): the one keeping the
-    most structure, its structure, background, seam and calls against the peer's."""
+    the pack's inversion-based editors (not its FlowEdit, nor the best-of-4 pick) that keep the
+    background (at least ``background`` dB) at no weaker edit (strength at most ``within``
+    below): the one keeping the most structure, and its structure, background, seam and calls
+    beside the peer's."""
     out = []
-    pack = [r for r in rows if r["editor"] in PACK and r["steps"] == steps and
-            r["editor"] not in ("flowedit region", "stochastic best of 4")]
+    pack = [r for r in rows if r["editor"] in PACK and r["steps"] == steps and r["background_psnr"] >= background
+            and r["editor"] not in ("flowedit region", "stochastic best of 4")]
     for r in rows:
         if r["steps"] != steps or r["editor"] not in ("inpaint", "inpaint_dd", "flowedit") or not r["frontier"]:
             continue
@@ -488,7 +490,7 @@ def compare_table(cmp):
         pv = (f"{c['peer_edit_strength']:.3f} / {c['peer_structure']:.3f} / {c['peer_background_psnr']:.1f} / "
               f"{c['peer_seam_ratio']:.2f} / {c['peer_nfe']}")
         if "pack" not in c:
-            out.append(f"| {c['space']} | {peer} | {pv} | none within 0.02 | | |")
+            out.append(f"| {c['space']} | {peer} | {pv} | none as strong (within 0.02) | | |")
             continue
         pack = f"{c['pack']} ({', '.join(f'{a} {v:g}' for a, v in c['pack_setting'].items())}, cfg {c['pack_cfg']:g})"
         kv = (f"{c['pack_edit_strength']:.3f} / {c['pack_structure']:.3f} / {c['pack_background_psnr']:.1f} / "
@@ -516,11 +518,12 @@ def style(editor):
 
 
 def plot(rows, file, steps=10, cap=120.0):
-    """Per space (columns) at ``steps``: structure against edit strength (top) and background PSNR
-    against edit strength (bottom). Every setting is a small faint marker; each editor's frontier
-    of strength against structure is a line through its frontier points, drawn in both panels.
-    Background PSNR at or above ``cap`` dB (306 = bit for bit) is drawn hollow in a lane of its own
-    per editor above the cap."""
+    """Per space (columns) at ``steps``, three panels against edit strength: structure for the peers
+    (top), structure for the pack's inversion-based editors with the honest peers' frontiers pale
+    behind them (middle), and background PSNR for all (bottom). Each editor's frontier of strength
+    against structure is a line through its frontier points (the structure panels also show its
+    other settings as faint markers). Background PSNR at or above ``cap`` dB (306 = bit for bit)
+    is drawn hollow, in a lane of its own per editor above the cap."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -528,51 +531,74 @@ def plot(rows, file, steps=10, cap=120.0):
 
     spaces = list(dict.fromkeys(r["space"] for r in rows))
     names = [e for e in EDITORS if any(r["editor"] == e for r in rows)]
-    fig, axes = plt.subplots(2, len(spaces), figsize=(6.0 * len(spaces) + 2.6, 10.0), squeeze=False)
+    peers = [e for e in names if e in PEERS or e == "flowedit region"]
+    fig, axes = plt.subplots(3, len(spaces), figsize=(6.0 * len(spaces) + 3.2, 14.5), squeeze=False, sharex="col")
+
+    def frontier(e, s):
+        here = [r for r in rows if r["space"] == s and r["steps"] == steps and r["editor"] == e]
+        return (sorted((r for r in here if r["frontier"]), key=lambda r: r["edit_strength"]),
+                [r for r in here if not r["frontier"]])
+
+    def structure(ax, e, s, pale=False):
+        front, rest = frontier(e, s)
+        st = style(e)
+        if pale:
+            ax.plot([r["edit_strength"] for r in front], [r["structure"] for r in front], color=st["color"],
+                    lw=4, alpha=0.25, solid_capstyle="round")
+            return
+        ax.scatter([r["edit_strength"] for r in rest], [r["structure"] for r in rest], s=12, marker=st["marker"],
+                   color=st["color"], alpha=0.3, linewidths=0)
+        ax.plot([r["edit_strength"] for r in front], [r["structure"] for r in front], color=st["color"],
+                marker=st["marker"], ls=st["ls"], ms=5, lw=1.4)
+
     for i, s in enumerate(spaces):
-        top, bottom = axes[0][i], axes[1][i]
+        top, mid, bottom = axes[0][i], axes[1][i], axes[2][i]
+        for e in peers:
+            if e != "flowedit whole":  # its region is flowedit's: the same points
+                structure(top, e, s)
+        for e in ("inpaint_dd", "flowedit"):
+            if e in names:
+                structure(mid, e, s, pale=True)
+        for e in names:
+            if e not in peers:
+                structure(mid, e, s)
         lanes = [e for e in names if any(r["background_psnr"] >= cap for r in rows
                                          if r["space"] == s and r["steps"] == steps and r["editor"] == e)]
         for e in names:
-            here = [r for r in rows if r["space"] == s and r["steps"] == steps and r["editor"] == e]
-            if not here:
+            front, _ = frontier(e, s)
+            if not front:
                 continue
             st = style(e)
-            lane = cap + 5 * (lanes.index(e) + 1) if e in lanes else None
-            bg = lambda r: lane if r["background_psnr"] >= cap else r["background_psnr"]  # noqa: E731
-            front = sorted((r for r in here if r["frontier"]), key=lambda r: r["edit_strength"])
-            rest = [r for r in here if not r["frontier"]]
-            top.scatter([r["edit_strength"] for r in rest], [r["structure"] for r in rest], s=10, marker=st["marker"],
-                        color=st["color"], alpha=0.3, linewidths=0)
-            top.plot([r["edit_strength"] for r in front], [r["structure"] for r in front], color=st["color"],
-                     marker=st["marker"], ls=st["ls"], ms=5, lw=1.4)
-            for ax_rows, filled in ((rest, None), (front, True)):
-                for r in ax_rows:
-                    capped = r["background_psnr"] >= cap
-                    bottom.scatter([r["edit_strength"]], [bg(r)], s=22 if filled else 10, marker=st["marker"],
-                                   facecolors="none" if capped else st["color"], edgecolors=st["color"],
-                                   alpha=1.0 if filled else 0.35, linewidths=0.9)
-            bottom.plot([r["edit_strength"] for r in front], [bg(r) for r in front], color=st["color"], ls=st["ls"],
-                        lw=1.0, alpha=0.8)
+            lane = cap + 4 * (lanes.index(e) + 1) if e in lanes else None
+            ys = [lane if r["background_psnr"] >= cap else r["background_psnr"] for r in front]
+            capped = [r["background_psnr"] >= cap for r in front]
+            bottom.plot([r["edit_strength"] for r in front], ys, color=st["color"], ls=st["ls"], lw=1.0)
+            for r, y, c in zip(front, ys, capped):
+                bottom.scatter([r["edit_strength"]], [y], s=24, marker=st["marker"], edgecolors=st["color"],
+                               facecolors="none" if c else st["color"], linewidths=1.0, zorder=3)
         floor = next(r["source_strength"] for r in rows if r["space"] == s)
-        for ax in (top, bottom):
+        for ax in (top, mid, bottom):
             ax.axvline(floor, color="grey", lw=0.8, ls=":")
             ax.grid(alpha=0.3)
-            ax.set_xlabel("edit strength (target label's probability, region)")
-        top.set_ylabel("structure kept in the region (1 = the source's layout)")
-        top.set_title(f"{s.upper()}, {steps} steps: each editor's frontier (faint: its other settings)", fontsize=10)
+        for ax in (top, mid):
+            ax.set_ylabel("structure kept in the region (source = 1)")
+        top.set_title(f"{s.upper()}, {steps} steps: the peers' frontiers (faint: their other settings)", fontsize=10)
+        mid.set_title(f"{s.upper()}, {steps} steps: the pack's editors (pale bands: FlowEdit's and\n"
+                      "inpainting + DifferentialDiffusion's frontiers, from the panel above)", fontsize=10)
+        bottom.set_title(f"{s.upper()}, {steps} steps: background kept at each frontier point", fontsize=10)
         bottom.axhline(cap + 2, color="grey", lw=0.6, ls=":")
         bottom.text(0.01, cap + 1, f"above: hollow, {cap:g} dB or more (306 = bit for bit), a lane per editor",
                     fontsize=7, color="0.35", va="top", transform=bottom.get_yaxis_transform())
-        bottom.set_ylim(0, cap + 5 * (len(lanes) + 1) + 2)
+        bottom.set_ylim(0, cap + 4 * (len(lanes) + 1) + 2)
         bottom.set_ylabel("background PSNR (dB)")
-        bottom.set_title(f"{s.upper()}, {steps} steps: background kept (frontier points large)", fontsize=10)
-    handles = [Line2D([], [], label=e, **{k: v for k, v in style(e).items()}, ms=6) for e in names]
+        bottom.set_xlabel("edit strength (target label's probability, region)")
+    label = {"flowedit whole": "flowedit whole (region as flowedit's)", "flowedit region": "flowedit region (pack node)"}
+    handles = [Line2D([], [], label=label.get(e, e), ms=6, **style(e)) for e in names]
     handles.append(Line2D([], [], color="grey", ls=":", label="unedited source's strength"))
-    axes[0][-1].legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0),
+    axes[0][-1].legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.03, 1.0),
                        title="editor (colour: family)", title_fontsize=8)
     fig.tight_layout()
-    fig.savefig(file, dpi=100)
+    fig.savefig(file, dpi=90)
     plt.close(fig)
 
 
@@ -626,8 +652,9 @@ def write(rows, outs, originals, out, meta):
           "8 held-out 16x16 photo patches, each edited from its photo's label to another's inside the right half; "
           "background = the left half. Seeded editors (inpaint, inpaint_dd and the three FlowEdit rows): means over seeds 0-3.",
           table(rows), f"## The honest peers' frontier points against the pack at {steps} steps", "",
-          "For each frontier point of inpainting and of FlowEdit composited by the mask, the pack's editor "
-          "(best of 4 left out) that keeps the most structure at an edit strength at most 0.02 below.", "",
+          "For each frontier point of inpainting and of FlowEdit composited by the mask, the pack's "
+          "inversion-based editor (best of 4 left out) keeping the background at 50 dB or more that keeps the "
+          "most structure at an edit strength at most 0.02 below.", "",
           compare_table(cmp)]
     (out / "editing.md").write_text("\n".join(md))
     plot(rows, out / "edit_tradeoff.png", steps=steps)
