@@ -481,6 +481,25 @@ def table(rows):
     return "\n".join(out) + "\n"
 
 
+def summary(rows, steps=10, cfg=5.0):
+    """Markdown: every editor at ``cfg`` and its middle knob, the spaces across (the README's table)."""
+    spaces = list(dict.fromkeys(r["space"] for r in rows))
+    names = [e for e in EDITORS if any(r["editor"] == e for r in rows)]
+    out = ["| editor | setting | " + " | ".join(f"{s.upper()}: background dB / strength / structure / seam / NFE"
+                                                for s in spaces) + " |", "|---|---|" + "---|" * len(spaces)]
+    for e in names:
+        k = middle(e, steps) or {"cfg_edit": cfg}
+        cells = []
+        for s in spaces:
+            r = next((q for q in rows if q["space"] == s and q["steps"] == steps and q["editor"] == e and
+                      q["cfg_edit"] == cfg and q["setting"] == k), None)
+            cells.append("" if r is None else f"{r['background_psnr']:.1f} / {r['edit_strength']:.3f} / "
+                                               f"{r['structure']:.3f} / {r['seam_ratio']:.2f} / {r['nfe']}")
+        knob = ", ".join(f"{a} {v:g}" for a, v in k.items() if a != "cfg_edit") or "-"
+        out.append(f"| {e} | {knob} | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
 def compare_table(cmp):
     out = ["| space | peer (setting) | its strength / structure / background dB / seam / NFE | pack's best at no "
            "weaker edit (setting) | its strength / structure / background dB / seam / NFE | structure gain |",
@@ -651,7 +670,8 @@ def write(rows, outs, originals, out, meta):
           f"{meta['threads']} thread(s), torch {meta['torch']}, commit {meta['commit']}.", "",
           "8 held-out 16x16 photo patches, each edited from its photo's label to another's inside the right half; "
           "background = the left half. Seeded editors (inpaint, inpaint_dd and the three FlowEdit rows): means over seeds 0-3.",
-          table(rows), f"## The honest peers' frontier points against the pack at {steps} steps", "",
+          f"## Every editor at {steps} steps, cfg_edit 5, its middle knob", "", summary(rows, steps),
+          "## Every setting", table(rows), f"## The honest peers' frontier points against the pack at {steps} steps", "",
           "For each frontier point of inpainting and of FlowEdit composited by the mask, the pack's "
           "inversion-based editor (best of 4 left out) keeping the background at 50 dB or more that keeps the "
           "most structure at an edit strength at most 0.02 below.", "",
