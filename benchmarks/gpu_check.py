@@ -64,6 +64,7 @@ sys.path.insert(0, str(HERE))  # pack.py, as a sibling (benchmarks/run.py)
 DTYPES = ("fp32", "fp16", "bf16")
 FAMILIES = ("sd15", "sdxl", "flux")
 OUT_GAIN = 0.1  # a random network's output is steep in x; this keeps the inverse steps contracting
+OUTPUT = {"sd15": "out.2.weight", "sdxl": "out.2.weight", "flux": "final_layer.linear.weight"}  # the output layers
 MIB = 2 ** 20
 
 
@@ -147,21 +148,23 @@ def model_config(family, tiny=False):
     return config
 
 
-def randomise(net, seed, out_gain=OUT_GAIN):
+def randomise(net, seed, out=None, out_gain=OUT_GAIN):
     """Gaussian weights of std 1/sqrt(fan-in), drawn in float32 on the weights' device and rounded
-    to their dtype (so every dtype gets the same network); norms 1, biases 0; the last matrix
-    (the output layer) times ``out_gain``."""
-    params = [(n, p) for n, p in net.named_parameters()]
-    last = max(i for i, (_, p) in enumerate(params) if p.ndim > 1)
-    g = torch.Generator(device=params[0][1].device).manual_seed(seed)
+    to their dtype (so every dtype gets the same network); norms 1, biases 0; the output layer's
+    weight ``out`` (default: the last matrix registered) times ``out_gain``."""
+    params = dict(net.named_parameters())
+    out = out or [n for n, p in params.items() if p.ndim > 1][-1]
+    if out not in params:
+        raise KeyError(f"no weight {out!r} in {type(net).__name__}")
+    g = torch.Generator(device=next(iter(params.values())).device).manual_seed(seed)
     with torch.no_grad():
-        for i, (name, p) in enumerate(params):
+        for name, p in params.items():
             if name.endswith("bias"):
                 p.zero_()
             elif p.ndim == 1:
                 p.fill_(1.0)
             else:
-                std = (out_gain if i == last else 1.0) / math.sqrt(p[0].numel())
+                std = (out_gain if name == out else 1.0) / math.sqrt(p[0].numel())
                 p.copy_(torch.randn(p.shape, generator=g, device=p.device) * std)
 
 
@@ -171,7 +174,7 @@ def build(family, dtype, device, tiny=False, seed=0):
     config = model_config(family, tiny)
     config.set_inference_dtype(dtype, None)
     base = config.get_model({}, "", device=device)
-    randomise(base.diffusion_model, seed)
+    randomise(base.diffusion_model, seed, OUTPUT[family])
     base.eval()
     # Offloading to the device itself: the host never moves these weights between runs.
     return comfy.model_patcher.ModelPatcher(base, load_device=device, offload_device=device)
