@@ -1,4 +1,4 @@
-"""The exact inverse of one Euler/DDIM step, found as a fixed point under a budget of model calls.
+"""The exact inverse of one Euler/DDIM step, found as a fixed point within a round-trip target and a call budget.
 
 Sampling steps from ``sb`` down to ``sa`` with ``x_a = x_b + (sa - sb) d(x_b, sb)``. Its
 inverse is the ``x_b`` with ``x_b = F(x_b)``, ``F(x) = x_a + (sb - sa) d(x, sb)``; ``F``
@@ -11,32 +11,44 @@ starts (``guess``):
 - ``extrapolate``: ``x_a + (sb - sa) e``, with ``e`` the slope of the steps already taken
   extrapolated linearly in sigma to ``sb`` (the first step falls back to ``ddim``).
 
-An item has converged at ``r = ||F(x) - x|| / ||x|| < tol``; a step, when every item
-has. ``r`` is exactly the forward-step error of ``x``: sampling from ``x`` lands at
-``x_a + x - F(x)``. In a converged step an item keeps ``F(x)`` where ``F`` contracts along
-the last move (``||dg|| < ||dx||``; its error is then below ``r`` to the extent that the
-last move stands for the rest), else ``x`` itself. In a step that did not converge every
-item keeps its ``x``, so the residual reported there is exactly what the reconstruction sees.
+The error a step leaves. ``d = F(x) - x`` is exactly the forward-step error of ``x``:
+sampling from ``x`` lands at ``x_a - d``. Sampling on down carries that error to the
+source through the later steps. For Gaussian data (of any variance, in either space) an
+error of relative size ``||d|| / ||x||`` reaches the source at about the same relative size,
+so the round trip misses the source by about the sum of the steps' relative residuals. That
+sum is the estimate ``Inversion.costs`` records (one term a step); data far from Gaussian
+(sharp modes, strong guidance, a flow model's high-variance directions near sigma = 1) can
+shrink or grow it, which is why the node measures the round trip by default. What a step
+keeps: ``F(x)`` of its best iterate where ``F`` contracts (``lip < 1``, the largest
+``||dg|| / ||dx||`` over the step's moves; its error ``~ lip ||d||``, an estimate), else
+``x`` (its error exact). ``Inversion.residuals`` records the best iterate's own, measured.
+
+Precision that pays. ``tol`` is the relative round-trip error asked for. It is shared out
+equally over the given steps (a split step's halves share its part), and a step is solved
+once its kept relative error is within its part, or its calls are spent.
 
 Budget. The whole inversion may spend ``iterations * steps`` model calls (``iterations``
-is the average per step); a step may take up to ``SHARE`` times its fair share of what
-is left, while every step still to do keeps the least it needs (``floor``).
+is the average per step); a step may take its fair share of what is left (what a solved
+step leaves goes to the steps after it), while every step still to do keeps ``FLOOR``
+(one call to move, one to measure the move). A small budget buys what it can: every
+step keeps its best candidate, whatever the target.
 
-Step-size control. ``J_F = (h / sb) (I - J_D)`` (``h = sb - sa``, ``J_D`` the denoiser's
-Jacobian) decides whether the iteration contracts. A step stalls when, at the rate its
-worst open item has shrunk so far (``(r_k / r_0)^(1/k)``, read from the third
-evaluation on), ``tol`` is out of reach of its share, or when the share is spent. A
-stalled step is split at ``sqrt(sa sb)`` (at ``sb / 2`` out of sigma = 0) and both halves
-are solved in turn, ``DEPTH`` times deep at most. Halving ``h / sb`` halves ``J_F``; the
-first step keeps ``h / sb = 1``, but there ``I - J_D ~ sb^2 / (v + sb^2)`` for data of
-local variance ``v``, so a smaller ``sb`` contracts too. The inserted sigmas become the
-inversion's schedule: everything that samples down ``Inversion.sigmas`` follows them.
+Step splitting. A step stalls when, at the rate its worst open item has shrunk so far
+(from the third evaluation on), its part of the target is out of reach of its calls or the
+error shrinks by less than ``SLOW`` a call. A stalled step is split at ``sqrt(sa sb)`` (at
+``sb / 2`` out of sigma = 0) and both halves are solved in turn, ``DEPTH`` times deep at
+most, while the calls left still average ``FLOOR + CHECK`` a step. Halving ``h / sb``
+halves ``J_F = (h / sb)(I - J_D)``. The inserted sigmas become the inversion's schedule:
+everything that samples down ``Inversion.sigmas`` follows them.
 
-Never worse than DDIM. A step that has not converged and cannot be split further (its
-depth or the budget) keeps, per item, the evaluated iterate of smallest residual, or the
-DDIM step where that reproduces the step's start better (its residual is measured with
-the calls the budget kept back for it). The step is listed in ``unconverged``, and in
-``kept_ddim`` where some item took the DDIM step.
+About DDIM. A step that has not reached its part and cannot be split further keeps, per
+item, its best candidate by forward error ``||d||`` (absolute: what reaches the
+reconstruction), the DDIM step among them: from the DDIM guess it is the second iterate;
+from an extrapolated one it is measured with ``CHECK`` calls the step kept back (a step
+given fewer calls than that starts at the DDIM guess instead). The step is listed in
+``unconverged``, and in ``kept_ddim`` where some item kept the DDIM step. Per step this
+keeps about DDIM's error or less (``F(x)`` is chosen on an estimate); end to end it is
+no guarantee, which is what the node's measured round trip is for.
 
 A method may also carry secant pairs from step to step (``carry > 0``). Every two
 evaluations of one step give a pair ``(dx, dg)`` with ``dg ~ J_F dx``. For Gaussian
@@ -52,7 +64,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -70,28 +82,20 @@ GUESSES = ("ddim", "extrapolate")
 # (dx, dg), oldest first), so that the step needs to hold no earlier iterate to carry them.
 Update = Callable[[list], Callable[..., torch.Tensor]]
 
-SHARE = 2.0  # a step may spend up to twice its fair share of the calls left
-SLOW = 0.5  # a step whose residual shrinks slower than this per call is split, while it can be
+SHARE = 1.0  # a step may spend its fair share of the calls left (what a solved step leaves goes on)
+SLOW = 0.5  # a step whose error shrinks slower than this per call is split, while it can be
+FLOOR = 2  # the fewest calls a step is given: one to move, one to measure the move
+CHECK = 2  # the DDIM check's calls: the DDIM step, then its error
 
 
 def check_iteration(iterations: int, tol: float, guess: str, method: str) -> None:
     if guess not in GUESSES:
         raise SolverError(f"{method}: guess must be one of {GUESSES}, got {guess!r}")
-    if int(iterations) < floor(guess):
-        raise SolverError(f"{method}: iterations must be >= {floor(guess)} with guess {guess!r} (one call to move, "
-                          f"the rest to compare an unsolved step with DDIM's), got {iterations}")
+    if int(iterations) < FLOOR:
+        raise SolverError(f"{method}: iterations must be >= {FLOOR} (one call to move a step, one to measure the "
+                          f"move), got {iterations}")
     if not tol > 0:
         raise SolverError(f"{method}: tol must be > 0, got {tol}")
-
-
-def reserve(guess: str) -> int:
-    """Calls kept back in each step for measuring the DDIM step should the step fail."""
-    return 1 if guess == "ddim" else 2
-
-
-def floor(guess: str) -> int:
-    """The fewest calls a step is given: one to move, the DDIM check's reserve."""
-    return 1 + reserve(guess)
 
 
 def split_point(sa: float, sb: float) -> float:
@@ -202,185 +206,271 @@ class PairRing:
         return Carried(self.PQ, self.carry, n, self.G, transport_coefficients(sb, h, space)) if n else []
 
 
+def norms(*ts):
+    """Per item norms of (B, n) tensors, as one (len(ts), B) float64 CPU tensor (one transfer)."""
+    return torch.stack([torch.linalg.vector_norm(t, dim=1) for t in ts]).to("cpu", torch.float64)
+
+
+def rows(flags, like):
+    """A (B,) CPU bool tensor as a (B, 1) mask on ``like``'s device."""
+    return flags.to(like.device)[:, None]
+
+
+def pick(flags, a, b):
+    """Per row ``a`` where ``flags`` else ``b`` (no copy where all rows agree)."""
+    return a if bool(flags.all()) else b if not bool(flags.any()) else torch.where(rows(flags, a), a, b)
+
+
+@dataclass
+class Best:
+    """Per item (a row each), a step's evaluated iterate of smallest forward error so far: ``x`` and
+    ``g = F(x)`` ((B, n)), and as (B,) float64 CPU tensors ``err = ||g - x||``, ``size = ||x||`` and
+    ``k``, which evaluation it was."""
+    x: torch.Tensor
+    g: torch.Tensor
+    err: torch.Tensor
+    size: torch.Tensor
+    k: torch.Tensor
+
+    def offer(self, x, g, err, size, k):
+        """Takes the new iterate for the items where its forward error is smaller."""
+        w = err < self.err
+        if bool(w.any()):
+            self.x, self.g = pick(w, x, self.x), pick(w, g, self.g)
+            self.err, self.size = torch.where(w, err, self.err), torch.where(w, size, self.size)
+            self.k = torch.where(w, float(k), self.k)
+
+    def kept(self, lip):
+        """Per item what the step keeps, its forward error relative to its norm, and which items keep
+        ``F(x)``: that where ``F`` contracts (``lip < 1``, the largest ``||dg|| / ||dx||`` of the step's
+        moves; its error ``||F(F(x)) - F(x)|| ~ lip err``, an estimate), else ``x`` (its error exact)."""
+        f = lip < 1
+        return pick(f, self.g, self.x), torch.where(f, lip, 1.0) * self.err / self.size.clamp_min(1e-30), f
+
+
+def stalls(first, err, k, left, target, slow) -> bool:
+    """Whether an open item (``err > target``) cannot reach ``target`` in ``left`` calls at its mean
+    rate over ``k`` updates, or shrinks by less than ``slow`` a call."""
+    open_ = err > target
+    if not bool(open_.any()):
+        return False
+    if left <= 0:
+        return True
+    rate = (err / first.clamp_min(1e-300)) ** (1.0 / k)
+    need = math.log(target) - torch.log(err)
+    return bool(((rate > slow) | (need / torch.log(rate.clamp_max(1 - 1e-9)) > left))[open_].any())
+
+
 @dataclass
 class Attempt:
-    """One step's iteration: per item the state it keeps ``x`` (its best iterate, or ``F`` of
-    it, see the module's docstring), the best iterate's residual ``r``, its norm ``size`` and
-    which items are ``done`` (lists), the last secant ``pairs`` (dx, dg), and what the DDIM
-    check can reuse: the DDIM step ``ddim`` (F of the first iterate when that was the DDIM
-    start) and its residual ``ddim_r``."""
+    """One step's result, per item ((B,) tensors): the state it keeps ``x``, that state's relative
+    forward error ``err`` (estimated where it is ``F`` of the best iterate), the best iterate's own,
+    measured, ``r``, ``ddim`` where it is the DDIM step (the second iterate from the DDIM guess, kept
+    as is), ``done`` where ``err`` is within the step's target; ``pairs``: its last secant pairs."""
     x: torch.Tensor
-    r: list
-    done: list
+    err: torch.Tensor
+    r: torch.Tensor
+    ddim: torch.Tensor
+    done: torch.Tensor
     pairs: list
-    size: list
-    ddim: Optional[torch.Tensor] = None
-    ddim_r: Optional[list] = None
 
 
-def stalls(r0, best, k, left, tol, slow=1.0) -> bool:
-    """Whether an open item cannot reach ``tol`` in ``left`` calls at its mean rate over ``k`` updates."""
-    open_ = [i for i, b in enumerate(best) if b >= tol]
-    if left <= 0 or not open_:
-        return bool(open_)
-    for i in open_:
-        rate = (best[i] / max(r0[i], 1e-30)) ** (1.0 / k)
-        if rate > slow or math.log(tol / best[i]) / math.log(min(rate, 1 - 1e-9)) > left:
-            return True
-    return False
-
-
-def norms(*ts):
-    """Per item norms of (B, n) tensors, as lists (one transfer)."""
-    return torch.stack([torch.linalg.vector_norm(t, dim=1) for t in ts]).tolist()
-
-
-def residual(den: Denoiser, x, d, out):
-    """Per item ``||d|| / ||x||`` and ``||x||`` as floats. A finite residual means d, x and the
-    model's output are finite, so this one reduction stands in for the denoiser's own check of ``out``."""
-    dn, xn = norms(d, x)
-    r = [a / max(b, 1e-30) for a, b in zip(dn, xn)]
-    if not all(map(math.isfinite, r)):
-        den.check_output(out)
-        raise NonFiniteError(f"{den.method}: the state became non-finite at step {den.step + 1}")
-    return r, xn
-
-
-def mask(flags, like):
-    return torch.tensor(flags, device=like.device)[:, None]
-
-
-def solve_step(den: Denoiser, x_a, sa, sb, x0, update: Update, calls: int, tol, carried=(), slow=1.0,
-               keep=0, ddim=False) -> Attempt:
-    """Iterate one implicit step from ``x0`` with at most ``calls`` model calls, stopping early
-    once ``tol`` is out of reach within them or the residual shrinks by less than ``slow`` per call.
-
-    ``keep``: how many of the last moves to return as secant pairs (the update's own columns,
-    see ``Update``, and the last move); ``ddim``: ``x0`` is the DDIM start, so F(x0) is the
-    DDIM step (kept for ``keep_best``)."""
-    shape, flat_a, x = x_a.shape, x_a.flatten(1), x0.flatten(1)
-    step = update(carried)
-    c = (sb - sa) / sb
-    B = x.shape[0]
-    best_x = best_g = att_ddim = ddim_r = None
-    best, size, lip, r0, prev, moved = [math.inf] * B, [0.0] * B, [math.inf] * B, None, None, None
-    for k in range(int(calls)):
-        out = den(x.view(shape), sb, check=False).flatten(1)
-        g = torch.add(flat_a, torch.sub(x, out), alpha=c)  # F(x) = x_a + h d(x, sb)
-        d = g - x
-        r, xn = residual(den, x, d, out)
-        out = None
-        if ddim and k == 0:
-            att_ddim = g
-        elif att_ddim is not None and k == 1 and x is att_ddim:
-            ddim_r = r
-        r0 = r0 or r
-        better = [a < b for a, b in zip(r, best)]
-        if all(better):
-            best_x, best_g = x, g
-        elif any(better):
-            w = mask(better, x)
-            best_x, best_g = torch.where(w, x, best_x), torch.where(w, g, best_g)
-        size = [a if w else b for a, b, w in zip(xn, size, better)]
-        # |J_F| along the move into an item's first converged iterate: below 1, F(x) is closer to
-        # the fixed point than x. Measured once, when an item converges (the move is also a pair).
-        now = [a and r[i] < tol <= b for i, (a, b) in enumerate(zip(better, best))]
-        if any(now) and prev is not None:
-            moved = (k, x - prev[0], g - prev[1])  # the move into evaluation k: (dx, dg)
-            lip = [a / max(b, 1e-30) if n else v for a, b, n, v in zip(*norms(moved[2], moved[1]), now, lip)]
-        best = [min(a, b) for a, b in zip(r, best)]
-        done = [b < tol for b in best]
-        if all(done) or k == int(calls) - 1 or (k >= 2 and stalls(r0, best, k, int(calls) - k - 1, tol, slow)):
+def solve_step(den: Denoiser, *, x_a, sa, sb, start, update: Update, calls: int, target: float, carried=(),
+               slow=1.0, keep=0, ddim_start=False) -> Attempt:
+    """Iterate one step from ``start`` with at most ``calls`` model calls until every item's kept error is
+    within ``target`` (relative), or it ``stalls``. ``keep``: how many secant pairs to return (the update's
+    own columns, see ``Update``, then the last move); ``ddim_start``: ``start`` is the DDIM guess."""
+    F, x, step, calls = Map(den, x_a, sa, sb), start.flatten(1), update(carried), int(calls)
+    best = prev = first = lip = None
+    for k in range(calls):
+        g, d, r, err, size, move = F.evaluate(x, prev)
+        # F's contraction: the largest measured over the step's moves (none yet: unknown, inf)
+        lip = torch.full_like(err, math.inf) if k == 0 else move if k == 1 else torch.maximum(lip, move)
+        if best is None:
+            best = Best(x, g, err, size, torch.zeros_like(err))
+        best.offer(x, g, err, size, k)
+        now = best.kept(lip)[1]
+        first = now if first is None else first
+        if not bool((now > target).any()) or k == calls - 1 or (
+                k >= 2 and stalls(first, now, k, calls - k - 1, target, slow)):
             break
-        nxt = step(x, g, d, r)
-        prev, d = (x, g), None  # d is not held through the next call
-        # An item that has converged keeps its accepted value; its later evaluations are only
-        # the price of batching it with the others.
-        x = nxt if not any(done) else torch.where(mask(done, nxt), best_x, nxt)
-    # In a converged step an item where F contracts takes F(x), whose residual is then below r
-    # (along the last move: an estimate). In an unconverged one every item keeps the x whose
-    # residual is measured, so that the residual the step reports is exactly what it keeps.
-    take = [a and b < 1 for a, b in zip(done, lip)] if all(done) else [False] * B
-    out = best_g if all(take) else best_x if not any(take) else torch.where(mask(take, best_x), best_g, best_x)
+        nxt, prev = step(x, g, d, r.tolist()), (x, g)
+        x = pick(now <= target, best.x, nxt)  # a solved item keeps its value; later calls only batch it
+    out, err, f = best.kept(lip)
+    done = err <= target
     pairs = []
-    if keep and prev is not None:  # the update's own columns, then the move into the last evaluation
-        pairs = getattr(step, "pairs", lambda n: [])(keep - 1)
-        pairs.append(moved[1:] if moved and moved[0] == k else (x - prev[0], g - prev[1]))
-    return Attempt(out.view(shape), best, done, pairs[-keep:] if keep else [], size, att_ddim, ddim_r)
+    if keep and prev is not None:
+        pairs = (getattr(step, "pairs", lambda n: [])(keep - 1) + [(x - prev[0], g - prev[1])])[-keep:]
+    return Attempt(out.view(x_a.shape), err, best.err / best.size.clamp_min(1e-30), (best.k == 1) & ~f & ddim_start,
+                   done, pairs)
 
 
-def keep_best(den: Denoiser, att: Attempt, x_a, sa, sb, space):
-    """Per item the better of the attempt's best iterate and the DDIM step; returns (x, r, DDIM taken)."""
-    shape = x_a.shape
-    flat_a = x_a.flatten(1)
-    F = lambda x: flat_a + (sb - sa) * den.slope(x.view(shape), sb).flatten(1)
-    ddim = att.ddim if att.ddim is not None else F((x_a * (vp_scale(sa, space) / vp_scale(sb, space))).flatten(1))
-    r = att.ddim_r if att.ddim_r is not None else rel_norm(F(ddim) - ddim, ddim).tolist()
-    take = [a < b for a, b in zip(r, att.r)]
-    return torch.where(mask(take, ddim), ddim, att.x.flatten(1)).view(shape), list(map(min, r, att.r)), take
+class Map:
+    """``F(x) = x_a + (sb - sa) d(x, sb)`` of one step, on flattened (B, n) iterates."""
+
+    def __init__(self, den, x_a, sa, sb):
+        self.den, self.shape, self.flat_a, self.sb, self.c = den, x_a.shape, x_a.flatten(1), sb, (sb - sa) / sb
+
+    def evaluate(self, x, prev=None):
+        """``g = F(x)``, ``d = g - x`` and per item ``r = ||d|| / ||x||``, ``||d||``, ``||x||`` and the
+        contraction ``||dg|| / ||dx||`` along the move from ``prev`` = (x', F(x')) (None: no move, 0)."""
+        out = self.den(x.view(self.shape), self.sb, check=False).flatten(1)
+        g = torch.add(self.flat_a, torch.sub(x, out), alpha=self.c)
+        d = g - x
+        if prev is None:
+            dn, xn = norms(d, x)
+            lip = torch.zeros_like(dn)
+        else:
+            dn, xn, dxn, dgn = norms(d, x, x - prev[0], g - prev[1])
+            lip = dgn / dxn.clamp_min(1e-300)
+        r = dn / xn.clamp_min(1e-30)
+        if not bool(torch.isfinite(r).all()):  # a finite residual means d, x and the model's output are finite
+            self.den.check_output(out)
+            raise NonFiniteError(f"{self.den.method}: the state became non-finite at step {self.den.step + 1}")
+        return g, d, r, dn, xn, lip
+
+
+def ddim_check(den: Denoiser, att: Attempt, *, x_a, sa, sb, space) -> Attempt:
+    """Per item the better, by forward error ``||d||`` (what reaches the reconstruction), of the attempt's
+    kept state and the DDIM step (2 calls: the DDIM step, then its error). Where the attempt keeps ``F`` of
+    its best iterate, whose error is estimated, the iterate's measured error stands in for it."""
+    F = Map(den, x_a, sa, sb)
+    step = F.evaluate((x_a * (vp_scale(sa, space) / vp_scale(sb, space))).flatten(1))[0]
+    _, _, _, dn, xn, _ = F.evaluate(step)
+    kept = att.x.flatten(1)
+    take = dn < torch.maximum(att.err, att.r) * norms(kept)[0]  # F(x)'s error is an estimate: x's bounds it
+    r = torch.where(take, dn / xn.clamp_min(1e-30), att.err)
+    return Attempt(pick(take, step, kept).view(x_a.shape), r, torch.where(take, r, att.r), take | att.ddim, att.done, [])
+
+
+class Budget:
+    """The model calls of the whole inversion: ``total``, of which ``den`` has spent ``den.nfe``."""
+
+    def __init__(self, den: Denoiser, total: int):
+        self.den, self.total = den, total
+
+    def share(self, todo: int) -> int:
+        """A step's calls: up to ``SHARE`` times its fair share of what is left, ``FLOOR`` kept for each
+        of the ``todo`` steps after it."""
+        left = self.total - self.den.nfe
+        return min(left - FLOOR * todo, math.ceil(SHARE * left / (todo + 1)))
+
+    def fair(self, todo: int) -> float:
+        """The calls left per step, over ``todo`` steps."""
+        return (self.total - self.den.nfe) / max(todo, 1)
+
+
+@dataclass
+class Piece:
+    """A step to solve: from ``sa`` to ``sb``, split ``level`` times, of base step ``i``, with ``part``
+    of the relative round-trip target."""
+    sa: float
+    sb: float
+    level: int
+    i: int
+    part: float
+
+
+class Stack:
+    """The steps still to solve, the next one last; a stalled step is replaced by its two halves, each
+    with half its part of the target."""
+
+    def __init__(self, s, tol, dtype):
+        n = len(s) - 1
+        self.todo = [Piece(s[i], s[i + 1], 0, i, tol / n) for i in reversed(range(n))]
+        self.dtype, self.split = dtype, []
+
+    def __len__(self):
+        return len(self.todo)
+
+    def pop(self) -> Piece:
+        return self.todo.pop()
+
+    def halve(self, p: Piece, depth: int, budget: Budget) -> bool:
+        """Splits ``p`` at ``split_point`` where depth and budget allow (every step left still gets the
+        calls of an extrapolated step and its DDIM check on average); returns whether it did."""
+        # The new sigma as the schedule will hold it, so that sampling back meets it exactly.
+        sm = float(torch.tensor(split_point(p.sa, p.sb), dtype=self.dtype))
+        if p.level >= depth or not p.sa < sm < p.sb or budget.fair(len(self) + 2) < FLOOR + CHECK:
+            return False
+        self.todo += [Piece(sm, p.sb, p.level + 1, p.i, p.part / 2), Piece(p.sa, sm, p.level + 1, p.i, p.part / 2)]
+        self.split.append(p.i)
+        return True
+
+
+@dataclass
+class Trace:
+    """What the loop records as it accepts steps (``Inversion``'s fields of the same names)."""
+    sig: list
+    traj: Optional[list]
+    residuals: list = field(default_factory=list)
+    costs: list = field(default_factory=list)
+    unconverged: list = field(default_factory=list)
+    kept_ddim: list = field(default_factory=list)
+
+    def accept(self, att: Attempt, sb):
+        j = len(self.residuals)
+        self.residuals.append(float(att.r.max()))
+        self.costs.append(float(att.err.max()))
+        if not bool(att.done.all()):
+            self.unconverged.append(j)
+            if bool(att.ddim.any()):
+                self.kept_ddim.append(j)
+        self.sig.append(sb)
+        if self.traj is not None:
+            self.traj.append(att.x)
+
+
+def solve_piece(den, p: Piece, x, *, space, update, guess, states, budget, stack, ring, slow):
+    """One piece: its guess, the carried pairs, the iteration; the pairs it leaves go into ``ring``.
+    Returns the attempt and whether it started at the DDIM point. An extrapolated start keeps ``CHECK``
+    of its calls back for the DDIM check; a step given too few for that starts at the DDIM point, whose
+    second iterate is the DDIM step, so that its best iterate is never worse than DDIM's at no extra call."""
+    h, calls = p.sb - p.sa, budget.share(len(stack))
+    at_ddim = guess == "ddim" or not states or calls < FLOOR + CHECK
+    start = guess_point(x, p.sa, p.sb, space, () if at_ddim else states)
+    att = solve_step(den, x_a=x, sa=p.sa, sb=p.sb, start=start, update=update,
+                     calls=calls if at_ddim else calls - CHECK, target=p.part,
+                     carried=ring.at(p.sb, h, space) if ring else [], slow=slow, keep=ring.carry if ring else 0,
+                     ddim_start=at_ddim)
+    for dx, dg in att.pairs:
+        ring.add(dx, dg, p.sb, h, space)
+    att.pairs = []  # they outlive the step (until the next one returns): keep nothing large
+    return att, at_ddim
 
 
 def invert_implicit(method: str, update: Update, model, x, sigmas, extra_args=None, callback=None, *, space,
                     iterations, tol, guess, keep_trajectory=False, carry=0, depth=DEPTH) -> Inversion:
-    """The step loop shared by every fixed-point method: budget, step splitting, DDIM fallback.
+    """The step loop shared by every fixed-point method: target, budget, step splitting, DDIM fallback.
 
     With ``carry > 0`` the last ``carry`` secant pairs of the earlier steps are kept in
     ``transport_frame`` form (``PairRing``) and handed, transported, to each step's update. ``depth=0``
-    keeps the given schedule (for callers that sample back down their own sigmas, such as
-    a host sampler): no step is split, an unsolved one falls back as above.
+    keeps the given schedule (for callers that sample back down their own sigmas): no step is split.
     """
     check_iteration(iterations, tol, guess, method)
     den, x, sigmas, s = prepare(method, model, x, sigmas, extra_args, space)
-    n, least = len(s) - 1, floor(guess)
-    budget = int(iterations) * n
-    norm0 = [max(v, 1e-30) for v in norms(x.flatten(1))[0]]
-    sig, traj = [s[0]], [x] if keep_trajectory else None
-    ring = PairRing(carry) if carry > 0 else None
-    states, residuals, unconverged, kept_ddim, split, costs = deque(maxlen=2), [], [], [], [], []
-    todo = [(s[i], s[i + 1], 0, i) for i in reversed(range(n))]  # a stack: the next step last
-    while todo:
-        sa, sb, level, i = todo.pop()
-        den.step, h, left = i, sb - sa, budget - den.nfe
-        share = min(left - least * len(todo), math.ceil(SHARE * left / (len(todo) + 1)))
-        x0 = guess_point(x, sa, sb, space, states if guess == "extrapolate" else ())
-        carried = ring.at(sb, h, space) if carry > 0 else []
-        att = solve_step(den, x, sa, sb, x0, update, share - reserve(guess), tol, carried,
-                         SLOW if level < depth else 1.0, carry, not states or guess == "ddim")
-        for dx, dg in att.pairs:
-            ring.add(dx, dg, sb, h, space)
-        att.pairs = x0 = None  # these outlive the step (until the next one returns): keep nothing large
-        x_b, r, size, took = att.x, att.r, att.size, None
-        if not all(att.done):
-            # The new sigma as the schedule will hold it, so that sampling back meets it exactly.
-            sm = float(torch.tensor(split_point(sa, sb), dtype=sigmas.dtype))
-            if level < depth and sa < sm < sb and budget - den.nfe >= least * (len(todo) + 2):
-                todo += [(sm, sb, level + 1, i), (sa, sm, level + 1, i)]
-                split.append(i)
-                att = None
+    budget, stack = Budget(den, int(iterations) * (len(s) - 1)), Stack(s, tol, sigmas.dtype)
+    ring, states, trace = PairRing(carry) if carry > 0 else None, deque(maxlen=2), Trace([s[0]], [x] if keep_trajectory else None)
+    while stack:
+        p = stack.pop()
+        den.step = p.i
+        att, at_ddim = solve_piece(den, p, x, space=space, update=update, guess=guess, states=states,
+                                   budget=budget, stack=stack, ring=ring, slow=SLOW if p.level < depth else 1.0)
+        if not bool(att.done.all()):
+            if stack.halve(p, depth, budget):
                 continue
-            x_b, r, took = keep_best(den, att, x, sa, sb, space)
-            size = norms(x_b.flatten(1))[0]
-        att = None
-        # x_b is finite: it is an evaluated iterate or F of one, and its residual was finite.
-        # The states before x_b, for the next guess: the trajectory's own when it is kept.
+            if not at_ddim:
+                att = ddim_check(den, att, x_a=x, sa=p.sa, sb=p.sb, space=space)
         if guess == "extrapolate":
-            states.append((sa, x))
-        j = len(residuals)
-        residuals.append(max(r))
-        costs.append(max(a * b / c for a, b, c in zip(r, size, norm0)))  # ||x_b|| read at the best iterate
-        if took is not None:
-            unconverged.append(j)
-            if any(took):
-                kept_ddim.append(j)
-        x = x_b
-        sig.append(sb)
-        if traj is not None:
-            traj.append(x)
-        if sb == s[i + 1]:
-            notify(callback, i, x, sb, den.last)
-    return Inversion(latent=x, sigmas=torch.tensor(sig, dtype=sigmas.dtype, device=sigmas.device), space=space,
-                     nfe=den.nfe, trajectory=traj, residuals=residuals, unconverged=unconverged, budget=budget,
-                     base_steps=n, split=sorted(set(split)), kept_ddim=kept_ddim, costs=costs)
+            states.append((p.sa, x))
+        trace.accept(att, p.sb)
+        x = att.x
+        if p.sb == s[p.i + 1]:
+            notify(callback, p.i, x, p.sb, den.last)
+    return Inversion(latent=x, sigmas=torch.tensor(trace.sig, dtype=sigmas.dtype, device=sigmas.device), space=space,
+                     nfe=den.nfe, trajectory=trace.traj, residuals=trace.residuals, unconverged=trace.unconverged,
+                     budget=budget.total, base_steps=len(s) - 1, split=sorted(set(stack.split)),
+                     kept_ddim=trace.kept_ddim, costs=trace.costs)
 
 
 def invert_paper(method: str, update: Update, model, x, sigmas, extra_args=None, callback=None, *, space,
