@@ -63,7 +63,7 @@ def cases(full=False):
     """
     out = [Case(m, m) for m in METHODS]
     extra = [Case("aidi_anderson paper", "aidi_anderson", dict(carry=0, guess="ddim")),
-             Case("aidi_anderson tight", "aidi_anderson", dict(tol=1e-6, iterations=50)),
+             Case("aidi_anderson tight", "aidi_anderson", dict(tol=1e-5, iterations=50)),
              Case("bdia gamma=1", "bdia", dict(gamma=1.0)),
              Case("edict fixed", "edict", dict(order="fixed"))]
     paper = dict(window=(8, 10), first_window=(0, 5))  # the official windows (first: every t < 250)
@@ -74,7 +74,7 @@ def cases(full=False):
               Case("renoise turbo", "renoise", dict(paper, iterations=10, reg_steps=4)),
               Case("renoise reg", "renoise", dict(reg_steps=4))]
     if full:
-        extra.insert(1, Case("fixed_point tight", "fixed_point", dict(tol=1e-6, iterations=50)))
+        extra.insert(1, Case("fixed_point tight", "fixed_point", dict(tol=1e-5, iterations=50)))
         extra += papers
     # A variant whose method or settings the registry no longer has is left out, not an error.
     return out + [c for c in extra if c.method in METHODS and set(c.settings) <= set(METHODS[c.method].settings)]
@@ -184,12 +184,12 @@ def benchmark(spaces=("eps", "flow"), steps=(10, 20, 50), cfgs=(1.0, 3.0), batch
     return rows, recs, (x, labels)
 
 
-def mixture_study(batch=4, n=10, tol=1e-4, caps=(5, 16), spread=1.0, var_range=(0.05, 0.5)):
+def mixture_study(batch=4, n=10, tol=3e-3, caps=(3, 16), spread=1.0, var_range=(0.05, 0.5)):
     """NFE per step and convergence of AIDI-A against fixed-point on the exact mixture denoiser.
 
     ``Mixture((4, 8, 8), components=4, spread=spread, var_range=var_range)``, item i drawn
     from component ``i % 4`` and labelled with it; ``karras(n)`` for EPS, ``uniform_flow(n)``
-    for flow; cfg 1 and 3; each method at tolerance ``tol`` with each call budget in ``caps``
+    for flow; cfg 1 and 3; each method at round-trip target ``tol`` with each call budget in ``caps``
     (``iterations``: model calls per step on average). ``spread=3, var_range=(0.01, 0.05)``
     gives components far apart compared with their width, where steps must be split.
     """

@@ -66,17 +66,14 @@ def checked_steps(model, x, sigmas, space):
     the extrapolated start, then two evaluations of ``F`` with their residuals, the second at
     ``F`` of the first (as if the update between them were free). It solves nothing; its time
     is the floor under any verified method's solver work."""
-    import torch
     from inversion_suite.solvers.core import Denoiser
-    from inversion_suite.solvers.implicit import guess_point, residual
+    from inversion_suite.solvers.implicit import Map, guess_point
     den, s, states = Denoiser(model, None, "floor"), [float(v) for v in sigmas], []
     for sa, sb in zip(s, s[1:]):
-        flat_a, xi = x.flatten(1), guess_point(x, sa, sb, space, states[-2:]).flatten(1)
+        F, xi, prev = Map(den, x, sa, sb), guess_point(x, sa, sb, space, states[-2:]).flatten(1), None
         for _ in range(2):
-            out = den(xi.view(x.shape), sb, check=False).flatten(1)
-            g = torch.add(flat_a, torch.sub(xi, out), alpha=(sb - sa) / sb)
-            residual(den, xi, g - xi, out)
-            xi = g
+            g = F.evaluate(xi, prev)[0]
+            prev, xi = (xi, g), g
         states.append((sa, x))
         x = xi.view(x.shape)
     return x

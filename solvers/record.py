@@ -44,8 +44,9 @@ class Inversion:
     call ``budget``, the ``base_steps`` of the schedule they were given (None: the schedule
     was not split, ``steps``), the base steps they ``split`` (their ``sigmas`` hold the
     inserted sigmas), the steps where some item ``kept_ddim`` (the DDIM step reproduced
-    the step's start better than any iterate) and, per step, ``costs``: residual x
-    ||x_b|| / ||x_0||, the step's forward error relative to the input (largest over the batch).
+    the step's start better than any iterate) and, per step, ``costs``: the relative forward
+    error of the state the step kept (estimated where it kept F of its best iterate), its
+    first-order share of the round trip (largest over the batch).
     """
 
     latent: torch.Tensor = field(repr=False)
@@ -205,8 +206,8 @@ def summary(inv: Inversion, measured=None, calls=None) -> str:
     ``measured``: the round trip's relative error, sampled back and measured (the worst item),
     with ``calls`` the model calls that took; where given, it is the figure shown, and no step is
     called converged while it misses the tolerance. Without it, a step's cost to the reconstruction is estimated to first order by
-    its ``costs`` entry (sampling back lands off by ``x - F(x)`` there, taken to carry through
-    unchanged); the estimate adds them up.
+    its ``costs`` entry (sampling back lands off by ``x - F(x)`` there, relative to ``x``, taken to
+    reach the source at that relative size, as it does for Gaussian data); the estimate adds them up.
     """
     n, base = inv.steps, inv.base_steps or inv.steps
     steps = f"{base} steps" + (f" ({n} after splitting step(s) {spans(inv.split)})" if n != base else "")
@@ -222,8 +223,8 @@ def summary(inv: Inversion, measured=None, calls=None) -> str:
         return (f"{head}; every step's residual reached tol {tol:g} (largest {max(res):.1e}), but the round trip "
                 f"misses it.{shown} Raise iterations, lower tol or use more steps.")
     if not bad:
-        return (f"{head}; every step converged (largest residual {max(res):.1e}, tol {tol:g})."
-                + (shown or estimate + "."))
+        return (f"{head}; every step converged (largest residual {max(res):.1e}; tol {tol:g}, the round-trip "
+                f"error asked for, shared over the steps)." + (shown or estimate + "."))
     s = [float(v) for v in inv.sigmas]
     w = max(bad, key=res.__getitem__)
     text = (f"{head}. {len(bad)} of {n} steps did NOT converge to tol {tol:g}: step(s) {spans(bad)}; the worst, "

@@ -98,7 +98,7 @@ METHODS = {
     "fixed_point": Method(invert_fixed_point, "euler",
                           "Fixed-point iteration of the exact inverse step: accurate where it converges.", dict(ITER)),
     "aidi_anderson": Method(invert_aidi_anderson, "euler",
-                            "AIDI-A: fixed-point with Anderson acceleration; exact to the tolerance, fast.",
+                            "AIDI-A: fixed-point with Anderson acceleration; round-trips to the error asked for (tol), fast.",
                             dict(ITER, guess=Setting("extrapolate", ITER["guess"].tooltip, choices=ITER["guess"].choices),
                                  m=Setting(3, "Anderson memory: how many past iterates are mixed. 2 to 5 is typical.", 1, 10, 1),
                                  beta=Setting(1.0, "Anderson damping: 1 mixes outputs only; lower it if steps oscillate.", 0.05, 1.0, 0.05),

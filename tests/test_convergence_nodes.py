@@ -38,7 +38,7 @@ def test_separated_modes_round_trip_at_the_defaults(kind, caplog):
     out = Reconstruct.execute(model=model, inverted=inverted, positive=UNCOND, cfg=-1.0).result[0]
     err = worst_rel(out["samples"], latent["samples"])
     print(f"{kind}: rel {err:.1e}; {text}")
-    assert err <= 1e-4
+    assert err <= rec["settings"]["tol"] == 3e-3  # the round-trip error the default asks for
     assert rec["unconverged"] == [] and rec["budget"] == 160 and rec["nfe"] <= 160 and rec["steps"] == 10  # the node's steps; split ones are in sigmas
     # The record's schedule is the one sampled: split steps are in it, one residual each.
     assert len(rec["sigmas"]) - 1 == len(rec["residuals"]) == len(rec["costs"]) >= 10
@@ -102,7 +102,7 @@ def test_the_sampler_route_samples_back_down_the_split_schedule():
     back = guider.sample(zero, noise, sampler, down, disable_pbar=True, seed=0,
                          callback=lambda i, x0, x, total: steps.append((i, total)))
     assert worst_rel(noise, inverted["samples"]) <= 1e-5
-    assert worst_rel(back, latent["samples"]) <= 1e-4
+    assert worst_rel(back, latent["samples"]) <= 3e-3  # the default's round-trip target
     assert steps == [(i, 10) for i in range(10)]  # progress counts the host's steps
 
 

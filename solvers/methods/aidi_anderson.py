@@ -24,8 +24,7 @@ columns: every pair of a step is transported by the same two coefficients
 ``implicit.PairRing`` keeps as pairs arrive and from one product of its buffer with ``dr``,
 and the mix reads that buffer directly.
 
-Two things can make a step cheaper than the paper's (about 3 model calls per step instead
-of 4 at 10 steps):
+Two things can make a step cheaper than the paper's:
 
 - ``guess="extrapolate"`` (default): each step starts from the slopes of the previous
   steps extrapolated to the new sigma, which needs no model evaluation and starts far
@@ -35,10 +34,9 @@ of 4 at 10 steps):
   the denoiser (``implicit.transported``). The first update after the guess is then
   already a multisecant step rather than a plain one. An item drops them for the rest of
   a step once an iteration fails to halve its residual (strong guidance, where the
-  Gaussian model is poor). They pay where the denoiser is close to Gaussian (2 pairs: 2
-  calls per step instead of 2.9 on Gaussian data, about 5 % fewer on well-separated
-  mixtures) and not on the bundled model (2 % more), at two latents each, so they are
-  off by default. ``carry=0`` with ``guess="ddim"`` is the paper's method.
+  Gaussian model is poor). They pay where the denoiser is close to Gaussian and not on
+  the bundled model, at two latents each, so they are off by default. ``carry=0`` with
+  ``guess="ddim"`` is the paper's method.
 
 Budget, step splitting and the DDIM fallback are ``implicit``'s.
 """
