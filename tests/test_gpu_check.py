@@ -116,7 +116,7 @@ def tiny_checkpoint(path):
     unet = dict(gpu_check.model_config("sd15").unet_config, num_res_blocks=[1], channel_mult=[1], transformer_depth=[1],
                 transformer_depth_output=[1, 1], transformer_depth_middle=-2, dtype=torch.float32)
     base = comfy.model_base.BaseModel(comfy.supported_models.SD15(unet), device=torch.device("cpu"))
-    gpu_check.randomise(base.diffusion_model, seed=1, out=gpu_check.OUTPUT["sd15"])
+    gpu_check.randomise(base.diffusion_model, 1, *gpu_check.OUTPUT["sd15"])
     vae = comfy.taesd.taesd.TAESD(latent_channels=4)  # comfy.ops leaves its weights uninitialised too
     gpu_check.randomise(vae.taesd_encoder, seed=2, out_gain=20.0)  # SD-sized latents: std ~6, ~1 in the model's space
     gpu_check.randomise(vae.taesd_decoder, seed=3, out_gain=1.0)
