@@ -138,6 +138,16 @@ def run(driver, body, *args):
     return out["v"]
 
 
+def test_the_frontend_is_the_one_asked_for(browser):
+    """``COMFYUI_FRONTEND_VERSION`` (with ``COMFYUI_FRONTEND_ROOT``) names the frontend a run must be on;
+    frontends from 1.3x on report their version to the page."""
+    version = browser.execute_script("return window.__COMFYUI_FRONTEND_VERSION__ ?? null")
+    print(f"frontend {version or 'of the host (reports no version)'}")
+    wanted = os.environ.get("COMFYUI_FRONTEND_VERSION")
+    if wanted:
+        assert version == wanted
+
+
 LOAD = """
 const wf = A[0];
 await app.loadGraphData(structuredClone(wf), true, true, A[1]);
@@ -338,24 +348,40 @@ nav.click();
 const dialog = () => [...document.querySelectorAll('[role=dialog]')].pop();
 // One loaded picture per card of this pack (the newer frontend shows them through blob: URLs).
 // Right after the click the dialog may still show the previous category's cards: a picture
-// counts only inside a card titled with one of this pack's templates (an ancestor holding
-// that title and no other picture), and only once every title is shown.
-const ours = img => {
+// counts only inside a card titled with one of this pack's templates (its alt text, or an
+// ancestor holding that title and no other picture). The browser draws only the cards in view
+// (those scrolled away drop their picture), so the pictures are collected while scrolling through.
+const nameOf = img => {
+  if (names.includes(img.alt)) return img.alt;
   for (let e = img.parentElement; e && e !== dialog(); e = e.parentElement) {
-    if (e.querySelectorAll('img').length > 1) return false;
-    if (names.some(n => (e.innerText ?? '').includes(n))) return true;
+    if (e.querySelectorAll('img').length > 1) return null;
+    const n = names.find(n => (e.innerText ?? '').includes(n));
+    if (n) return n;
   }
-  return false;
+  return null;
 };
+const seen = {}, titles = new Set();
 const thumbs = await until(() => {
   const d = dialog();
-  if (!d || !names.every(n => (d.innerText ?? '').includes(n))) return null;
-  const imgs = [...d.querySelectorAll('img')].filter(i => i.complete && i.naturalWidth > 0 && ours(i));
-  return imgs.length >= names.length ? imgs : null;
-}, 20000) ?? [];
+  if (!d) return null;
+  names.filter(n => (d.innerText ?? '').includes(n)).forEach(n => titles.add(n));
+  const imgs = [...d.querySelectorAll('img')];
+  for (const i of imgs) {
+    const n = nameOf(i);
+    if (n && i.complete && i.naturalWidth > 0) seen[n] = [i.naturalWidth, i.naturalHeight];
+  }
+  if (Object.keys(seen).length >= names.length && titles.size >= names.length) return Object.values(seen);
+  for (let e = imgs[0]?.parentElement; e && e !== d.parentElement; e = e.parentElement)
+    if (e.scrollHeight > e.clientHeight + 4) {
+      e.scrollTop = e.scrollTop + e.clientHeight >= e.scrollHeight - 4 ? 0 : e.scrollTop + e.clientHeight / 2;
+      break;
+    }
+  return null;
+}, 30000) ?? [];
+for (const e of dialog()?.querySelectorAll('*') ?? []) if (e.scrollTop) e.scrollTop = 0;  // back to the top for the picture
 await new Promise(r => setTimeout(r, 500));
 const r = dialog()?.getBoundingClientRect();
-return {names, files, text: dialog()?.innerText ?? '', thumbs: thumbs.map(i => [i.naturalWidth, i.naturalHeight]),
+return {names, files, text: [...titles].join(' | '), thumbs,
         rect: r ? [r.left, r.top, r.width, r.height] : null};
 """
 
