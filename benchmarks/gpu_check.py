@@ -2,7 +2,7 @@
 
     COMFYUI_PATH=<ComfyUI checkout> python benchmarks/gpu_check.py --out gpu_check   # CUDA, at most 5 minutes
     COMFYUI_PATH=... python benchmarks/gpu_check.py --models flux --dtypes bf16 --methods ddim bdia edict
-    COMFYUI_PATH=... python benchmarks/gpu_check.py --tiny --device cpu              # the tests' tiny models
+    COMFYUI_PATH=... python benchmarks/gpu_check.py --tiny --device cpu              # the tests' tiny models (pytest)
     COMFYUI_PATH=... python benchmarks/gpu_check.py --checkpoint sd15.safetensors --images photos/ --size 512
 
 Models: each family is the host's own config class, ``model_base`` class and network. The
