@@ -1,7 +1,7 @@
 """Edit benchmark: label edits inside a region of held-out photo patches, on the bundled TinyUNet.
 
-    python benchmarks/editing.py            # the default below: about 4 minutes on 2 cores
-    python benchmarks/editing.py --quick    # cfg_edit 5 and each editor's middle knob only: ~40 s
+    python benchmarks/editing.py            # the default below: about 6 minutes on 2 shared cores
+    python benchmarks/editing.py --quick    # cfg_edit 5 and each editor's middle knob only: ~30 s
 
 Each of the 8 held-out 16x16 patches (one per photo, ``data.held_out``) is edited from its own
 photo's label (the source prompt, cfg 1) towards another photo's label (``(label + 4) % 8``)
@@ -57,8 +57,10 @@ Measures, in the model's own space (pixels in [-1, 1], no VAE), means over the p
   same editor (same space and steps) is at least as strong and keeps at least as much
   structure, and better in one.
 
-The default runs 10 steps, the whole sweep (162 runs). ``--steps 10 20 50`` adds the other step
-counts at cfg_edit 5 (every knob). Measured: 248 s wall on this project's 2-core machine (shared).
+The default runs 10 steps, the whole sweep: 228 runs, 341 s wall on this project's 2-core machine
+while other work shared it (a run is 0.3 to 4 s; AIDI-A's stochastic edits are the longest).
+``--steps 10 20 50`` adds the other step counts at cfg_edit 5 (every knob). A progress bar shows
+each run from the first second.
 Writes editing.json, editing.md, edit_tradeoff.png and edit_grid.png to --out.
 """
 
@@ -678,7 +680,7 @@ def write(rows, outs, originals, out, meta):
           f"{meta['threads']} thread(s), torch {meta['torch']}, commit {meta['commit']}.", "",
           "8 held-out 16x16 photo patches, each edited from its photo's label to another's inside the right half; "
           "background = the left half. Seeded editors (inpaint, inpaint_dd and the three FlowEdit rows): means over seeds 0-3.",
-          f"## Every editor at {steps} steps, cfg_edit 5, its middle knob", "", summary(rows, steps),
+          "", f"## Every editor at {steps} steps, cfg_edit 5, its middle knob", "", summary(rows, steps), "",
           "## Every setting", table(rows), f"## The honest peers' frontier points against the pack at {steps} steps", "",
           "For each frontier point of inpainting and of FlowEdit composited by the mask, the pack's "
           "inversion-based editor (best of 4 left out) keeping the background at 50 dB or more that keeps the "
