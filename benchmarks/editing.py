@@ -57,7 +57,7 @@ Measures, in the model's own space (pixels in [-1, 1], no VAE), means over the p
   same editor (same space and steps) is at least as strong and keeps at least as much
   structure, and better in one.
 
-The default runs 10 steps, the whole sweep: 228 runs, 341 s wall on this project's 2-core machine
+The default runs 10 steps, the whole sweep: 228 runs, 306 s wall on this project's 2-core machine
 while other work shared it (a run is 0.3 to 4 s; AIDI-A's stochastic edits are the longest).
 ``--steps 10 20 50`` adds the other step counts at cfg_edit 5 (every knob). A progress bar shows
 each run from the first second.
