@@ -350,7 +350,7 @@ def check(a, device, start):
     """
     from inversion_suite.nodes.host.model import space_of
     rows = []
-    side = 16 if a.tiny else 128
+    side = a.latent or (16 if a.tiny else 128)
     for fi, family in enumerate(a.models):
         model_end = time.perf_counter() + (a.limit - (time.perf_counter() - start)) / (len(a.models) - fi)
         for di, dname in enumerate(a.dtypes):
@@ -535,6 +535,7 @@ def main(argv=None):
     p.add_argument("--scheduler", default=None, help="host scheduler (default: normal; simple for flow)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiny", action="store_true", help="the tests' tiny host models and 16x16 latents (CPU test)")
+    p.add_argument("--latent", type=int, default=None, help="latent side (default 128, SD-size; --tiny: 16)")
     p.add_argument("--limit", type=float, default=260.0,
                    help="seconds for the whole check from the start of main, shared out over models and dtypes "
                         "(default 260: with Python and torch starting, under 5 minutes)")
