@@ -9,6 +9,8 @@ host's seeded noise and schedule. The two outputs agree to float32 rounding: a r
 difference of at most 1e-6 (measured: 0, bit for bit, on 0.3.64 and 0.33.0).
 """
 
+import importlib
+
 import comfy_host  # skips this module where no ComfyUI is found
 import pytest
 import torch
@@ -37,7 +39,7 @@ def masks():
 
 def host_inpaint(model, samples, mask, denoise, differential, monkeypatch):
     """The host's graph through its executor: SetLatentNoiseMask -> [DifferentialDiffusion] -> KSampler."""
-    import utils.extra_config  # noqa: F401 (before the host's nodes.py, as main.py does)
+    importlib.import_module("utils.extra_config")  # before the host's nodes.py, as main.py does
     import nodes as core
     from comfy_extras.nodes_differential_diffusion import DifferentialDiffusion
 
