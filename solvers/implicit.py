@@ -18,14 +18,16 @@ error of relative size ``||d|| / ||x||`` reaches the source at about the same re
 so the round trip misses the source by about the sum of the steps' relative residuals. That
 sum is the estimate ``Inversion.costs`` records (one term a step); data far from Gaussian
 (sharp modes, strong guidance, a flow model's high-variance directions near sigma = 1) can
-shrink or grow it, which is why the node measures the round trip by default. What a step
+shrink or grow it, which is why the node measures the round trip by default. In flow space
+the sampling grows errors in the latent's high-variance directions by up to ``1 / (1 - s)``;
+``weight`` counts a step's error that much more (at most ``FLOW_SPREAD``). What a step
 keeps: ``F(x)`` of its best iterate where ``F`` contracts (``lip < 1``, the largest
 ``||dg|| / ||dx||`` over the step's moves; its error ``~ lip ||d||``, an estimate), else
 ``x`` (its error exact). ``Inversion.residuals`` records the best iterate's own, measured.
 
 Precision that pays. ``tol`` is the relative round-trip error asked for. It is shared out
 equally over the given steps (a split step's halves share its part), and a step is solved
-once its kept relative error is within its part, or its calls are spent.
+once its kept relative error, times its ``weight``, is within its part, or its calls are spent.
 
 Budget. The whole inversion may spend ``iterations * steps`` model calls (``iterations``
 is the average per step); a step may take its fair share of what is left (what a solved
@@ -85,6 +87,7 @@ Update = Callable[[list], Callable[..., torch.Tensor]]
 SHARE = 1.0  # a step may spend its fair share of the calls left (what a solved step leaves goes on)
 SLOW = 0.5  # a step whose error shrinks slower than this per call is split, while it can be
 FLOOR = 2  # the fewest calls a step is given: one to move, one to measure the move
+FLOW_SPREAD = 4.0  # see weight: a flow latent's directions up to 4 times the noise's scale
 CHECK = 2  # the DDIM check's calls: the DDIM step, then its error
 
 
@@ -408,10 +411,11 @@ class Trace:
     unconverged: list = field(default_factory=list)
     kept_ddim: list = field(default_factory=list)
 
-    def accept(self, att: Attempt, sb):
+    def accept(self, att: Attempt, sb, w):
+        """Records step ``att`` (ending at ``sb``; ``w``: its ``weight``)."""
         j = len(self.residuals)
         self.residuals.append(float(att.r.max()))
-        self.costs.append(float(att.err.max()))
+        self.costs.append(float(att.err.max()) * w)
         if not bool(att.done.all()):
             self.unconverged.append(j)
             if bool(att.ddim.any()):
@@ -419,6 +423,14 @@ class Trace:
         self.sig.append(sb)
         if self.traj is not None:
             self.traj.append(att.x)
+
+
+def weight(sb: float, space: str) -> float:
+    """How much more than its relative size an error at ``sb`` may weigh at the source: 1 in EPS; in
+    flow the sampling's gain in a direction of variance ``v`` over the unit noise, ``sqrt(v) /
+    sqrt(v (1 - s)^2 + s^2)``, is up to ``1 / (1 - s)`` for large ``v`` and ``sqrt(v)`` at ``s = 1``;
+    taken for directions up to ``FLOW_SPREAD`` noise scales."""
+    return 1.0 if space == EPS else min(1.0 / max(1.0 - sb, 1e-9), FLOW_SPREAD)
 
 
 def solve_piece(den, p: Piece, x, *, space, update, guess, states, budget, stack, ring, slow):
@@ -430,7 +442,7 @@ def solve_piece(den, p: Piece, x, *, space, update, guess, states, budget, stack
     at_ddim = guess == "ddim" or not states or calls < FLOOR + CHECK
     start = guess_point(x, p.sa, p.sb, space, () if at_ddim else states)
     att = solve_step(den, x_a=x, sa=p.sa, sb=p.sb, start=start, update=update,
-                     calls=calls if at_ddim else calls - CHECK, target=p.part,
+                     calls=calls if at_ddim else calls - CHECK, target=p.part / weight(p.sb, space),
                      carried=ring.at(p.sb, h, space) if ring else [], slow=slow, keep=ring.carry if ring else 0,
                      ddim_start=at_ddim)
     for dx, dg in att.pairs:
@@ -463,7 +475,7 @@ def invert_implicit(method: str, update: Update, model, x, sigmas, extra_args=No
                 att = ddim_check(den, att, x_a=x, sa=p.sa, sb=p.sb, space=space)
         if guess == "extrapolate":
             states.append((p.sa, x))
-        trace.accept(att, p.sb)
+        trace.accept(att, p.sb, weight(p.sb, space))
         x = att.x
         if p.sb == s[p.i + 1]:
             notify(callback, p.i, x, p.sb, den.last)
