@@ -8,7 +8,7 @@ from ..solvers.editing.direct import edit_direct
 from .host import edit_guider
 from .host.inputs import fail, no_noise_mask
 from .host.record import KEY, resume
-from .host.region import NOISE_MASK, Region, image_mask, inputs as region_inputs
+from .host.region import NOISE_MASK, Region, inputs as region_inputs
 from .host.run import progress, run_guider, to_model
 
 
@@ -59,7 +59,7 @@ class BlendedGuidanceSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, inverted, source, target, cfg_inversion, cfg_edit, mask_steps, local_blend, negative=None,
                 clip=None, source_text="", target_text="", words="", mask=None, mask_mode="union", threshold=0.3,
-                softness=0.0, dilation=1, direct=False):
+                softness=0.0, dilation=1, feather=0, grow=False, direct=False):
         node = "BlendedGuidanceSampler"
         samples, rec = resume(node, inverted, model)
         no_noise_mask(node, inverted, "inverted", NOISE_MASK)
@@ -75,22 +75,21 @@ class BlendedGuidanceSampler(io.ComfyNode):
         if direct and rec.inv.trajectory is None:
             fail(node, "direct", "DirectInversion needs the inversion's trajectory: set keep_trajectory on Invert")
         region = Region(node, model, samples, clip, source_text, target_text, words, mask, mask_mode, threshold,
-                        softness, dilation)
+                        softness, dilation, feather, grow)
         fn, kwargs = sampler_for(rec.inv.sampler, rec.inv.settings)
         sigmas = rec.inv.sigmas.flip(0)
-        callback = progress(model, len(sigmas) - 1)
+        callback, shown = region.watch(progress(model, len(sigmas) - 1))
         g = edit_guider.build(node, region.attach(model), region.capture, source, target, negative)
-        region.guider = g
         source_branch = local_blend or bool(region.capture.tokens["source"])
 
         def job(den, x, inner):
             model_ = g.model(den)
             if direct:
                 traj = [to_model(inner, t, x) for t in rec.inv.trajectory]
-                out, _ = edit_direct(model_, traj, rec.inv.sigmas, region.mask(), w_inv, cfg_edit, space=rec.inv.space,
+                out, _ = edit_direct(model_, traj, rec.inv.sigmas, region.spec, w_inv, cfg_edit, space=rec.inv.space,
                                      mask_steps=mask_steps, local_blend=local_blend, callback=callback)
             else:
-                out, _ = edit_blended(model_, x, sigmas, region.mask(), w_inv, cfg_edit, sampler=fn, sampler_args=kwargs,
+                out, _ = edit_blended(model_, x, sigmas, region.spec, w_inv, cfg_edit, sampler=fn, sampler_args=kwargs,
                                       pair=to_model(inner, rec.inv.pair, x), space=rec.inv.space, mask_steps=mask_steps,
                                       local_blend=local_blend, source=source_branch, callback=callback)
             return None, out
@@ -98,4 +97,4 @@ class BlendedGuidanceSampler(io.ComfyNode):
         _, out = run_guider(node, g, samples, sigmas, job)
         result = {k: v for k, v in inverted.items() if k not in ("samples", KEY)}
         result["samples"] = out
-        return io.NodeOutput(result, image_mask(region, region.current(), model))
+        return io.NodeOutput(result, shown(model))

@@ -7,7 +7,7 @@ from ..solvers.editing.stochastic import edit_stochastic
 from .host import edit_guider
 from .host.inputs import fail, no_noise_mask
 from .host.record import KEY, resume
-from .host.region import NOISE_MASK, Region, image_mask, inputs as region_inputs
+from .host.region import NOISE_MASK, Region, inputs as region_inputs
 from .host.run import progress, run_guider, to_model
 
 
@@ -54,7 +54,8 @@ class StochasticEditSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, inverted, source, target, cfg, eta, seed, count, negative=None, clip=None, source_text="",
-                target_text="", words="", mask=None, mask_mode="union", threshold=0.3, softness=0.0, dilation=1):
+                target_text="", words="", mask=None, mask_mode="union", threshold=0.3, softness=0.0, dilation=1,
+                feather=0, grow=False):
         node = "StochasticEditSampler"
         samples, rec = resume(node, inverted, model)
         no_noise_mask(node, inverted, "inverted", NOISE_MASK)
@@ -66,16 +67,15 @@ class StochasticEditSampler(io.ComfyNode):
             fail(node, "count", f"expected at least 1, got {count}")
         w_edit = rec.cfg_for(node, "cfg", cfg)
         region = Region(node, model, samples, clip, source_text, target_text, words, mask, mask_mode, threshold,
-                        softness, dilation)
+                        softness, dilation, feather, grow)
         steps = len(rec.inv.sigmas) - 1
-        callback = progress(model, (1 + count) * steps)
+        callback, shown = region.watch(progress(model, (1 + count) * steps))
         g = edit_guider.build(node, region.attach(model), region.capture, source, target, negative)
-        region.guider = g
         b = samples.shape[0]
 
         def job(den, x, inner):
             traj = [to_model(inner, t, x) for t in rec.inv.trajectory]
-            edits, scores, _ = edit_stochastic(g.model(den), traj, rec.inv.sigmas, region.mask(), rec.cfg, w_edit,
+            edits, scores, _ = edit_stochastic(g.model(den), traj, rec.inv.sigmas, region.spec, rec.cfg, w_edit,
                                                [seed + j for j in range(count)], space=rec.inv.space, eta=eta,
                                                callback=callback)
             return scores, edits
@@ -87,4 +87,4 @@ class StochasticEditSampler(io.ComfyNode):
         top = dict(base, samples=out.view(count, b, *out.shape[1:])[best, torch.arange(b)])
         text = "\n".join(f"edit {j} (seed {seed + j}), image {i}: {float(scores[j * b + i]):.2f} dB"
                          for j in range(count) for i in range(b))
-        return io.NodeOutput(edits, top, text, image_mask(region, region.current(), model))
+        return io.NodeOutput(edits, top, text, shown(model))

@@ -60,6 +60,12 @@ def full_mask(value, size=64):
 
 # --- BlendedGuidanceSampler ---------------------------------------------------------------------
 
+def branch_of(options):
+    """The branch of the call whose attention these transformer options belong to (None: not captured)."""
+    rec = options.get(attention.KEY)
+    return None if rec is None else rec.branch
+
+
 def test_attention_mask_is_the_direct_softmax_of_the_chosen_tokens(monkeypatch):
     model = tiny_model("eps")
     inv = inverted(model, positive=random_prompt(1))
@@ -67,7 +73,7 @@ def test_attention_mask_is_the_direct_softmax_of_the_chosen_tokens(monkeypatch):
     hook = attention.Capture.hook
 
     def spy(self, q, k, v, extra):
-        seen.append((self.branch, q.clone(), k.clone(), dict(extra)))
+        seen.append((branch_of(extra), q.clone(), k.clone(), dict(extra)))
         return hook(self, q, k, v, extra)
 
     monkeypatch.setattr(attention.Capture, "hook", spy)
@@ -106,7 +112,7 @@ def spied(monkeypatch):
     seen, hook = [], attention.Capture.override
 
     def spy(self, func, *args, **kwargs):
-        seen.append((self.branch, args[0].clone(), args[1].clone(), dict(kwargs)))
+        seen.append((branch_of(kwargs.get("transformer_options") or {}), args[0].clone(), args[1].clone(), dict(kwargs)))
         return hook(self, func, *args, **kwargs)
 
     monkeypatch.setattr(attention.Capture, "override", spy)
@@ -500,3 +506,70 @@ def test_the_users_attention_backend_runs_as_often_with_the_capture(family):
     calls.clear()
     blended(model, inv, src, tgt, clip=clip(tok), source_text=SOURCE_TEXT, target_text=TARGET_TEXT, cfg_edit=1.0)
     assert without > 0 and len(calls) == without
+
+
+# --- soft regions through the nodes ------------------------------------------------------------------
+
+RAMP = [0, 0, 0, 0, 1 / 3, 2 / 3, 1, 1]  # a half region feathered over 2 latent pixels, per latent column
+
+
+def columns(mask):
+    """The MASK a node returned, one value per latent column (its first latent row)."""
+    return F.avg_pool2d(mask[:, None], 8)[0, 0, 0]
+
+
+@pytest.mark.parametrize("grow", [False, True])
+def test_feathered_region_keeps_the_rest_and_shows_its_ramp(grow):
+    """Blended guidance and the stochastic editor with a half MASK feathered over 2 latent pixels:
+    the unedited half is the source branch (blended) or the trajectory's source (stochastic) bit for
+    bit, the other changes, and the MASK they return is the feathered one."""
+    model = exact_model("eps", MIX)
+    inv = inverted(model, "ddim", steps=6, keep_trajectory=True)
+    out, mask = blended(model, inv, prompt(1), prompt(2), mask=half_mask(), feather=2, grow=grow)
+    source = reconstruct(model, inv, prompt(1), -1.0)
+    assert torch.equal(out["samples"][..., :4], source[..., :4])
+    assert rel(out["samples"][..., 4:], source[..., 4:]) > 1e-2
+    assert torch.allclose(columns(mask), torch.tensor(RAMP), atol=1e-6, rtol=0)
+    edits, _, _, mask = stochastic(model, inv, prompt(1), prompt(2), mask=half_mask(), feather=2, grow=grow, count=2)
+    hard, _, _, _ = stochastic(model, inv, prompt(1), prompt(2), mask=half_mask(), count=2)
+    assert torch.equal(edits["samples"][..., :4], hard["samples"][..., :4])  # the source's, as a hard mask keeps it
+    assert rel(edits["samples"][..., 4:], inv["inversion"]["source"].expand(2, -1, -1, -1)[..., 4:]) > 1e-2
+    assert torch.allclose(columns(mask), torch.tensor(RAMP), atol=1e-6, rtol=0)
+
+
+def test_growing_region_edits_a_pixel_from_the_step_its_value_reaches():
+    """A MASK of three columns: 1 (edited from the first step), 0.5 (from the middle step on) and
+    0.1 (below the last step's threshold of 1/6: never). Growing, the 0.1 column stays the source
+    branch bit for bit and the 0.5 column changes less than the 1 column; not growing, each column
+    is edited at its value from the first step."""
+    model = exact_model("eps", MIX)
+    inv = inverted(model, "ddim", steps=6)
+    m = torch.zeros(1, 64, 64)
+    for col, v in ((5, 1.0), (6, 0.5), (7, 0.1)):
+        m[:, :, 8 * col:8 * col + 8] = v
+    source = reconstruct(model, inv, prompt(1), -1.0)
+    out, _ = blended(model, inv, prompt(1), prompt(2), mask=m, mask_mode="replace", grow=True)
+    change = (out["samples"] - source).abs().mean((0, 1, 2))
+    assert torch.equal(out["samples"][..., 7], source[..., 7]) and change[:5].max() == 0
+    assert change[5] > change[6] > 0
+    out, _ = blended(model, inv, prompt(1), prompt(2), mask=m, mask_mode="replace")
+    assert (out["samples"][..., 7] - source[..., 7]).abs().max() > 0
+
+
+@pytest.mark.parametrize("editor", ["flowedit", "rf_inversion"])
+def test_latent_editors_take_a_feathered_growing_region(editor):
+    from inversion_suite.nodes.flowedit import FlowEdit
+    from inversion_suite.nodes.rf_inversion import RFInversionEdit
+    node, own = {"flowedit": (FlowEdit, dict(n_max=5, n_min=1, n_avg=1)),
+                 "rf_inversion": (RFInversionEdit, dict(gamma=0.5, eta=0.9, start_step=0, stop_step=3))}[editor]
+    model = tiny_model("eps")
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2)) * 0.18
+    edited, mask = node.execute(model=model, latent={"samples": x}, source=prompt(1), target=prompt(2), steps=6,
+                                scheduler="karras", cfg_source=1.5, cfg_target=4.0, seed=1, mask=half_mask(),
+                                feather=2, grow=True, **own).result
+    y = edited["samples"]
+    assert rel(y[..., :4], x[..., :4]) < 1e-6 and rel(y[..., 4:], x[..., 4:]) > 1e-3  # the latent format's rounding
+    assert torch.allclose(columns(mask), torch.tensor(RAMP), atol=1e-6, rtol=0)
+    with pytest.raises(NodeInputError, match="input 'feather'"):
+        node.execute(model=model, latent={"samples": x}, source=prompt(1), target=prompt(2), steps=6,
+                     scheduler="karras", cfg_source=1.5, cfg_target=4.0, seed=1, mask=half_mask(), feather=-1, **own)

@@ -95,32 +95,31 @@ def test_half_mask_keeps_the_rest_and_edits_inside(method, space):
 
 def test_mask_window_and_per_pixel_scale_follow_the_formula():
     """A per-pixel scale is D_u + W (D_c - D_u) with W = w_inv + (w_edit - w_inv) M, the
-    window open for the first ceil(mask_steps * N) steps, checked call by call."""
+    window open for the first ceil(mask_steps * N) steps: the editor asks for both halves there
+    (scale None) and mixes them itself, and for the plain guided prediction after; checked call
+    by call and against Euler sampling restated, in float64."""
     den = MixtureDenoiser(MIX, "eps")
-    x = data()
+    x = data().double()
     sig = karras(6).flip(0)
     cut = masks.window(sig, 0.5)
     assert sig[3] < cut < sig[2]  # 3 of 6 steps open
-    m = torch.rand(1, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    m = torch.rand(1, 1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     seen = []
 
     def model(x, sigma, branch, scale):
-        w = scale() if callable(scale) else scale
-        seen.append((float(sigma[0]), branch, w))
+        seen.append((float(sigma[0]), branch, scale))
         return two(den)(x, sigma, branch, scale)
 
-    edit_blended(model, x, sig, m, 1.5, 6.0, local_blend=False, source=False, mask_steps=0.5)
+    out, nfe = edit_blended(model, x, sig, m, 1.5, 6.0, local_blend=False, source=False, mask_steps=0.5)
     assert [s for s, _, _ in seen] == pytest.approx([float(v) for v in sig[:-1]], rel=1e-6)
-    for k, (_, branch, w) in enumerate(seen):
-        assert branch == "target"
-        if k < 3:
-            assert torch.equal(w, 1.5 + 4.5 * m)
-        else:
-            assert w == 1.5
-    d = two(den)(x, torch.full((3,), 2.0), "target", 1.5 + 4.5 * m)
-    u = den(x, torch.full((3,), 2.0), label=TGT, cfg=0.0)
-    c = den(x, torch.full((3,), 2.0), label=TGT, cfg=1.0)
-    assert torch.allclose(d, u + (1.5 + 4.5 * m) * (c - u), atol=1e-6)
+    assert [(b, w) for _, b, w in seen] == [("target", None)] * 3 + [("target", 1.5)] * 3 and nfe == 6
+    s, xt = [float(v) for v in sig], x
+    for k in range(6):
+        at = torch.full((3,), s[k], dtype=torch.float64)
+        u, c = den(xt, at, label=TGT, cfg=0.0), den(xt, at, label=TGT, cfg=1.0)
+        d = u + (1.5 + 4.5 * m) * (c - u) if k < 3 else den(xt, at, label=TGT, cfg=1.5)
+        xt = xt + (s[k + 1] - s[k]) * (xt - d) / s[k]
+    assert rel(out, xt) < 1e-12 and rel(out, x) > 1e-3
 
 
 @pytest.mark.parametrize("space", SPACES)
@@ -407,3 +406,162 @@ def test_rf_inversion_is_the_papers_controller(space):
     assert torch.equal(kept, x)
     with pytest.raises(SolverError, match="rf_inversion: expected 0 <= start <= stop <= steps"):
         edit_rf_inversion(two(den), x, up.flip(0), 1.0, 4.0, start=5, stop=2, space=space)
+
+
+# --- soft regions: values per pixel, a feather, DifferentialDiffusion's growth ------------------------
+
+def test_feather_ramps_inwards_and_keeps_the_outside_and_a_full_region():
+    x = torch.zeros(1, 4, 8, 8)
+    m = half(x)
+    f = masks.feather(m, 2)
+    assert torch.equal(f[..., :4], m[..., :4])  # outside: exactly 0
+    assert torch.equal(f[0, 0, 0, 4:], torch.tensor([1 / 3, 2 / 3, 1.0, 1.0]))  # the latent's border is not outside
+    assert torch.equal(masks.feather(m, 0), m)
+    assert torch.equal(masks.feather(torch.ones(1, 1, 8, 8), 3), torch.ones(1, 1, 8, 8))
+    soft = half(x, 0.5)
+    assert torch.equal(masks.feather(soft, 1)[..., 5:], soft[..., 5:])  # values kept where the ramp is full
+    video = torch.zeros(1, 1, 2, 4, 4)
+    video[:, :, 1, :, 2:] = 1
+    fv = masks.feather(video, 1)
+    assert torch.equal(fv[:, :, 0], video[:, :, 0]) and fv[0, 0, 1, 0].tolist() == [0, 0, 0.5, 1]  # per frame
+
+
+def test_growing_region_is_differential_diffusions_rule():
+    """ComfyUI's DifferentialDiffusion at step i of a schedule s_0 > ... > s_N edits the pixels
+    whose value is at least (t(s_i) - t(s_N)) / (t(s_0) - t(s_N)), t the model's timestep; on a
+    flow model t = 1000 s, and a uniform schedule makes that 1 - i / N."""
+    values = torch.tensor([0.0, 0.1, 0.25, 0.3, 0.5, 0.7, 0.75, 0.9, 1.0]).view(1, 1, 3, 3)
+    s = [float(v) for v in uniform_flow(4).flip(0)]
+    t = [1000 * v for v in s]
+    for i in range(4):
+        threshold = (t[i] - t[-1]) / (t[0] - t[-1])
+        assert torch.equal(masks.grown(values, i, 4), (values >= threshold).float()), i
+    firsts = sum(masks.grown(values, i, 4) for i in range(4))  # steps each pixel is edited
+    assert firsts.flatten().tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4]
+
+
+SOFT = [dict(feather=0, grow=False), dict(feather=2, grow=False), dict(feather=0, grow=True),
+        dict(feather=2, grow=True)]
+
+
+@pytest.mark.parametrize("soft", SOFT)
+@pytest.mark.parametrize("space", SPACES)
+def test_all_zero_soft_region_is_the_reconstruction_and_all_one_the_unmasked_edit(space, soft):
+    """Bit for bit, for every editor: zero returns what it returns with nothing to edit (the source
+    branch for blended, DirectInversion and stochastic edits; the source latent for FlowEdit and
+    RF-Inversion), one what it returns editing the whole image."""
+    zero = masks.Region(torch.zeros(1, 1, 8, 8), **soft)
+    one = masks.Region(torch.ones(1, 1, 8, 8), **soft)
+    den, inv = setup("bdia", space)
+    assert torch.equal(blended(den, inv, zero)[0], reconstruct(den, inv, {"label": SRC, "cfg": 1.0}))
+    assert torch.equal(blended(den, inv, one)[0], blended(den, inv, None)[0])
+    den, inv = setup("ddim", space, keep=True)
+    x = inv.trajectory[0]
+    run = dict(space=space)
+    assert torch.equal(edit_direct(two(den), inv.trajectory, inv.sigmas, zero, 1.0, 5.0, **run)[0], x)
+    assert torch.equal(edit_direct(two(den), inv.trajectory, inv.sigmas, one, 1.0, 5.0, **run)[0],
+                       edit_direct(two(den), inv.trajectory, inv.sigmas, None, 1.0, 5.0, **run)[0])
+    e0, s0, _ = edit_stochastic(two(den), inv.trajectory, inv.sigmas, zero, 1.0, 5.0, [3, 4], **run)
+    assert torch.equal(e0, x.repeat(2, 1, 1, 1))
+    e1, s1, _ = edit_stochastic(two(den), inv.trajectory, inv.sigmas, one, 1.0, 5.0, [3, 4], **run)
+    e, s, _ = edit_stochastic(two(den), inv.trajectory, inv.sigmas, torch.ones(1, 1, 8, 8), 1.0, 5.0, [3, 4], **run)
+    assert torch.equal(e1, e) and rel(e1, e0) > 1e-3
+    x = data().double()
+    sig = schedule(space, 8).flip(0)
+    for edit, kw in ((edit_flowedit, dict(n_max=7, n_min=2, seed=3)), (edit_rf_inversion, dict(seed=3, stop=4))):
+        assert torch.equal(edit(two(den), x, sig, 1.0, 5.0, mask=zero, space=space, **kw)[0], x)
+        free = edit(two(den), x, sig, 1.0, 5.0, space=space, **kw)[0]
+        assert torch.equal(edit(two(den), x, sig, 1.0, 5.0, mask=one, space=space, **kw)[0], free)
+        assert rel(free, x) > 1e-3
+
+
+@pytest.mark.parametrize("grow", [False, True])
+@pytest.mark.parametrize("space", SPACES)
+def test_feather_leaves_the_outside_exactly_unchanged(space, grow):
+    """A half region feathered over 3 latent pixels: every editor keeps the left half bit for bit
+    and edits the right."""
+    m = masks.Region(half(torch.zeros(1, 1, 8, 8)), feather=3, grow=grow)
+    den, inv = setup("bdia", space)
+    outs = [(blended(den, inv, m)[0], reconstruct(den, inv, {"label": SRC, "cfg": 1.0}))]
+    den, inv = setup("ddim", space, keep=True)
+    x = inv.trajectory[0]
+    outs.append((edit_direct(two(den), inv.trajectory, inv.sigmas, m, 1.0, 5.0, space=space)[0], x))
+    outs.append((edit_stochastic(two(den), inv.trajectory, inv.sigmas, m, 1.0, 5.0, [3], space=space)[0], x))
+    x = data().double()
+    sig = schedule(space, 8).flip(0)
+    outs.append((edit_flowedit(two(den), x, sig, 1.0, 5.0, n_max=7, n_min=2, mask=m, space=space)[0], x))
+    outs.append((edit_rf_inversion(two(den), x, sig, 1.0, 5.0, stop=4, mask=m, space=space)[0], x))
+    for out, source in outs:
+        assert torch.equal(out[..., :4], source[..., :4])
+        assert rel(out[..., 4:], source[..., 4:]) > 1e-3
+
+
+def flowedit_growing(den, x_src, sig, w_src, w_tar, n_max, n_min, seed, space, values):
+    """The official FlowEdit loop (n_avg 1) whose velocity difference at the j-th edited step of
+    n_max - n_min counts only where values >= 1 - j / (n_max - n_min); the tail composited by the last."""
+    g = torch.Generator().manual_seed(seed)
+    s = [float(v) for v in sig]
+    T, n = len(s) - 1, n_max - n_min
+    vel = lambda x, t, label, w: (x - den(x, torch.full((x.shape[0],), t, dtype=x.dtype), label=label, cfg=w)) / t
+    noised = lambda x0, t, e: x0 + t * e if space == "eps" else (1 - t) * x0 + t * e
+    z, tail, edited = x_src.clone(), None, None
+    for i in range(T - n_max, T):
+        t_i, t_im1 = s[i], s[i + 1]
+        if T - i > n_min:
+            j = i - (T - n_max)
+            edited = (values >= 1 - j / n).to(x_src)
+            zs = noised(x_src, t_i, torch.randn(x_src.shape, generator=g, dtype=x_src.dtype))
+            z = z + (t_im1 - t_i) * edited * (vel(z + zs - x_src, t_i, TGT, w_tar) - vel(zs, t_i, SRC, w_src))
+        else:
+            if tail is None:
+                tail = z + noised(x_src, t_i, torch.randn(x_src.shape, generator=g, dtype=x_src.dtype)) - x_src
+            tail = tail + (t_im1 - t_i) * vel(tail, t_i, TGT, w_tar)
+    return z if tail is None else x_src + edited * (tail - x_src)
+
+
+@pytest.mark.parametrize("n_min", [0, 2])
+@pytest.mark.parametrize("space", SPACES)
+def test_flowedit_growing_region_is_the_rule_step_by_step(space, n_min):
+    den, x = MixtureDenoiser(MIX, space), data().double()
+    sig = schedule(space, 8).flip(0)
+    values = torch.linspace(0, 1, 64, dtype=torch.float64).view(1, 1, 8, 8)
+    m = masks.Region(values, grow=True)
+    out, _ = edit_flowedit(two(den), x, sig, 1.5, 5.5, n_min=n_min, n_max=7, seed=4, mask=m, space=space)
+    want = flowedit_growing(den, x, sig, 1.5, 5.5, 7, n_min, 4, space, values)
+    assert rel(out, want) < 1e-12
+    never = values < 1 / (7 - n_min)  # below the last threshold: never edited
+    assert torch.equal(out * never, x * never) and rel(out, x) > 1e-3
+
+
+class Attending:
+    """TwoPrompts that also returns, with each call, an attention map of the edited words: one layer
+    at factor 2 that attends to the right half of the latent, as the host's capture returns them."""
+
+    def __init__(self, den, seen):
+        self.two, self.seen = two(den), seen
+
+    def __call__(self, x, sigma, branch, scale):
+        p = self.two(x, sigma, branch, scale)
+        self.seen.append(scale)
+        att = torch.full((x.shape[0], 1, 8, 8), 0.2)
+        att[..., 4:] = 1.0
+        p.maps = ((2, att),)
+        return p
+
+
+@pytest.mark.parametrize("space", SPACES)
+def test_region_from_the_attention_each_call_returns(space):
+    """The editor builds the mask from the maps the calls return (shape_mask of their mean), after
+    each step's calls, and asks for both halves so as to guide them per pixel: here the same as the
+    right half given as a mask, bit for bit; a feather on the words' region works as on a mask's."""
+    den, inv = setup("ddim", space)
+    seen = []
+    words = masks.Region(words=True, threshold=0.5, dilation=0)
+    fn, kwargs = sampler_for(inv.sampler, inv.settings)
+    run = dict(sampler=fn, sampler_args=kwargs, space=space)
+    out, nfe = edit_blended(Attending(den, seen), inv.latent, inv.sigmas.flip(0), words, 1.0, 5.0, **run)
+    assert torch.equal(out, blended(den, inv, half(inv.latent))[0])
+    assert seen == [1.0, None] * inv.steps and nfe == 2 * inv.steps
+    soft, _ = edit_blended(Attending(den, []), inv.latent, inv.sigmas.flip(0),
+                           masks.Region(words=True, threshold=0.5, dilation=0, feather=2), 1.0, 5.0, **run)
+    assert torch.equal(soft, blended(den, inv, masks.Region(half(inv.latent), feather=2))[0])

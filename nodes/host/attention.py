@@ -7,8 +7,10 @@ still runs there. DiTs (SD3, Flux: joint [context, image] attention; Wan: cross 
 of the image tokens on the context over a T x H x W token grid): the host's attention
 override, chained to an override already set (the core ModelAttentionBackend node,
 ``ModelPatcher.set_model_optimized_attention``) rather than replacing it. Maps are read
-from the cond chunks of the branch being evaluated, and summed per (branch, layer
-resolution).
+from the cond chunks of the call being evaluated: the edit guider hands each call a fresh
+``Capture.call(branch)`` in the transformer options (``KEY``), the hooks add that call's
+maps to it, and the guider returns them with the call's prediction; the editor keeps and
+combines them (``solvers.editing.attention.Maps``).
 """
 
 from __future__ import annotations
@@ -18,13 +20,17 @@ import comfy.ldm.modules.attention
 from ...solvers.editing import attention
 
 OVERRIDE = "optimized_attention_override"
+KEY = "inversion_suite_capture"  # transformer option: the capture of the call being evaluated
 
 
 class Capture:
+    """The edited words of a run (tokens per branch, fitted to each context) and its hooks; or,
+    made by ``call``, one call's capture: its branch and the maps its layers gave, in order."""
+
     def __init__(self, tokens: dict, counts: dict, size: tuple):
         self.tokens, self.counts, self.size = tokens, counts, tuple(size)  # counts: branch -> (count, head)
-        self.maps = {}  # (branch, downsampling factor) -> (sum of maps, count)
-        self.branch = None
+        self.branch = None  # a call's capture: the branch evaluated
+        self.maps = []  # a call's capture: (downsampling factor, map) per layer
         self.text_len = {}  # branch -> context tokens
         self.previous = None  # the attention override that was set before ours
 
@@ -45,6 +51,12 @@ class Capture:
     def active(self):
         return any(self.tokens.values())
 
+    def call(self, branch: str) -> "Capture":
+        """A fresh capture for one evaluation of ``branch``."""
+        c = Capture({branch: list(self.tokens.get(branch, []))}, {}, self.size)
+        c.branch, c.text_len = branch, dict(self.text_len)
+        return c
+
     def attach(self, model, unet_layers):
         """A clone of ``model`` with the capture attached (``model`` itself when no word is edited)."""
         if not self.active():
@@ -61,15 +73,17 @@ class Capture:
 
     def override(self, func, *args, **kwargs):
         out = self.previous(func, *args, **kwargs) if self.previous is not None else func(*args, **kwargs)
-        tokens = self.tokens.get(self.branch) if self.branch else None
-        if not tokens or self.branch not in self.text_len:
+        options = kwargs.get("transformer_options") or {}
+        rec = options.get(KEY)
+        tokens = rec.tokens.get(rec.branch) if rec is not None else None
+        if not tokens or rec.branch not in rec.text_len:
             return out
         q, k = args[0], args[1]
         heads = args[3] if len(args) > 3 else kwargs["heads"]
         if not kwargs.get("skip_reshape"):
             q, k = (t.view(t.shape[0], t.shape[1], heads, -1).transpose(1, 2) for t in (q, k))
-        text = self.text_len[self.branch]
-        rows = cond_rows(q.shape[0], kwargs.get("transformer_options") or {})
+        text = rec.text_len[rec.branch]
+        rows = cond_rows(q.shape[0], options)
         if not rows:
             return out
         if k.shape[2] == q.shape[2]:
@@ -78,49 +92,30 @@ class Capture:
             grid = attention.layer_grid(q.shape[2] - text, self.size)
             if grid is not None:
                 att = attention.joint_token_attention(q[rows], k[rows], text, tokens)
-                self.add(grid[0], attention.layer_map(att, grid[1], self.size))
+                rec.add(grid[0], attention.layer_map(att, grid[1], self.size))
         elif k.shape[2] == text:
             # Cross attention of image tokens on the context (Wan).
             grid = attention.layer_grid(q.shape[2], self.size)
             if grid is not None:
                 att = attention.joint_token_attention(q[rows], k[rows], 0, tokens)
-                self.add(grid[0], attention.layer_map(att, grid[1], self.size))
+                rec.add(grid[0], attention.layer_map(att, grid[1], self.size))
         return out
 
     def hook(self, q, k, v, extra):
         heads = extra["n_heads"]
         out = comfy.ldm.modules.attention.optimized_attention(q, k, v, heads, attn_precision=extra.get("attn_precision"),
                                                               transformer_options=extra)
-        tokens = self.tokens.get(self.branch) if self.branch else None
+        rec = extra.get(KEY)
+        tokens = rec.tokens.get(rec.branch) if rec is not None else None
         grid = attention.layer_grid(q.shape[1], self.size)
         rows = cond_rows(q.shape[0], extra) if tokens and grid else None
         if rows:
             att = attention.token_attention(q[rows], k[rows], heads, tokens)
-            self.add(grid[0], attention.layer_map(att, grid[1], self.size))
+            rec.add(grid[0], attention.layer_map(att, grid[1], self.size))
         return out
 
     def add(self, factor, m):
-        key = (self.branch, factor)
-        total, n = self.maps.get(key, (0, 0))
-        self.maps[key] = (total + m, n + 1)
-
-    def raw(self, batch):
-        """The summed mean maps at the chosen resolution, (batch, 1, *size), or None.
-
-        Layers at 1/4 of the latent's resolution (prompt-to-prompt's 16x16 maps on SD1.5)
-        are used where the model has them, else the coarsest below that.
-        """
-        factors = {f for _, f in self.maps}
-        if not factors:
-            return None
-        pick = 4 if 4 in factors else max(f for f in factors if f <= 4) if min(factors) <= 4 else min(factors)
-        raw = None
-        for (_, f), (total, n) in self.maps.items():
-            if f == pick:
-                mean = total / n
-                mean = mean.repeat(batch // mean.shape[0], *[1] * (mean.ndim - 1))
-                raw = mean if raw is None else raw + mean
-        return raw
+        self.maps.append((factor, m))
 
 
 def cond_rows(batch, options):

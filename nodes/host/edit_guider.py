@@ -1,62 +1,96 @@
 """The host's side of the edit denoiser contract: a guider holding the source and target prompts.
 
 ``EditGuider.model(den)`` turns the denoiser a sampler receives from the host into the
-solvers' edit contract ``model(x, sigma, branch=, scale=) -> x0_hat``: a scalar scale goes
-through the host's own ``sampling_function`` (hooks, the cfg-1 shortcut, patches), a
-per-pixel one through ``calc_cond_batch`` and ``cfg_function``. Calls go through the
-guider's ``outer_predict_noise``, so the host's predict-noise wrappers still apply.
+solvers' edit contract ``model(x, sigma, branch=, scale=) -> Prediction``
+(``solvers/editing/guidance.py``). Each call hands its request down as a value: a ``Call``
+in the model options (branch, scale, and a fresh attention capture in the transformer
+options where words are edited). A scalar scale goes through the host's own
+``sampling_function`` (hooks, the cfg-1 shortcut, patches); without one, ``calc_cond_batch``
+gives both halves and ``Prediction.mix`` guides them at the editor's per-pixel scale
+through the host's ``cfg_function``. Calls go through the guider's ``outer_predict_noise``,
+so the host's predict-noise wrappers still apply.
 """
 
 from __future__ import annotations
 
 import comfy.samplers
-import torch
 
-from .inputs import check_conditioning, negative_for
+from ...solvers.editing.guidance import SOURCE, Prediction
+from . import attention
+from .inputs import check_conditioning, fail, negative_for
+
+REQUEST = "inversion_suite_edit"  # model option: the Call being evaluated
+NO_ATTENTION = ("no attention on the edited words could be read from this model (it has neither UNet "
+                "cross-attention nor text attention the pack can read): connect a MASK and set mask_mode to replace")
 
 
 def build(node, model, capture, source, target, negative):
     """The checked prompts in an ``EditGuider`` over ``model`` (the capture already attached)."""
     check_conditioning(node, target, "target")
     negative = negative_for(node, source, negative, "source")
-    g = EditGuider(model, capture)
+    g = EditGuider(model, node, capture if capture is not None and capture.active() else None)
     g.inner_set_conds({"positive": source, "target": target, "negative": negative})
     if capture is not None:
         capture.context({"source": source[0][0].shape[1], "target": target[0][0].shape[1]})
     return g
 
 
+class Call:
+    """One branch evaluation: what is asked (``branch``, ``scale``, the attention ``capture``) and,
+    with no scale, the halves it gave (``halves``)."""
+
+    def __init__(self, branch: str, scale, capture=None):
+        self.branch, self.scale, self.capture, self.halves = branch, scale, capture, None
+
+
+class Halves(Prediction):
+    """Both halves of a host call; ``mix`` runs the host's ``cfg_function``, so the model's cfg
+    patches (sampler_cfg_function, post-cfg functions) see the per-pixel scale too."""
+
+    def __init__(self, inner, x, timestep, options, prompts, uncond, cond):
+        super().__init__(uncond=uncond, cond=cond)
+        self.inner, self.x, self.timestep, self.options, self.prompts = inner, x, timestep, options, prompts
+
+    def mix(self, w):
+        return comfy.samplers.cfg_function(self.inner, self.cond, self.uncond, w.to(self.x), self.x, self.timestep,
+                                           model_options=self.options, cond=self.prompts[0], uncond=self.prompts[1])
+
+
 class EditGuider(comfy.samplers.CFGGuider):
-    def __init__(self, model, capture=None):
+    def __init__(self, model, node: str, capture=None):
         super().__init__(model)
-        self.capture = capture
-        self.request = ("source", 1.0)
-        self.seen = False  # whether a prompt branch has been evaluated yet
+        self.node, self.capture = node, capture
 
     def model(self, den):
-        """The edit contract over ``den(x, sigma)``, the denoiser the host handed the sampler."""
-        def edit_model(x, sigma, branch="source", scale=1.0):
-            self.request = (branch, scale)
-            return den(x, sigma)
+        """The edit contract over ``den``, the host's denoiser: the guider with the run's options
+        (``functools.partial``), whose model options each call extends with its ``Call``."""
+        base = den.keywords["model_options"]
+
+        def edit_model(x, sigma, branch=SOURCE, scale=1.0):
+            call = Call(branch, scale, None if self.capture is None else self.capture.call(branch))
+            options = dict(base, **{REQUEST: call})
+            if call.capture is not None:
+                options["transformer_options"] = dict(base.get("transformer_options", {}),
+                                                      **{attention.KEY: call.capture})
+            out = den(x, sigma, model_options=options)
+            maps = ()
+            if call.capture is not None:
+                if call.capture.tokens[branch] and not call.capture.maps:
+                    fail(self.node, "model", NO_ATTENTION)
+                maps = tuple(call.capture.maps)
+            if scale is None:
+                call.halves.maps = maps
+                return call.halves
+            return Prediction(out, maps=maps)
         return edit_model
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):
-        branch, scale = self.request
-        cond = self.conds["positive" if branch == "source" else "target"]
+        call = model_options.get(REQUEST) or Call(SOURCE, 1.0)
+        cond = self.conds["positive" if call.branch == SOURCE else "target"]
         neg = self.conds.get("negative")
-        if self.capture is not None:
-            self.capture.branch = branch
-        try:
-            if not callable(scale) and not isinstance(scale, torch.Tensor):
-                return comfy.samplers.sampling_function(self.inner_model, x, timestep, neg, cond, float(scale),
-                                                        model_options=model_options, seed=seed)
-            c, u = comfy.samplers.calc_cond_batch(self.inner_model, [cond, neg], x, timestep, model_options)
-            # A callable scale may depend on attention recorded during this very call.
-            w = scale() if callable(scale) else scale
-            w = w.to(x) if isinstance(w, torch.Tensor) else float(w)
-            return comfy.samplers.cfg_function(self.inner_model, c, u, w, x, timestep, model_options=model_options,
-                                               cond=cond, uncond=neg)
-        finally:
-            if self.capture is not None:
-                self.capture.branch = None
-            self.seen = True
+        if call.scale is not None:
+            return comfy.samplers.sampling_function(self.inner_model, x, timestep, neg, cond, float(call.scale),
+                                                    model_options=model_options, seed=seed)
+        c, u = comfy.samplers.calc_cond_batch(self.inner_model, [cond, neg], x, timestep, model_options)
+        call.halves = Halves(self.inner_model, x, timestep, model_options, (cond, neg), u, c)
+        return c

@@ -11,7 +11,7 @@ from comfy_api.latest import io
 from . import edit_guider
 from .inputs import fail, no_noise_mask
 from .model import check_latent, space_of
-from .region import NOISE_MASK, Region, image_mask, inputs as region_inputs
+from .region import NOISE_MASK, Region, inputs as region_inputs
 from .run import progress, run_guider, sigmas_for
 
 
@@ -30,8 +30,8 @@ def outputs():
 
 def run(node, model, latent, source, target, steps, scheduler, cfgs: dict, solve, passes=1, negative=None,
         clip=None, source_text="", target_text="", words="", mask=None, mask_mode="union", threshold=0.3,
-        softness=0.0, dilation=1):
-    """Check the shared inputs, then ``solve(edit_model, x, sigmas, mask, space, callback) -> latent``
+        softness=0.0, dilation=1, feather=0, grow=False):
+    """Check the shared inputs, then ``solve(edit_model, x, sigmas, region, space, callback) -> latent``
     under the host's guider; returns the node's output. ``passes``: how often the solver walks the
     schedule (for the progress bar)."""
     samples = check_latent(node, latent, model)
@@ -43,16 +43,15 @@ def run(node, model, latent, source, target, steps, scheduler, cfgs: dict, solve
         if not 0 <= w <= 100:
             fail(node, name, f"expected a value from 0 to 100, got {w}")
     region = Region(node, model, samples, clip, source_text, target_text, words, mask, mask_mode, threshold,
-                    softness, dilation, required=False)
+                    softness, dilation, feather, grow, required=False)
     sigmas = sigmas_for(model, scheduler, steps, 1.0).flip(0)
-    callback = progress(model, passes * steps)
+    callback, shown = region.watch(progress(model, passes * steps))
     g = edit_guider.build(node, region.attach(model), region.capture, source, target, negative)
-    region.guider = g
 
     def job(den, x, inner):
-        return None, solve(g.model(den), x, sigmas, region.mask(), space, callback)
+        return None, solve(g.model(den), x, sigmas, region.spec, space, callback)
 
     _, out = run_guider(node, g, samples, sigmas, job)
     result = {k: v for k, v in latent.items() if k not in ("samples", "noise_mask")}
     result["samples"] = out
-    return io.NodeOutput(result, image_mask(region, region.current(), model))
+    return io.NodeOutput(result, shown(model))

@@ -5,6 +5,9 @@ from ``tokens``), from a MASK input, or from both combined. For video latents
 (B, C, T, H, W) a MASK's batch is frames: the first latent frame holds the first frame
 and each later one as many frames as the model's temporal compression (Wan: 4), so F
 frames cover 1 + (F - 1) / 4 latent frames; a one-frame MASK applies to every frame.
+The editors take the region as a value (``Region.spec``, a ``solvers.editing.masks.Region``)
+and build each step's mask themselves; the MASK a node returns is the region's values the
+editor reported last (``watch``).
 """
 
 from __future__ import annotations
@@ -50,33 +53,42 @@ def inputs():
                        tooltip="Width of a linear ramp around the threshold; 0 gives a hard mask."),
         io.Int.Input("dilation", default=1, min=0, max=16,
                      tooltip="Grow the attention mask by this many latent pixels (8 image pixels each for SD)."),
+        io.Int.Input("feather", default=0, min=0, max=64,
+                     tooltip="Soften the region's edge inwards over this many latent pixels (8 image pixels each "
+                             "for SD), so the edit fades in instead of showing a seam; outside the region nothing "
+                             "changes. 0: the region as given."),
+        io.Boolean.Input("grow", default=False,
+                         tooltip="Grow the region step by step, as DifferentialDiffusion does: at each step a pixel "
+                                 "is edited once a threshold falling from 1 towards 0 reaches its value (white from "
+                                 "the first step, black never). Off: the values weigh the edit per pixel."),
     ]
 
 
 class Region:
-    """The edit region of one node run: validated inputs, the attention capture, the mask."""
+    """The edit region of one node run: validated inputs, the attention capture, the region's value."""
 
     def __init__(self, node, model, latent, clip, source_text, target_text, words, mask, mask_mode, threshold,
-                 softness, dilation, required=True):
-        self.node, self.mode = node, mask_mode
+                 softness, dilation, feather=0, grow=False, required=True):
+        self.node = node
         self.layers = attention.unet_layers(model)
-        self.threshold, self.softness, self.dilation = threshold, softness, dilation
         # ``latent`` comes through record.resume, whose check_latent matched its dimensionality to the model's.
         self.batch, self.size = latent.shape[0], tuple(latent.shape[2:])
         self.ratio = spatial_factor(model)
         self.per_frame = temporal_factor(model) if latent.ndim == 5 else 1  # frames per latent frame
         if mask_mode not in MODES:
             fail(node, "mask_mode", f"expected one of {', '.join(MODES)}, got {mask_mode!r}")
-        self.user = None if mask is None else self.user_mask(mask)
+        if isinstance(feather, bool) or not isinstance(feather, int) or feather < 0:
+            fail(node, "feather", f"expected a whole number of latent pixels >= 0, got {feather!r}")
+        user = None if mask is None else self.user_mask(mask)
         found, counts = {"source": [], "target": []}, {}
         if clip is not None and not (mask is not None and mask_mode == "replace"):
             found, counts = tokens.edited(node, clip, source_text, target_text, words, None if self.layers else "t5xxl")
         # Without a MASK or words, an editor that may edit everything does (``required=False``).
-        self.whole = self.user is None and not any(found.values())
-        if self.whole and required:
+        if user is None and not any(found.values()) and required:
             fail(node, "mask", "no edit region: connect a MASK, or a CLIP with the prompts' texts and the words to edit")
         self.capture = attention.Capture(found, counts, self.size)
-        self.guider = None
+        self.spec = masks.Region(user, self.capture.active(), mask_mode, threshold, softness, dilation, int(feather),
+                                 bool(grow))
 
     def user_mask(self, mask):
         if not isinstance(mask, torch.Tensor) or mask.ndim not in (2, 3) or not mask.is_floating_point():
@@ -103,22 +115,21 @@ class Region:
     def attach(self, model):
         return self.capture.attach(model, self.layers)
 
-    def current(self):
-        """The mask now: (B, 1, *size), from the maps gathered so far and the MASK input."""
-        raw = self.capture.raw(self.batch)
-        if raw is None and self.capture.active() and self.guider is not None and self.guider.seen \
-                and self.capture.branch is None:
-            fail(self.node, "model", "no attention on the edited words could be read from this model (it has "
-                                     "neither UNet cross-attention nor text attention the pack can read): connect a "
-                                     "MASK and set mask_mode to replace")
-        att = None if raw is None else masks.shape_mask(raw, self.threshold, self.softness, self.dilation)
-        user = None if self.user is None else self.user.to(raw.device if raw is not None else self.user.device)
-        m = masks.combine_masks(att, user, self.mode)
-        return torch.full((self.batch, 1, *self.size), float(self.whole)) if m is None else m
+    def watch(self, callback):
+        """(a callback that passes the editor's reports on to ``callback``, a function giving the
+        region's values it reported last as the node's MASK)."""
+        last = {}
 
-    def mask(self):
-        """What the solvers take: the fixed MASK when no attention is read, else ``current`` itself."""
-        return self.user if not self.capture.active() else self.current
+        def watched(d):
+            if "mask" in d:
+                last["mask"] = d["mask"]
+            callback(d)
+
+        def shown(model):
+            m = last.get("mask") if "mask" in last else self.spec.soft(None, torch.zeros(1, 1, *self.size))
+            m = torch.ones(1, 1, *self.size) if m is None else m
+            return image_mask(self, m.expand(self.batch, *m.shape[1:]), model)
+        return watched, shown
 
 
 def image_mask(region, m, model):

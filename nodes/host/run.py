@@ -8,6 +8,8 @@ model's space; ``to_vae`` and ``to_model`` convert them to and from the LATENT's
 
 from __future__ import annotations
 
+import functools
+
 import comfy.model_management
 import comfy.samplers
 import comfy.utils
@@ -52,7 +54,8 @@ class _Run(comfy.samplers.Sampler):
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
                disable_pbar=False):
-        self.result, out = self.job(lambda x, s: model_wrap(x, s, **extra_args), latent_image, model_wrap.inner_model)
+        # A partial, so that a call may extend the run's model options (the edit guider's request).
+        self.result, out = self.job(functools.partial(model_wrap, **extra_args), latent_image, model_wrap.inner_model)
         return out
 
 

@@ -3,8 +3,9 @@
 For each cross-attention layer: the probabilities ``softmax(q k^T / sqrt(d))`` of the edited
 tokens, summed over tokens and averaged over heads (prompt-to-prompt's local blend), laid
 on the layer's grid, 3x3 max-pooled and resized to the latent. ``nodes/host/attention.py``
-gathers them from the host's attention calls; ``masks.shape_mask`` turns their mean into a
-mask. Pure torch, in float32 or wider.
+computes them in the host's attention calls and the edit denoiser returns each call's maps;
+the editor keeps them in ``Maps``, whose mean ``masks.shape_mask`` turns into a mask. Pure
+torch, in float32 or wider.
 """
 
 from __future__ import annotations
@@ -69,3 +70,35 @@ def layer_map(att: torch.Tensor, grid: tuple, size: tuple) -> torch.Tensor:
         return F.interpolate(m, size=tuple(size), mode="trilinear", align_corners=False)
     m = F.max_pool2d(m, 3, stride=1, padding=1)
     return F.interpolate(m, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+class Maps:
+    """The edited words' attention over an edit's calls so far: per (branch, layer downsampling
+    factor), the sum of the layers' maps and how many were added."""
+
+    def __init__(self):
+        self.sums = {}
+
+    def add(self, branch: str, maps) -> None:
+        """``maps``: ((factor, (B, 1, *size) map), ...), one call's layers in the order they ran."""
+        for factor, m in maps:
+            total, n = self.sums.get((branch, factor), (0, 0))
+            self.sums[(branch, factor)] = (total + m, n + 1)
+
+    def raw(self, batch: int):
+        """The branches' mean maps at one resolution, summed: (batch, 1, *size), or None before any.
+
+        Layers at 1/4 of the latent's resolution (prompt-to-prompt's 16x16 maps on SD1.5) are
+        used where the model has them, else the coarsest below that.
+        """
+        factors = {f for _, f in self.sums}
+        if not factors:
+            return None
+        pick = 4 if 4 in factors else max(f for f in factors if f <= 4) if min(factors) <= 4 else min(factors)
+        raw = None
+        for (_, f), (total, n) in self.sums.items():
+            if f == pick:
+                mean = total / n
+                mean = mean.repeat(batch // mean.shape[0], *[1] * (mean.ndim - 1))
+                raw = mean if raw is None else raw + mean
+        return raw

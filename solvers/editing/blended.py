@@ -23,7 +23,7 @@ import torch
 from ..core import SolverError, check_latent
 from ..methods.euler import sample_euler
 from .guidance import Branches
-from .masks import check_mask, window
+from .masks import region
 
 
 def edit_blended(model, x, sigmas, mask, w_inv, w_edit, sampler=sample_euler, sampler_args=None, pair=None,
@@ -33,14 +33,15 @@ def edit_blended(model, x, sigmas, mask, w_inv, w_edit, sampler=sample_euler, sa
     ``model`` follows the edit contract (``editing``); ``sampler(model, x, sigmas, extra_args,
     callback, space=, pair=, **sampler_args)`` is the one that resumes the inversion and
     ``pair`` its second state. ``source=False`` skips the source branch (only when not
-    blending). ``mask``: a tensor (B or 1, 1, *spatial) in [0, 1] or a callable returning one.
+    blending). ``mask``: a tensor (B or 1, 1, *spatial) in [0, 1], a ``masks.Region``, or None
+    (the whole image). Progress and previews show the target branch, with the region's values
+    (``"mask"``; None: the whole image).
     """
     x = check_latent(x, "inverted latent")
-    if not callable(mask):
-        mask = check_mask(mask, x)
+    reg = region(mask, x)
     two = bool(source or local_blend)
     b = x.shape[0]
-    br = Branches(model, mask, w_inv, w_edit, window(sigmas, mask_steps), local_blend, extra_args)
+    br = Branches(model, reg, x, w_inv, w_edit, sigmas, mask_steps, local_blend, extra_args)
     if pair is not None and pair.shape != x.shape:
         raise SolverError(f"the pair state has shape {tuple(pair.shape)}, expected {tuple(x.shape)}")
 
@@ -50,7 +51,7 @@ def edit_blended(model, x, sigmas, mask, w_inv, w_edit, sampler=sample_euler, sa
     def target(d):  # progress and previews show the target branch
         if callback is not None:
             den_ = d.get("denoised")
-            callback(dict(d, x=d["x"][-b:], denoised=None if den_ is None else den_[-b:]))
+            callback(dict(d, x=d["x"][-b:], denoised=None if den_ is None else den_[-b:], mask=br.shown))
 
     start = torch.cat([x, x]) if two else x
     pairs = None if pair is None else (torch.cat([pair, pair]) if two else pair)

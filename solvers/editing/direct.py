@@ -22,16 +22,17 @@ trajectory to snap to, so ``edit_direct`` refuses a sampler that resumes from a 
 Cost: the two branches' calls per step, as blended guidance; memory: the trajectory.
 """
 
-from ..core import SolverError, check_finite, check_latent, check_schedule, notify, work_dtype
+from ..core import SolverError, check_finite, check_latent, check_schedule, work_dtype
 from ..registry import SAMPLERS
-from .guidance import Branches
-from .masks import check_mask, window
+from .guidance import Branches, report
+from .masks import region
 
 
 def edit_direct(model, trajectory, sigmas, mask, w_inv, w_edit, space="eps", mask_steps=1.0, local_blend=True,
                 extra_args=None, callback=None, sampler="euler"):
     """Edit along ``trajectory`` (index i at the ascending inversion ``sigmas[i]``); returns (edited, calls).
-    ``sampler``: the name of the inversion's resuming sampler, which must resume from one state."""
+    ``sampler``: the name of the inversion's resuming sampler, which must resume from one state.
+    ``mask``: as ``edit_blended`` takes it."""
     if sampler not in SAMPLERS or SAMPLERS[sampler].states != 1:
         raise SolverError(f"DirectInversion applies to single-state methods; {sampler} already "
                           "samples back exactly along its inverted states and its second state has no trajectory "
@@ -41,13 +42,11 @@ def edit_direct(model, trajectory, sigmas, mask, w_inv, w_edit, space="eps", mas
                           "keep_trajectory")
     ref = [check_latent(t, "trajectory").to(work_dtype(t.dtype)) for t in reversed(list(trajectory))]
     s = [float(v) for v in check_schedule(sigmas, ref[0])][::-1]
-    if not callable(mask):
-        mask = check_mask(mask, ref[0])
-    br = Branches(model, mask, w_inv, w_edit, window(s, mask_steps), local_blend, extra_args)
+    br = Branches(model, region(mask, ref[0]), ref[0], w_inv, w_edit, s, mask_steps, local_blend, extra_args)
     xt = ref[0]
     for k in range(len(s) - 1):
         sb, sa = s[k], s[k + 1]
-        ds, dt = br.pair(ref[k], xt, sb)
+        ds, dt = br.pair(ref[k], xt, sb, k)
         xt = check_finite(ref[k + 1] + (xt - ref[k]) + (sa - sb) * ((xt - dt) - (ref[k] - ds)) / sb, "direct", k)
-        notify(callback, k, xt, sa, dt)
+        report(callback, k, xt, sa, dt, br.shown)
     return xt, br.nfe

@@ -15,17 +15,18 @@ plainly with the target. 2 x n_avg calls per edited step, 1 per plain one.
 
 The region (``mask``, as the other editors take it; None: the whole image) multiplies the
 velocity difference, so ``z`` stays exactly the source wherever the mask is 0; the plain tail
-is composited by the mask at the end. With the target prompt and scale equal to the source's
-the difference is 0 and the output is the source.
+is composited by the mask at the end. The region's window is the ``n_max - n_min`` edited
+steps (a growing region grows over them; the tail takes the last one's mask). With the target
+prompt and scale equal to the source's the difference is 0 and the output is the source.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..core import EPS, SolverError, check_finite, check_latent, check_schedule, notify, work_dtype
-from .guidance import SOURCE, TARGET
-from .masks import check_mask
+from ..core import EPS, SolverError, check_finite, check_latent, check_schedule, work_dtype
+from .guidance import SOURCE, TARGET, Edit, composite, report
+from .masks import region
 
 
 def noised(x0, s: float, e, space: str):
@@ -33,20 +34,14 @@ def noised(x0, s: float, e, space: str):
 
 
 class Velocities:
-    """The edit denoiser as two slopes: each prompt at its own guidance scale, calls counted."""
+    """The edit denoiser as two slopes, each prompt at its own guidance scale, over an ``Edit``
+    (its calls counted, the words' attention kept)."""
 
-    def __init__(self, model, w_src: float, w_tar: float, extra_args=None):
-        self.model, self.w = model, {SOURCE: float(w_src), TARGET: float(w_tar)}
-        self.extra, self.nfe = extra_args or {}, 0
+    def __init__(self, edit: Edit, w_src: float, w_tar: float):
+        self.edit, self.w = edit, {SOURCE: float(w_src), TARGET: float(w_tar)}
 
     def __call__(self, x, s: float, branch: str):
-        sig = torch.full((x.shape[0],), s, dtype=x.dtype, device=x.device)
-        out = self.model(x, sig, branch=branch, scale=self.w[branch], **self.extra)
-        self.nfe += 1
-        if not isinstance(out, torch.Tensor) or out.shape != x.shape:
-            raise SolverError(f"flowedit: the edit denoiser returned {getattr(out, 'shape', type(out))} for the "
-                              f"{branch} branch, expected the latent's shape {tuple(x.shape)}")
-        return (x - out.to(x.dtype)) / s
+        return (x - self.edit.call(x, s, branch, self.w[branch]).guided) / s
 
 
 def check_counts(steps: int, n_min: int, n_max: int, n_avg: int) -> None:
@@ -61,8 +56,8 @@ def edit_flowedit(model, x_src, sigmas, w_src, w_tar, *, n_min=0, n_max=None, n_
                   space="eps", extra_args=None, callback=None):
     """Edit the clean ``x_src`` over the descending ``sigmas`` (ending at 0); returns (edited, edit-denoiser calls).
 
-    ``model`` follows the edit contract (``guidance``); ``mask``: None, a tensor (B or 1, 1,
-    *spatial) in [0, 1], or a callable returning one (read at each step).
+    ``model`` follows the edit contract (``guidance``); ``mask``: None (the whole image), a tensor
+    (B or 1, 1, *spatial) in [0, 1] or a ``masks.Region`` (the words' attention read step by step).
     """
     x_src = check_latent(x_src, "source latent").to(work_dtype(x_src.dtype))
     sig = check_schedule(sigmas, x_src, descending=True)
@@ -72,11 +67,10 @@ def edit_flowedit(model, x_src, sigmas, w_src, w_tar, *, n_min=0, n_max=None, n_
     check_counts(steps, int(n_min), n_max, int(n_avg))
     if s[-1] != 0:
         raise SolverError(f"flowedit: the schedule must end at sigma 0, got {s[-1]:g}")
-    if mask is not None and not callable(mask):
-        mask = check_mask(mask, x_src).to(x_src)
-    v = Velocities(model, w_src, w_tar, extra_args)
+    edit = Edit(model, region(mask, x_src), x_src, extra_args, "flowedit: ")
+    v = Velocities(edit, w_src, w_tar)
     gen = torch.Generator().manual_seed(int(seed))
-    z, tail = x_src, None
+    z, tail, window, m = x_src, None, n_max - int(n_min), None
     for i in range(steps):
         left, sa, sb = steps - i, s[i + 1], s[i]
         if left > n_max:
@@ -87,16 +81,14 @@ def edit_flowedit(model, x_src, sigmas, w_src, w_tar, *, n_min=0, n_max=None, n_
                 e = torch.randn(x_src.shape, generator=gen, dtype=x_src.dtype).to(x_src.device)
                 z_src = noised(x_src, sb, e, space)
                 delta = delta + (v(z + z_src - x_src, sb, TARGET) - v(z_src, sb, SOURCE)) / int(n_avg)
-            m = mask() if callable(mask) else mask
+            m = edit.mask(i - (steps - n_max), window)
             z = check_finite(z + (sa - sb) * (delta if m is None else m.to(delta) * delta), "flowedit", i)
-            notify(callback, i, z, sa)
+            report(callback, i, z, sa, mask=edit.shown)
             continue
         if tail is None:  # the plain tail starts from z's twin, noised with a fresh draw
             e = torch.randn(x_src.shape, generator=gen, dtype=x_src.dtype).to(x_src.device)
             tail = z + noised(x_src, sb, e, space) - x_src
         tail = check_finite(tail + (sa - sb) * v(tail, sb, TARGET), "flowedit", i)
-        notify(callback, i, tail, sa)
-    if tail is None:
-        return z, v.nfe
-    m = mask() if callable(mask) else mask
-    return (tail if m is None else x_src + m.to(tail) * (tail - x_src)), v.nfe
+        m = edit.mask(window - 1, window) if window else edit.soft()  # the last edited step's
+        report(callback, i, tail, sa, mask=edit.shown)
+    return (z if tail is None else composite(x_src, tail, m)), edit.nfe

@@ -3,11 +3,17 @@
 A mask is (B or 1, 1, *spatial) where the latent is (B, C, *spatial); spatial is (H, W), or
 (T, H, W) for video. The region's window in time is ``window``: the first
 ``ceil(mask_steps * N)`` sampling steps.
+
+``Region`` is what an editor is given: a fixed mask, the edited words' attention (read from the
+model's calls as the edit runs, ``attention.Maps``), or both, and how to soften its edge
+(``feather``) and whether it grows step by step (``grown``, DifferentialDiffusion's rule).
+The editors build the mask of each step from it themselves.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -99,3 +105,78 @@ def window(sigmas, mask_steps: float) -> float:
     if active >= n:
         return -math.inf
     return 0.5 * (s[active - 1] + s[active])
+
+
+def feather(mask: torch.Tensor, width: int) -> torch.Tensor:
+    """The mask times an inward ramp of ``width`` latent pixels: a pixel at chessboard distance d
+    from the nearest pixel outside the region (mask 0; the latent's border is not outside) keeps
+    ``min(d, width + 1) / (width + 1)`` of its value. Outside stays exactly 0; width 0 is the mask."""
+    if width <= 0:
+        return mask
+    inside = (mask > 0).to(mask.dtype)
+    ramp, ring = inside, inside
+    for _ in range(int(width)):  # erosion by one pixel a pass; max-pooling's padding is ignored
+        ring = -F.max_pool2d(-ring, 3, stride=1, padding=1) if ring.ndim == 4 else \
+            -F.max_pool3d(-ring, (1, 3, 3), stride=1, padding=(0, 1, 1))
+        ramp = ramp + ring
+    return mask * (ramp / (width + 1))
+
+
+def grown(mask: torch.Tensor, step: int, steps: int) -> torch.Tensor:
+    """DifferentialDiffusion's rule: at ``step`` (from 0) of a window of ``steps``, the pixels whose
+    value reaches the threshold ``1 - step / steps`` are edited (1), the others not (0). A value of 1
+    is edited at every step, 0 at none, v from the first step whose threshold is at most v."""
+    return (mask >= 1 - step / steps).to(mask.dtype)
+
+
+@dataclass(frozen=True)
+class Region:
+    """An edit region as an editor takes it.
+
+    ``mask``: a fixed mask (B or 1, 1, *spatial) or None; ``words``: whether the edited words'
+    attention, read from the model's calls, shapes it too (``shape_mask`` with ``threshold``,
+    ``softness``, ``dilation``, combined with ``mask`` by ``mode``; before any attention is read it
+    is ``mask``, or 0). Neither: the whole image. ``feather``: an inward ramp of that many latent
+    pixels (``feather``); ``grow``: at each step of the region's window only the pixels whose
+    value reaches a threshold falling from 1 towards 0 (``grown``), else the values per pixel.
+    """
+    mask: torch.Tensor | None = None
+    words: bool = False
+    mode: str = "union"
+    threshold: float = 0.3
+    softness: float = 0.0
+    dilation: int = 1
+    feather: int = 0
+    grow: bool = False
+
+    def check(self, x: torch.Tensor) -> "Region":
+        if self.mode not in ("replace", "union", "intersect"):
+            raise SolverError(f"mask mode must be replace, union or intersect, got {self.mode!r}")
+        if not isinstance(self.feather, int) or self.feather < 0:
+            raise SolverError(f"feather must be a whole number of latent pixels >= 0, got {self.feather!r}")
+        if self.mask is not None:
+            check_mask(self.mask, x)
+        return self
+
+    def soft(self, raw, like: torch.Tensor):
+        """The region's values from the attention ``raw`` read so far (None: none yet), feathered;
+        None for the whole image."""
+        att = None if raw is None else shape_mask(raw, self.threshold, self.softness, self.dilation)
+        user = None if self.mask is None else self.mask.to(like.device if raw is None else raw.device)
+        m = combine_masks(att, user, self.mode)
+        if m is None:
+            if not self.words:
+                return None
+            m = torch.zeros(1, 1, *like.shape[2:], device=like.device)
+        return feather(m, self.feather)
+
+    def at(self, soft, step: int, steps: int):
+        """The mask of ``step`` of the window's ``steps``, from the region's values ``soft``."""
+        return soft if soft is None or not self.grow else grown(soft, step, steps)
+
+
+def region(mask, x: torch.Tensor) -> Region:
+    """An editor's ``mask`` argument as a checked ``Region``: a ``Region``, a tensor, or None (the whole image)."""
+    if isinstance(mask, Region):
+        return mask.check(x)
+    return Region() if mask is None else Region(check_mask(mask, x))

@@ -13,16 +13,19 @@ Inversion, sigma rising from 0 with the source prompt: ``dY/ds = v + gamma (u1(Y
 steps, each slope at the step's start (at sigma 0, FlipSigmas' 1e-4: ``core.FLIPPED_ZERO``).
 ``gamma = 0`` is plain flow inversion (naive unsampling), ``eta = 0`` plain sampling. One model
 call a step each way. A region (``mask``; None: the whole image) composites the result with the
-source: outside it the source is kept exactly.
+source: outside it the source is kept exactly. A growing region (``masks.Region.grow``) grows
+over the sampling steps: after each, the pixels not yet edited take the inversion's state at
+that sigma (as inpainting takes the noised source), so they end at the source exactly; this
+keeps the inversion's states (one latent a step).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..core import EPS, FLIPPED_ZERO, SolverError, check_finite, check_latent, check_schedule, notify, work_dtype
-from .guidance import SOURCE, TARGET
-from .masks import check_mask
+from ..core import EPS, FLIPPED_ZERO, SolverError, check_finite, check_latent, check_schedule, work_dtype
+from .guidance import SOURCE, TARGET, Edit, composite, report
+from .masks import region
 
 
 def check_controls(gamma: float, eta: float, start: int, stop: int, steps: int) -> None:
@@ -35,7 +38,8 @@ def check_controls(gamma: float, eta: float, start: int, stop: int, steps: int) 
 def edit_rf_inversion(model, x_src, sigmas, w_src, w_tar, *, gamma=0.5, eta=0.9, start=0, stop=None, seed=0,
                       mask=None, space="eps", extra_args=None, callback=None):
     """Invert ``x_src`` up the reversed descending ``sigmas`` (ending at 0), then sample down them;
-    returns (edited, edit-denoiser calls). ``model`` follows the edit contract (``guidance``)."""
+    returns (edited, edit-denoiser calls). ``model`` follows the edit contract (``guidance``);
+    ``mask``: as ``edit_flowedit`` takes it."""
     x_src = check_latent(x_src, "source latent").to(work_dtype(x_src.dtype))
     down = [float(v) for v in check_schedule(sigmas, x_src, descending=True)]
     if down[-1] != 0:
@@ -43,28 +47,24 @@ def edit_rf_inversion(model, x_src, sigmas, w_src, w_tar, *, gamma=0.5, eta=0.9,
     steps = len(down) - 1
     stop = steps if stop is None else int(stop)
     check_controls(gamma, eta, int(start), stop, steps)
-    if mask is not None and not callable(mask):
-        mask = check_mask(mask, x_src).to(x_src)
-    extra, calls = extra_args or {}, [0]
+    edit = Edit(model, region(mask, x_src), x_src, extra_args, "rf_inversion: ")
+    grow = edit.region.grow
 
     def slope(x, s, branch, w):
-        sig = torch.full((x.shape[0],), s, dtype=x.dtype, device=x.device)
-        out = model(x, sig, branch=branch, scale=w, **extra)
-        calls[0] += 1
-        if not isinstance(out, torch.Tensor) or out.shape != x.shape:
-            raise SolverError(f"rf_inversion: the edit denoiser returned {getattr(out, 'shape', type(out))}, "
-                              f"expected the latent's shape {tuple(x.shape)}")
-        return (x - out.to(x.dtype)) / s
+        return (x - edit.call(x, s, branch, w).guided) / s
 
     y1 = torch.randn(x_src.shape, generator=torch.Generator().manual_seed(int(seed)), dtype=x_src.dtype)
     y1 = y1.to(x_src.device)
     up, y = down[::-1], x_src
+    states = [y] if grow else None
     for i in range(steps):
         s, t = up[i], up[i + 1]
         v = slope(y, max(s, FLIPPED_ZERO), SOURCE, float(w_src))
         u1 = y1 if space == EPS else (y1 - y) / (1 - s)
         y = check_finite(y + (t - s) * (v + gamma * (u1 - v)), "rf_inversion", i)
-        notify(callback, i, y, t)
+        if grow:
+            states.append(y)
+        report(callback, i, y, t, mask=edit.shown)
     x = y
     for i in range(steps):
         s, t = down[i], down[i + 1]
@@ -72,6 +72,8 @@ def edit_rf_inversion(model, x_src, sigmas, w_src, w_tar, *, gamma=0.5, eta=0.9,
         if start <= i < stop:
             v = v + eta * ((x - x_src) / s - v)
         x = check_finite(x + (t - s) * v, "rf_inversion", steps + i)
-        notify(callback, steps + i, x, t)
-    m = mask() if callable(mask) else mask
-    return (x if m is None else x_src + m.to(x) * (x - x_src)), calls[0]
+        m = edit.mask(i, steps)  # after the step's call: the attention it read counts
+        if grow:
+            x = composite(states[steps - 1 - i], x, m)
+        report(callback, steps + i, x, t, mask=edit.shown)
+    return (x if grow or not steps else composite(x_src, x, m)), edit.nfe

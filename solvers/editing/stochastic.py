@@ -22,9 +22,9 @@ Memory: two latents per step (offsets and source predictions) plus the edits.
 import torch
 
 from ..core import SolverError, check_finite, check_latent, check_schedule, notify, work_dtype
-from .guidance import SOURCE, Branches
+from .guidance import SOURCE, Branches, report
 from .guidance import local_blend as local_blend_
-from .masks import check_mask
+from .masks import region
 from .noise import ancestral_mean, check_eta, preservation
 
 
@@ -36,8 +36,7 @@ def noise_maps(br, traj, s, space, eta, callback=None):
     trajectory bit for bit."""
     maps = []
     for k, i in enumerate(range(len(s) - 1, 0, -1)):
-        d = br.call(traj[i], torch.full((traj[i].shape[0],), s[i], dtype=traj[i].dtype, device=traj[i].device),
-                    SOURCE, br.w_inv)
+        d = br.call(traj[i], s[i], SOURCE, br.w_inv).guided
         mu, up = ancestral_mean(traj[i], d, s[i], s[i - 1], eta, space)
         maps.append((check_finite(mu, "edit_friendly", k), up, d))
         notify(callback, k, traj[i - 1], s[i - 1], d)
@@ -51,6 +50,8 @@ def edit_stochastic(model, trajectory, sigmas, mask, w_inv, w_edit, seeds, space
     Returns (edits (len(seeds) * B, ...), edit-major; scores (dB, per edit); edit-denoiser calls).
     ``callback`` sees the maps' steps, then each edit's steps (numbered on: ``steps * (1 + count)`` in all).
     Each edit runs as its own batch, so the model's extra arguments stay those of one batch.
+    ``mask``: as ``edit_blended`` takes it; its window is every step, and each edit's steps grow
+    a growing region anew.
     """
     check_eta(eta)
     seeds = [int(v) for v in seeds]
@@ -61,20 +62,19 @@ def edit_stochastic(model, trajectory, sigmas, mask, w_inv, w_edit, seeds, space
                           "invert with keep_trajectory")
     traj = [check_latent(t, "trajectory").to(work_dtype(t.dtype)) for t in trajectory]
     s = [float(v) for v in check_schedule(sigmas, traj[0])]
-    if not callable(mask):
-        mask = check_mask(mask, traj[0])
-    br = Branches(model, mask, w_inv, w_edit, local_blend=local_blend, extra_args=extra_args)
+    br = Branches(model, region(mask, traj[0]), traj[0], w_inv, w_edit, s[::-1], local_blend=local_blend,
+                  extra_args=extra_args)
     maps = noise_maps(br, traj, s, space, eta, callback)
     n = len(s) - 1
+    ones = torch.ones(1, 1, *traj[0].shape[2:], dtype=traj[0].dtype, device=traj[0].device)
     edits, scores = [], []
     for j, seed in enumerate(seeds):
         g = torch.Generator().manual_seed(seed)
         x = traj[-1]
         for k, (mu_s, up, ds) in enumerate(maps):
             sb, sa = s[n - k], s[n - k - 1]
-            sig = torch.full((x.shape[0],), sb, dtype=x.dtype, device=x.device)
-            dt = br.call(x, sig, "target", br.scale(True))
-            m = br.current(x)
+            dt, m = br.target(x, sb, k)
+            m = ones if m is None else m.to(x)
             if local_blend:
                 dt = local_blend_(ds, dt, m)
             mu, _ = ancestral_mean(x, dt, sb, sa, eta, space)
@@ -83,7 +83,7 @@ def edit_stochastic(model, trajectory, sigmas, mask, w_inv, w_edit, seeds, space
                 z = torch.randn(x.shape, generator=g, dtype=torch.float32).to(x)
                 x = x + m * (up * z - (traj[n - k - 1] - mu_s))
             x = check_finite(x, "edit_friendly", k)
-            notify(callback, n * (1 + j) + k, x, sa, dt)
+            report(callback, n * (1 + j) + k, x, sa, dt, br.shown)
         edits.append(x)
-        scores.append(preservation(x, traj[0], br.current(x)))
+        scores.append(preservation(x, traj[0], ones if br.shown is None else br.shown.to(x)))
     return torch.cat(edits), torch.cat(scores), br.nfe
