@@ -20,6 +20,7 @@ from inversion_suite.nodes.invert import Invert
 from inversion_suite.nodes.reconstruct import Reconstruct
 from inversion_suite.nodes.stochastic_edit import StochasticEditSampler
 from inversion_suite.solvers import METHODS
+from inversion_suite.solvers.editing import masks
 
 MIX = Mixture((4, 8, 8), components=3, seed=0)
 SOURCE_TEXT, TARGET_TEXT = "a photo of a cat on a sofa", "a photo of a dog on a sofa"
@@ -166,6 +167,22 @@ def test_same_prompt_and_scale_equals_reconstruct(method):
     inv = inverted(model, method, positive=pos, cfg=2.0)
     out, _ = blended(model, inv, pos, pos, cfg_edit=2.0, clip=clip(), source_text=SOURCE_TEXT, target_text=SOURCE_TEXT,
                      words="cat")
+    assert torch.equal(out["samples"], reconstruct(model, inv, pos, -1.0))
+
+
+def test_a_feathered_words_region_is_the_words_region_ramped():
+    """With the same prompt and scale on both branches the states, and so the words' attention,
+    do not depend on the region: feathered, the region the node returns is the unfeathered one
+    ramped inwards, and the edit still returns the reconstruction bit for bit."""
+    model = tiny_model("eps")
+    pos = random_prompt(1)
+    inv = inverted(model, "ddim", positive=pos, cfg=2.0)
+    run = dict(cfg_edit=2.0, clip=clip(), source_text=SOURCE_TEXT, target_text=SOURCE_TEXT, words="cat",
+               threshold=0.995, dilation=0)
+    _, hard = blended(model, inv, pos, pos, **run)
+    out, soft = blended(model, inv, pos, pos, feather=1, grow=True, **run)
+    hard, soft = F.avg_pool2d(hard[:, None], 8), F.avg_pool2d(soft[:, None], 8)
+    assert torch.equal(soft, masks.feather(hard, 1)) and 0 < float((soft == 0.5).float().mean()) < 1
     assert torch.equal(out["samples"], reconstruct(model, inv, pos, -1.0))
 
 

@@ -42,13 +42,16 @@ class Call:
     def __init__(self, branch: str, scale, capture=None):
         self.branch, self.scale, self.capture, self.halves = branch, scale, capture, None
 
+    def maps(self):
+        return () if self.capture is None else tuple(self.capture.maps)
+
 
 class Halves(Prediction):
     """Both halves of a host call; ``mix`` runs the host's ``cfg_function``, so the model's cfg
     patches (sampler_cfg_function, post-cfg functions) see the per-pixel scale too."""
 
-    def __init__(self, inner, x, timestep, options, prompts, uncond, cond):
-        super().__init__(uncond=uncond, cond=cond)
+    def __init__(self, inner, x, timestep, options, prompts, uncond, cond, maps=()):
+        super().__init__(uncond=uncond, cond=cond, maps=maps)
         self.inner, self.x, self.timestep, self.options, self.prompts = inner, x, timestep, options, prompts
 
     def mix(self, w):
@@ -73,15 +76,9 @@ class EditGuider(comfy.samplers.CFGGuider):
                 options["transformer_options"] = dict(base.get("transformer_options", {}),
                                                       **{attention.KEY: call.capture})
             out = den(x, sigma, model_options=options)
-            maps = ()
-            if call.capture is not None:
-                if call.capture.tokens[branch] and not call.capture.maps:
-                    fail(self.node, "model", NO_ATTENTION)
-                maps = tuple(call.capture.maps)
-            if scale is None:
-                call.halves.maps = maps
-                return call.halves
-            return Prediction(out, maps=maps)
+            if call.capture is not None and call.capture.tokens[branch] and not call.capture.maps:
+                fail(self.node, "model", NO_ATTENTION)
+            return call.halves if scale is None else Prediction(out, maps=call.maps())
         return edit_model
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):
@@ -92,5 +89,5 @@ class EditGuider(comfy.samplers.CFGGuider):
             return comfy.samplers.sampling_function(self.inner_model, x, timestep, neg, cond, float(call.scale),
                                                     model_options=model_options, seed=seed)
         c, u = comfy.samplers.calc_cond_batch(self.inner_model, [cond, neg], x, timestep, model_options)
-        call.halves = Halves(self.inner_model, x, timestep, model_options, (cond, neg), u, c)
+        call.halves = Halves(self.inner_model, x, timestep, model_options, (cond, neg), u, c, call.maps())
         return c

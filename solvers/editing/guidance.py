@@ -25,7 +25,7 @@ import torch
 
 from ..core import SolverError
 from .attention import Maps
-from .masks import Region
+from .masks import Region, opened
 
 SOURCE, TARGET = "source", "target"
 
@@ -93,13 +93,6 @@ def check_scales(w_inv: float, w_edit: float):
     for name, w in (("w_inv", w_inv), ("w_edit", w_edit)):
         if not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
             raise SolverError(f"{name} must be a finite guidance scale >= 0, got {w!r}")
-
-
-def opened(sigmas, mask_steps: float) -> int:
-    """How many steps of the descending ``sigmas`` the mask's window holds: ``ceil(mask_steps * N)``."""
-    if not 0 <= mask_steps <= 1:
-        raise SolverError(f"mask_steps must be in [0, 1], got {mask_steps}")
-    return max(0, math.ceil(mask_steps * (len(sigmas) - 1) - 1e-9))
 
 
 class Edit:

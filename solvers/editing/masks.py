@@ -91,18 +91,23 @@ def check_mask(mask, x: torch.Tensor, name: str = "mask") -> torch.Tensor:
     return mask
 
 
-def window(sigmas, mask_steps: float) -> float:
-    """The sigma above which the mask is active: the first ``ceil(mask_steps * N)`` steps of
-    the descending schedule ``sigmas``. The cut lies halfway between two schedule sigmas, so
-    a model that sees sigma rounded to its own dtype falls on the same side."""
+def opened(sigmas, mask_steps: float) -> int:
+    """How many steps of the descending ``sigmas`` the mask's window holds: ``ceil(mask_steps * N)``."""
     if not 0 <= mask_steps <= 1:
         raise SolverError(f"mask_steps must be in [0, 1], got {mask_steps}")
+    return max(0, math.ceil(mask_steps * (len(sigmas) - 1) - 1e-9))
+
+
+def window(sigmas, mask_steps: float) -> float:
+    """The sigma above which the mask is active: the first ``opened`` steps of the descending
+    schedule ``sigmas``. The cut lies halfway between two schedule sigmas, so a model that sees
+    sigma rounded to its own dtype falls on the same side (``guidance.Branches`` takes a step's
+    sigma as the nearest schedule sigma)."""
     s = [float(v) for v in sigmas]
-    n = len(s) - 1
-    active = math.ceil(mask_steps * n - 1e-9)
+    active = opened(s, mask_steps)
     if active <= 0:
         return math.inf
-    if active >= n:
+    if active >= len(s) - 1:
         return -math.inf
     return 0.5 * (s[active - 1] + s[active])
 
