@@ -116,7 +116,7 @@ def main(argv=None):
     ddim = next((r[2] for r in rows if r[0] == "ddim"), None)
     print(f"latent {'x'.join(map(str, a.shape))}, {a.space}, {a.steps} steps, {a.threads} thread(s), torch "
           f"{torch.__version__}; one model call: {call:.1f} ms ({'given' if a.model_ms is not None else 'TinyUNet, measured'})")
-    print(f"| method | model calls / step | solver ms / step | vs DDIM | share of a step | unconverged |")
+    print("| method | model calls / step | solver ms / step | vs DDIM | share of a step | unconverged |")
     print("|---|---|---|---|---|---|")
     for name, nfe, ms, unc in rows:
         share = ms / (ms + nfe * call)
