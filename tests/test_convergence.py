@@ -320,3 +320,7 @@ def test_cfg3_with_a_negative_is_never_worse_than_ddim_or_says_so(space, iterati
             print(f"{space} seed {seed} {name} @{iterations}: {err:.1e} (ddim {base:.1e}), unconverged {inv.unconverged}")
             assert err <= base or inv.unconverged, (name, seed, err, base)
             assert inv.nfe <= inv.budget
+            if iterations is None and space == "flow" and name != "aidi_empirical":
+                # The estimate shown with the node's check off: within 3x here (measured 0.8x to 1.7x). On EPS at
+                # cfg 3 the guided sampling grows the steps' errors and it is 6-8x low (see benchmarks/README.md).
+                assert err / 3 <= sum(inv.costs) <= 3 * err, (name, seed, err, sum(inv.costs))
