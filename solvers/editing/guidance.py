@@ -169,8 +169,10 @@ class Branches(Edit):
 
     def target(self, xt, sigma, k: int):
         """(D_t before blending, the mask of step ``k``: None outside the window or for the whole image)."""
-        if k >= self.open:
-            return self.call(xt, sigma, TARGET, self.w_inv).guided, None
+        if k >= self.open:  # the region is not used, but shown as the attention makes it
+            dt = self.call(xt, sigma, TARGET, self.w_inv).guided
+            self.soft()
+            return dt, None
         scale = self.w_inv
         if self.w_edit != self.w_inv:
             known, m = self.known(k, self.open)
