@@ -343,7 +343,8 @@ def ddim_check(den: Denoiser, att: Attempt, *, x_a, sa, sb, space) -> Attempt:
     kept = att.x.flatten(1)
     take = dn < torch.maximum(att.err, att.r) * norms(kept)[0]  # F(x)'s error is an estimate: x's bounds it
     r = torch.where(take, dn / xn.clamp_min(1e-30), att.err)
-    return Attempt(pick(take, step, kept).view(x_a.shape), r, torch.where(take, r, att.r), take | att.ddim, att.done, [])
+    x = pick(take, step, kept).view(x_a.shape)
+    return Attempt(x, r, torch.where(take, r, att.r), take | att.ddim, att.done, [])
 
 
 class Budget:
@@ -389,7 +390,7 @@ class Stack:
     def pop(self) -> Piece:
         return self.todo.pop()
 
-    def halve(self, p: Piece, depth: int, budget: Budget) -> bool:
+    def halve(self, p: Piece, *, depth: int, budget: Budget) -> bool:
         """Splits ``p`` at ``split_point`` where depth and budget allow (every step left still gets the
         calls of an extrapolated step and its DDIM check on average); returns whether it did."""
         # The new sigma as the schedule will hold it, so that sampling back meets it exactly.
@@ -452,7 +453,7 @@ def solve_piece(den, p: Piece, x, *, space, update, guess, states, budget, stack
 
 
 def invert_implicit(method: str, update: Update, model, x, sigmas, extra_args=None, callback=None, *, space,
-                    iterations, tol, guess, keep_trajectory=False, carry=0, depth=DEPTH) -> Inversion:
+                    iterations, tol, guess, carry, keep_trajectory=False, depth=DEPTH) -> Inversion:
     """The step loop shared by every fixed-point method: target, budget, step splitting, DDIM fallback.
 
     With ``carry > 0`` the last ``carry`` secant pairs of the earlier steps are kept in
@@ -462,14 +463,15 @@ def invert_implicit(method: str, update: Update, model, x, sigmas, extra_args=No
     check_iteration(iterations, tol, guess, method)
     den, x, sigmas, s = prepare(method, model, x, sigmas, extra_args, space)
     budget, stack = Budget(den, int(iterations) * (len(s) - 1)), Stack(s, tol, sigmas.dtype)
-    ring, states, trace = PairRing(carry) if carry > 0 else None, deque(maxlen=2), Trace([s[0]], [x] if keep_trajectory else None)
+    ring, states = PairRing(carry) if carry > 0 else None, deque(maxlen=2)
+    trace = Trace([s[0]], [x] if keep_trajectory else None)
     while stack:
         p = stack.pop()
         den.step = p.i
         att, at_ddim = solve_piece(den, p, x, space=space, update=update, guess=guess, states=states,
                                    budget=budget, stack=stack, ring=ring, slow=SLOW if p.level < depth else 1.0)
         if not bool(att.done.all()):
-            if stack.halve(p, depth, budget):
+            if stack.halve(p, depth=depth, budget=budget):
                 continue
             if not at_ddim:
                 att = ddim_check(den, att, x_a=x, sa=p.sa, sb=p.sb, space=space)
@@ -516,7 +518,7 @@ LOOPS = ("budget", "paper")
 
 
 def invert_loop(method: str, update: Update, model, x, sigmas, extra_args=None, callback=None, *, space, loop,
-                iterations, tol, guess, keep_trajectory=False, carry=0, depth=DEPTH) -> Inversion:
+                iterations, tol, guess, carry, keep_trajectory=False, depth=DEPTH) -> Inversion:
     """The fixed-point methods' entry: the budgeted loop (``invert_implicit``) or the papers' (``invert_paper``,
     which takes no tolerance and carries nothing)."""
     if loop == "budget":

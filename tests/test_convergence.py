@@ -94,7 +94,8 @@ def test_anderson_defaults_round_trip_well_separated_modes(space, seed):
     den, x, sig = case(space, seed)
     inv = invert("aidi_anderson", den, x, sig, space=space)
     err = worst_rel(reconstruct(den, inv), x)
-    print(f"{space} seed {seed}: rel {err:.1e}, estimate {sum(inv.costs):.1e}, nfe {inv.nfe}, steps {inv.base_steps} -> {inv.steps}")
+    print(f"{space} seed {seed}: rel {err:.1e}, estimate {sum(inv.costs):.1e}, nfe {inv.nfe}, "
+          f"steps {inv.base_steps} -> {inv.steps}")
     assert err <= TOL and err <= sum(inv.costs)
     assert inv.unconverged == [] and sum(inv.costs) <= TOL * (1 + 1e-9)
     assert 10 <= inv.nfe <= NFE[space] and inv.nfe <= inv.budget == 160
@@ -317,7 +318,8 @@ def test_cfg3_with_a_negative_is_never_worse_than_ddim_or_says_so(space, iterati
         for name in IMPLICIT:
             inv = invert(name, den, x, sig, space=space, **({} if iterations is None else {"iterations": iterations}))
             err = worst_rel(reconstruct(den, inv), x)
-            print(f"{space} seed {seed} {name} @{iterations}: {err:.1e} (ddim {base:.1e}), unconverged {inv.unconverged}")
+            print(f"{space} seed {seed} {name} @{iterations}: {err:.1e} (ddim {base:.1e}), "
+                  f"unconverged {inv.unconverged}")
             assert err <= base or inv.unconverged, (name, seed, err, base)
             assert inv.nfe <= inv.budget
             if iterations is None and space == "flow" and name != "aidi_empirical":

@@ -28,5 +28,5 @@ class AverageLastTwo:
 def invert_aidi_empirical(model, x, sigmas, extra_args=None, callback=None, *, space, iterations, tol, guess, loop,
                           keep_trajectory=False, depth=DEPTH):
     return invert_loop("aidi_empirical", AverageLastTwo, model, x, sigmas, extra_args, callback, space=space,
-                       loop=loop, iterations=iterations, tol=tol, guess=guess, keep_trajectory=keep_trajectory,
-                       depth=depth)
+                       loop=loop, iterations=iterations, tol=tol, guess=guess, carry=0,
+                       keep_trajectory=keep_trajectory, depth=depth)

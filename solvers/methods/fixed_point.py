@@ -19,4 +19,5 @@ def picard(carried):
 def invert_fixed_point(model, x, sigmas, extra_args=None, callback=None, *, space, iterations, tol, guess, loop,
                        keep_trajectory=False, depth=DEPTH):
     return invert_loop("fixed_point", picard, model, x, sigmas, extra_args, callback, space=space, loop=loop,
-                       iterations=iterations, tol=tol, guess=guess, keep_trajectory=keep_trajectory, depth=depth)
+                       iterations=iterations, tol=tol, guess=guess, carry=0, keep_trajectory=keep_trajectory,
+                       depth=depth)
