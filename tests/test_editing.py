@@ -565,3 +565,59 @@ def test_region_from_the_attention_each_call_returns(space):
     soft, _ = edit_blended(Attending(den, []), inv.latent, inv.sigmas.flip(0),
                            masks.Region(words=True, threshold=0.5, dilation=0, feather=2), 1.0, 5.0, **run)
     assert torch.equal(soft, blended(den, inv, masks.Region(half(inv.latent), feather=2))[0])
+
+
+@pytest.mark.parametrize("space", SPACES)
+def test_blended_growing_region_is_the_rule_step_by_step(space):
+    """Blended guidance over DDIM's inversion with a growing region, against Euler sampling of both
+    branches restated: at step k of the window's n, M_k = [values >= 1 - k / n] sets the target's
+    scale and its blend with the source branch, in float64."""
+    den = MixtureDenoiser(MIX, space)
+    inv = invert("ddim", den, data().double(), schedule(space, 6), {"label": SRC, "cfg": 1.0}, space=space)
+    values = torch.linspace(0, 1, 64, dtype=torch.float64).view(1, 1, 8, 8)
+    out, _ = blended(den, inv, masks.Region(values, grow=True), mask_steps=4 / 6)
+    s = [float(v) for v in inv.sigmas.flip(0)]
+    xs = xt = inv.latent
+    for k in range(6):
+        at = torch.full((3,), s[k], dtype=torch.float64)
+        ds = den(xs, at, label=SRC, cfg=1.0)
+        if k < 4:
+            m = (values >= 1 - k / 4).double()
+            u, c = den(xt, at, label=TGT, cfg=0.0), den(xt, at, label=TGT, cfg=1.0)
+            dt = u + (1.0 + 4.0 * m) * (c - u)
+            dt = dt * m + ds * (1 - m)
+        else:
+            dt = den(xt, at, label=TGT, cfg=1.0)
+        xs = xs + (s[k + 1] - s[k]) * (xs - ds) / s[k]
+        xt = xt + (s[k + 1] - s[k]) * (xt - dt) / s[k]
+    assert rel(out, xt) < 1e-12 and rel(out, xs) > 1e-3
+
+
+@pytest.mark.parametrize("space", SPACES)
+def test_rf_inversion_growing_region_is_the_rule_step_by_step(space):
+    """RF-Inversion with a growing region, against the paper's loops restated with inpainting's
+    rule: after sampling step i, the pixels below the threshold 1 - i / N take the inversion's
+    state at that sigma, in float64; the never-edited pixels end as the source exactly."""
+    den, x = MixtureDenoiser(MIX, space), data().double()
+    up = schedule(space, 8)
+    values = torch.linspace(0, 1, 64, dtype=torch.float64).view(1, 1, 8, 8)
+    out, _ = edit_rf_inversion(two(den), x, up.flip(0), 1.0, 4.0, gamma=0.5, eta=0.9, start=1, stop=5, seed=2,
+                               space=space, mask=masks.Region(values, grow=True))
+    y1 = torch.randn(x.shape, generator=torch.Generator().manual_seed(2), dtype=x.dtype)
+    v = lambda y, t, label, w: (y - den(y, torch.full((3,), t, dtype=y.dtype), label=label, cfg=w)) / t
+    s, states, y = [float(t) for t in up], [x], x
+    for i in range(8):
+        u = v(y, max(s[i], 1e-4), SRC, 1.0)
+        y = y + (s[i + 1] - s[i]) * (u + 0.5 * ((y1 if space == "eps" else (y1 - y) / (1 - s[i])) - u))
+        states.append(y)
+    d = s[::-1]
+    for i in range(8):
+        u = v(y, d[i], TGT, 4.0)
+        if 1 <= i < 5:
+            u = u + 0.9 * ((y - x) / d[i] - u)
+        y = y + (d[i + 1] - d[i]) * u
+        m = (values >= 1 - i / 8).double()
+        y = states[7 - i] + m * (y - states[7 - i])
+    assert rel(out, y) < 1e-12 and rel(out, x) > 1e-3
+    never = values < 1 / 8
+    assert torch.equal(out * never, x * never)
