@@ -397,7 +397,7 @@ def check(a, device, start):
                 except Exception as e:  # reported in the row (non-finite output, out of memory, ...)
                     rows.append(dict(head, method=method, error=f"{type(e).__name__}: {str(e)[:300]}"))
                     free()
-                if a.verbose:
+                if not a.quiet:
                     print(line(rows[-1]), flush=True)
             model = None
             free()
@@ -460,7 +460,7 @@ def checkpoint(a, device):
                 rows.append(dict(base, **row, psnr=float(metrics.psnr(ref, img, 1.0).mean())))
             except Exception as e:  # reported in the row
                 rows.append(dict(base, error=f"{type(e).__name__}: {str(e)[:300]}"))
-            if a.verbose:
+            if not a.quiet:
                 print(line(rows[-1]), flush=True)
     return rows
 
@@ -544,15 +544,18 @@ def main(argv=None):
     p.add_argument("--size", type=int, default=512, help="image side in pixels (with --checkpoint)")
     p.add_argument("--prompt", default="", help="the prompt, where the checkpoint has a text encoder")
     p.add_argument("--out", type=pathlib.Path, default=HERE / "out" / "gpu_check")
-    p.add_argument("--verbose", action="store_true", help="print each row as it is measured")
+    p.add_argument("--quiet", action="store_true", help="print only the table at the end (default: a line as each "
+                                                        "model is built and each row is measured)")
     a = p.parse_args(argv)
     if (a.checkpoint is None) != (a.images is None):
         p.error("--checkpoint and --images go together")
     if a.steps < 2:
         p.error("--steps: at least 2 (BDIA resumes from the state one step before the end)")
     if a.device is None:
-            a.device = "cuda" if torch.cuda.is_available() else "cpu"
+        a.device = "cuda" if torch.cuda.is_available() else "cpu"
     t0 = time.perf_counter()
+    if not a.quiet:  # progress from the first second: the host's import alone takes several
+        print(f"gpu_check: loading ComfyUI and the pack for {a.device} ...", flush=True)
     device = setup(a.device)
     from inversion_suite.solvers import METHODS
     a.methods = a.methods or list(METHODS)
