@@ -1,6 +1,6 @@
 """Edit benchmark: label edits inside a region of held-out photo patches, on the bundled TinyUNet.
 
-    python benchmarks/editing.py            # the default below: 5 to 6 minutes on 2 shared cores
+    python benchmarks/editing.py            # the default below: about 3 minutes on 2 cores
     python benchmarks/editing.py --quick    # cfg_edit 5 and each editor's middle knob only: ~30 s
 
 Each of the 8 held-out 16x16 patches (one per photo, ``data.held_out``) is edited from its own
@@ -57,8 +57,8 @@ Measures, in the model's own space (pixels in [-1, 1], no VAE), means over the p
   same editor (same space and steps) is at least as strong and keeps at least as much
   structure, and better in one.
 
-The default runs 10 steps, the whole sweep: 228 runs, 306 s wall on this project's 2-core machine
-while other work shared it (a run is 0.3 to 4 s; AIDI-A's stochastic edits are the longest).
+The default runs 10 steps, the whole sweep: 228 runs, 170 s wall on this project's 2-core machine
+(306 s while other work shared it; a run is 0.3 to 4 s, AIDI-A's stochastic edits the longest).
 ``--steps 10 20 50`` adds the other step counts at cfg_edit 5 (every knob). A progress bar shows
 each run from the first second.
 Writes editing.json, editing.md (ending with each frontier point of inpainting and FlowEdit
