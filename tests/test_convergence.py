@@ -318,9 +318,11 @@ def test_cfg3_with_a_negative_is_never_worse_than_ddim_or_says_so(space, iterati
         for name in IMPLICIT:
             inv = invert(name, den, x, sig, space=space, **({} if iterations is None else {"iterations": iterations}))
             err = worst_rel(reconstruct(den, inv), x)
-            print(f"{space} seed {seed} {name} @{iterations}: {err:.1e} (ddim {base:.1e}), "
+            print(f"{space} seed {seed} {name} @{iterations}: {err:.1e} (ddim {base:.1e}, ratio {err / base:.3f}), "
                   f"unconverged {inv.unconverged}")
-            assert err <= base or inv.unconverged, (name, seed, err, base)
+            # Measured: all 96 cases at or below DDIM (worst 0.974x), so the stricter form is asserted; the
+            # node would otherwise list the unconverged steps and show the measured figure.
+            assert err <= base, (name, seed, err, base, inv.unconverged)
             assert inv.nfe <= inv.budget
             if iterations is None and space == "flow" and name != "aidi_empirical":
                 # The estimate shown with the node's check off: within 3x here (measured 0.8x to 1.7x). On EPS at
