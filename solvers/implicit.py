@@ -71,7 +71,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .core import DEPTH, EPS, Denoiser, NonFiniteError, SolverError, notify, prepare, rel_norm, run_steps, vp_scale
+from .core import DEPTH, EPS, Denoiser, NonFiniteError, SolverError, notify, prepare, run_steps, vp_scale
 from .record import Inversion
 
 GUESSES = ("ddim", "extrapolate")
@@ -496,19 +496,14 @@ def invert_paper(method: str, update: Update, model, x, sigmas, extra_args=None,
     states = deque(maxlen=2)
 
     def step(i, x_a, sa, sb):
-        shape, flat_a, c = x_a.shape, x_a.flatten(1), (sb - sa) / sb
-
-        def F(z):  # x_a + h d(z, sb), flattened
-            return torch.add(flat_a, z - den(z.view(shape), sb).flatten(1), alpha=c)
-
+        F = Map(den, x_a, sa, sb)
         z = guess_point(x_a, sa, sb, space, states if guess == "extrapolate" else ()).flatten(1)
         states.append((sa, x_a))
         nxt = update([])
         for _ in range(int(iterations) - 1):
-            g = F(z)
-            d = g - z
-            z = nxt(z, g, d, rel_norm(d, z).tolist())
-        return F(z).view(shape)
+            g, d, r = F.evaluate(z)[:3]
+            z = nxt(z, g, d, r.tolist())
+        return F.evaluate(z)[0].view(x_a.shape)
 
     x, traj = run_steps(method, den, x, s, step, callback, keep_trajectory)
     return Inversion(latent=x, sigmas=sig, space=space, nfe=den.nfe, trajectory=traj)
