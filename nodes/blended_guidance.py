@@ -58,8 +58,7 @@ class BlendedGuidanceSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, inverted, source, target, cfg_inversion, cfg_edit, mask_steps, local_blend, negative=None,
-                clip=None, source_text="", target_text="", words="", mask=None, mask_mode="union", threshold=0.3,
-                softness=0.0, dilation=1, feather=0, grow=False, direct=False):
+                direct=False, **region):
         node = "BlendedGuidanceSampler"
         samples, rec = resume(node, inverted, model)
         no_noise_mask(node, inverted, "inverted", NOISE_MASK)
@@ -74,8 +73,7 @@ class BlendedGuidanceSampler(io.ComfyNode):
                                  "snap to: turn direct off")
         if direct and rec.inv.trajectory is None:
             fail(node, "direct", "DirectInversion needs the inversion's trajectory: set keep_trajectory on Invert")
-        region = Region(node, model, samples, clip, source_text, target_text, words, mask, mask_mode, threshold,
-                        softness, dilation, feather, grow)
+        region = Region(node, model, samples, region)
         fn, kwargs = sampler_for(rec.inv.sampler, rec.inv.settings)
         sigmas = rec.inv.sigmas.flip(0)
         callback, shown = region.watch(progress(model, len(sigmas) - 1))

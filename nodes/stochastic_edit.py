@@ -53,9 +53,7 @@ class StochasticEditSampler(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, inverted, source, target, cfg, eta, seed, count, negative=None, clip=None, source_text="",
-                target_text="", words="", mask=None, mask_mode="union", threshold=0.3, softness=0.0, dilation=1,
-                feather=0, grow=False):
+    def execute(cls, model, inverted, source, target, cfg, eta, seed, count, negative=None, **region):
         node = "StochasticEditSampler"
         samples, rec = resume(node, inverted, model)
         no_noise_mask(node, inverted, "inverted", NOISE_MASK)
@@ -66,8 +64,7 @@ class StochasticEditSampler(io.ComfyNode):
         if count < 1:
             fail(node, "count", f"expected at least 1, got {count}")
         w_edit = rec.cfg_for(node, "cfg", cfg)
-        region = Region(node, model, samples, clip, source_text, target_text, words, mask, mask_mode, threshold,
-                        softness, dilation, feather, grow)
+        region = Region(node, model, samples, region)
         steps = len(rec.inv.sigmas) - 1
         callback, shown = region.watch(progress(model, (1 + count) * steps))
         g = edit_guider.build(node, region.attach(model), region.capture, source, target, negative)

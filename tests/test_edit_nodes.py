@@ -224,6 +224,7 @@ def test_bad_edit_inputs_are_refused():
              ({"clip": clip(), "source_text": SOURCE_TEXT, "target_text": SOURCE_TEXT}, "words", "same words"),
              ({"mask": torch.ones(1, 64, 32)}, "mask", "resize the mask"),
              ({"mask": torch.ones(3, 64, 64)}, "mask", "batch of 3"),
+             ({"mask": full_mask(1), "thresold": 0.5}, "thresold", "is not an input of this node"),
              ({"mask": full_mask(1), "inverted": {"samples": inv["samples"]}}, "inverted", "carries no inversion")]
     for change, what, words in cases:
         with pytest.raises(NodeInputError) as e:

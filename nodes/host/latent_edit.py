@@ -29,8 +29,7 @@ def outputs():
 
 
 def run(node, model, latent, source, target, steps, scheduler, cfgs: dict, solve, passes=1, negative=None,
-        clip=None, source_text="", target_text="", words="", mask=None, mask_mode="union", threshold=0.3,
-        softness=0.0, dilation=1, feather=0, grow=False):
+        **region):
     """Check the shared inputs, then ``solve(edit_model, x, sigmas, region, space, callback) -> latent``
     under the host's guider; returns the node's output. ``passes``: how often the solver walks the
     schedule (for the progress bar)."""
@@ -42,8 +41,7 @@ def run(node, model, latent, source, target, steps, scheduler, cfgs: dict, solve
     for name, w in cfgs.items():
         if not 0 <= w <= 100:
             fail(node, name, f"expected a value from 0 to 100, got {w}")
-    region = Region(node, model, samples, clip, source_text, target_text, words, mask, mask_mode, threshold,
-                    softness, dilation, feather, grow, required=False)
+    region = Region(node, model, samples, region, required=False)
     sigmas = sigmas_for(model, scheduler, steps, 1.0).flip(0)
     callback, shown = region.watch(progress(model, passes * steps))
     g = edit_guider.build(node, region.attach(model), region.capture, source, target, negative)

@@ -64,11 +64,21 @@ def inputs():
     ]
 
 
-class Region:
-    """The edit region of one node run: validated inputs, the attention capture, the region's value."""
+def given(values: dict) -> dict:
+    """The region inputs of a node's call, each one left out at its default as ``inputs`` states it (the
+    host passes them all; a direct call may pass some)."""
+    return {i.id: values.get(i.id, getattr(i, "default", None)) for i in inputs()}
 
-    def __init__(self, node, model, latent, clip, source_text, target_text, words, mask, mask_mode, threshold,
-                 softness, dilation, feather=0, grow=False, required=True):
+
+class Region:
+    """The edit region of one node run: validated inputs, the attention capture, the region's value.
+    ``values``: the node's region inputs by name (``inputs``); ``required``: refuse a run without a region."""
+
+    def __init__(self, node, model, latent, values: dict, required=True):
+        v = given(values)
+        for name in set(values) - set(v):
+            fail(node, name, "is not an input of this node")
+        mask, mask_mode, feather = v["mask"], v["mask_mode"], v["feather"]
         self.node = node
         self.layers = attention.unet_layers(model)
         # ``latent`` comes through record.resume, whose check_latent matched its dimensionality to the model's.
@@ -81,14 +91,15 @@ class Region:
             fail(node, "feather", f"expected a whole number of latent pixels >= 0, got {feather!r}")
         user = None if mask is None else self.user_mask(mask)
         found, counts = {"source": [], "target": []}, {}
-        if clip is not None and not (mask is not None and mask_mode == "replace"):
-            found, counts = tokens.edited(node, clip, source_text, target_text, words, None if self.layers else "t5xxl")
+        if v["clip"] is not None and not (mask is not None and mask_mode == "replace"):
+            found, counts = tokens.edited(node, v["clip"], v["source_text"], v["target_text"], v["words"],
+                                          None if self.layers else "t5xxl")
         # Without a MASK or words, an editor that may edit everything does (``required=False``).
         if user is None and not any(found.values()) and required:
             fail(node, "mask", "no edit region: connect a MASK, or a CLIP with the prompts' texts and the words to edit")
         self.capture = attention.Capture(found, counts, self.size)
-        self.spec = masks.Region(user, self.capture.active(), mask_mode, threshold, softness, dilation, int(feather),
-                                 bool(grow))
+        self.spec = masks.Region(user, self.capture.active(), mask_mode, v["threshold"], v["softness"], v["dilation"],
+                                 int(feather), bool(v["grow"]))
 
     def user_mask(self, mask):
         if not isinstance(mask, torch.Tensor) or mask.ndim not in (2, 3) or not mask.is_floating_point():
