@@ -22,7 +22,7 @@ from . import attention, tokens
 from .inputs import fail
 from .model import spatial_factor, temporal_factor
 
-MODES = ["replace", "union", "intersect"]
+MODES = list(masks.MODES)
 # Why an editor refuses a LATENT's noise_mask (SetLatentNoiseMask) rather than ignore it.
 NOISE_MASK = ("its edit region is the mask input (or the edited words): connect the mask there instead of "
               "SetLatentNoiseMask")

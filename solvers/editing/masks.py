@@ -20,6 +20,8 @@ import torch.nn.functional as F
 
 from ..core import SolverError
 
+MODES = ("replace", "union", "intersect")  # how a fixed mask meets the words' attention
+
 
 def shape_mask(raw: torch.Tensor, threshold: float, softness: float, dilation: int) -> torch.Tensor:
     """Normalise a (B, 1, *spatial) map by its maximum, threshold it and dilate it (in latent
@@ -46,7 +48,7 @@ def combine_masks(a, b, mode: str):
         return torch.maximum(a, b)
     if mode == "intersect":
         return torch.minimum(a, b)
-    raise SolverError(f"mask mode must be replace, union or intersect, got {mode!r}")
+    raise SolverError(f"mask mode must be one of {', '.join(MODES)}, got {mode!r}")
 
 
 def resize_mask(mask: torch.Tensor, size: tuple, batch: int) -> torch.Tensor:
@@ -155,8 +157,8 @@ class Region:
     grow: bool = False
 
     def check(self, x: torch.Tensor) -> "Region":
-        if self.mode not in ("replace", "union", "intersect"):
-            raise SolverError(f"mask mode must be replace, union or intersect, got {self.mode!r}")
+        if self.mode not in MODES:
+            raise SolverError(f"mask mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if not isinstance(self.feather, int) or self.feather < 0:
             raise SolverError(f"feather must be a whole number of latent pixels >= 0, got {self.feather!r}")
         if self.mask is not None:
