@@ -141,9 +141,11 @@ def rel_norm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.flatten(1).norm(dim=1) / b.flatten(1).norm(dim=1).clamp_min(1e-30)
 
 
-def notify(callback: Callback, i: int, x: torch.Tensor, sigma, denoised=None) -> None:
+def notify(callback: Callback, i: int, x: torch.Tensor, sigma, denoised=None, **more) -> None:
+    """The host's progress report of step ``i``; ``more``: what a solver adds (an editor: its region's
+    ``mask`` at the step, None for the whole image)."""
     if callback is not None:
-        callback({"i": i, "x": x, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
+        callback({"i": i, "x": x, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised, **more})
 
 
 def prepare(method: str, model, x, sigmas, extra_args, space, descending=False):

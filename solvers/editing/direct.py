@@ -22,9 +22,9 @@ trajectory to snap to, so ``edit_direct`` refuses a sampler that resumes from a 
 Cost: the two branches' calls per step, as blended guidance; memory: the trajectory.
 """
 
-from ..core import SolverError, check_finite, check_latent, check_schedule, work_dtype
+from ..core import SolverError, check_finite, check_latent, check_schedule, notify, work_dtype
 from ..registry import SAMPLERS
-from .guidance import Branches, report
+from .guidance import Branches
 from .masks import region
 
 
@@ -48,5 +48,5 @@ def edit_direct(model, trajectory, sigmas, mask, w_inv, w_edit, space="eps", mas
         sb, sa = s[k], s[k + 1]
         ds, dt = br.pair(ref[k], xt, sb, k)
         xt = check_finite(ref[k + 1] + (xt - ref[k]) + (sa - sb) * ((xt - dt) - (ref[k] - ds)) / sb, "direct", k)
-        report(callback, k, xt, sa, dt, br.shown)
+        notify(callback, k, xt, sa, dt, mask=br.shown)
     return xt, br.nfe

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import torch
 
-from ..core import EPS, SolverError, check_finite, check_latent, check_schedule, work_dtype
-from .guidance import SOURCE, TARGET, Edit, composite, report
+from ..core import EPS, SolverError, check_finite, check_latent, check_schedule, notify, work_dtype
+from .guidance import SOURCE, TARGET, Edit, composite
 from .masks import region
 
 
@@ -83,12 +83,12 @@ def edit_flowedit(model, x_src, sigmas, w_src, w_tar, *, n_min=0, n_max=None, n_
                 delta = delta + (v(z + z_src - x_src, sb, TARGET) - v(z_src, sb, SOURCE)) / int(n_avg)
             m = edit.mask(i - (steps - n_max), window)
             z = check_finite(z + (sa - sb) * (delta if m is None else m.to(delta) * delta), "flowedit", i)
-            report(callback, i, z, sa, mask=edit.shown)
+            notify(callback, i, z, sa, mask=edit.shown)
             continue
         if tail is None:  # the plain tail starts from z's twin, noised with a fresh draw
             e = torch.randn(x_src.shape, generator=gen, dtype=x_src.dtype).to(x_src.device)
             tail = z + noised(x_src, sb, e, space) - x_src
         tail = check_finite(tail + (sa - sb) * v(tail, sb, TARGET), "flowedit", i)
         m = edit.mask(window - 1, window) if window else edit.soft()  # the last edited step's
-        report(callback, i, tail, sa, mask=edit.shown)
+        notify(callback, i, tail, sa, mask=edit.shown)
     return (z if tail is None else composite(x_src, tail, m)), edit.nfe

@@ -83,12 +83,6 @@ def uniform(mask):
     return lo if lo == hi else None
 
 
-def report(callback, i: int, x, sigma, denoised=None, mask=None) -> None:
-    """``core.notify`` with the region's values at the step (``"mask"``; None: the whole image)."""
-    if callback is not None:
-        callback({"i": i, "x": x, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised, "mask": mask})
-
-
 def check_scales(w_inv: float, w_edit: float):
     for name, w in (("w_inv", w_inv), ("w_edit", w_edit)):
         if not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import torch
 
-from ..core import EPS, FLIPPED_ZERO, SolverError, check_finite, check_latent, check_schedule, work_dtype
-from .guidance import SOURCE, TARGET, Edit, composite, report
+from ..core import (EPS, FLIPPED_ZERO, SolverError, check_finite, check_latent, check_schedule, notify,
+                    work_dtype)
+from .guidance import SOURCE, TARGET, Edit, composite
 from .masks import region
 
 
@@ -64,7 +65,7 @@ def edit_rf_inversion(model, x_src, sigmas, w_src, w_tar, *, gamma=0.5, eta=0.9,
         y = check_finite(y + (t - s) * (v + gamma * (u1 - v)), "rf_inversion", i)
         if grow:
             states.append(y)
-        report(callback, i, y, t, mask=edit.shown)
+        notify(callback, i, y, t, mask=edit.shown)
     x = y
     for i in range(steps):
         s, t = down[i], down[i + 1]
@@ -75,5 +76,5 @@ def edit_rf_inversion(model, x_src, sigmas, w_src, w_tar, *, gamma=0.5, eta=0.9,
         m = edit.mask(i, steps)  # after the step's call: the attention it read counts
         if grow:
             x = composite(states[steps - 1 - i], x, m)
-        report(callback, steps + i, x, t, mask=edit.shown)
+        notify(callback, steps + i, x, t, mask=edit.shown)
     return (x if grow or not steps else composite(x_src, x, m)), edit.nfe

@@ -22,7 +22,7 @@ Memory: two latents per step (offsets and source predictions) plus the edits.
 import torch
 
 from ..core import SolverError, check_finite, check_latent, check_schedule, notify, work_dtype
-from .guidance import SOURCE, Branches, report
+from .guidance import SOURCE, Branches
 from .guidance import local_blend as local_blend_
 from .masks import region
 from .noise import ancestral_mean, check_eta, preservation
@@ -83,7 +83,7 @@ def edit_stochastic(model, trajectory, sigmas, mask, w_inv, w_edit, seeds, space
                 z = torch.randn(x.shape, generator=g, dtype=torch.float32).to(x)
                 x = x + m * (up * z - (traj[n - k - 1] - mu_s))
             x = check_finite(x, "edit_friendly", k)
-            report(callback, n * (1 + j) + k, x, sa, dt, br.shown)
+            notify(callback, n * (1 + j) + k, x, sa, dt, mask=br.shown)
         edits.append(x)
         scores.append(preservation(x, traj[0], ones if br.shown is None else br.shown.to(x)))
     return torch.cat(edits), torch.cat(scores), br.nfe
