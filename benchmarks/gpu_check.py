@@ -50,7 +50,6 @@ import argparse
 import gc
 import json
 import math
-import os
 import pathlib
 import platform
 import sys
@@ -72,8 +71,8 @@ MIB = 2 ** 20
 
 def host():
     """The ComfyUI checkout: COMFYUI_PATH, or the custom_nodes/ folder this pack sits in (as the tests find it)."""
-    env = os.environ.get("COMFYUI_PATH")
-    where = pathlib.Path(env) if env else HERE.parents[1].parent if HERE.parents[1].name == "custom_nodes" else None
+    from pack import comfyui
+    where = comfyui()
     if where is None or not (where / "comfy").is_dir():
         sys.exit("set COMFYUI_PATH to a ComfyUI checkout (its requirements installed in this interpreter)")
     return where

@@ -6,6 +6,7 @@ The pack's root is never put on ``sys.path``: its ``nodes/`` package would shado
 """
 
 import importlib.util
+import os
 import pathlib
 import sys
 
@@ -20,3 +21,15 @@ def load(root=ROOT):
         sys.modules["inversion_suite"] = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(sys.modules["inversion_suite"])
     return sys.modules["inversion_suite"]
+
+
+def comfyui(root=ROOT):
+    """The ComfyUI checkout to run against: ``COMFYUI_PATH``, else the one whose ``custom_nodes/`` holds
+    the pack at ``root``; None where neither names one."""
+    env = os.environ.get("COMFYUI_PATH")
+    if env:
+        return pathlib.Path(env)
+    root = pathlib.Path(root)
+    if root.parent.name == "custom_nodes" and (root.parent.parent / "comfy").is_dir():
+        return root.parent.parent
+    return None

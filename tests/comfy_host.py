@@ -18,6 +18,7 @@ import urllib.error
 import urllib.request
 
 import pytest
+from inversion_suite.benchmarks import pack
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SKIP = ("ComfyUI not found: set COMFYUI_PATH to a ComfyUI checkout (its requirements installed in this "
@@ -25,12 +26,7 @@ SKIP = ("ComfyUI not found: set COMFYUI_PATH to a ComfyUI checkout (its requirem
 
 
 def path():
-    env = os.environ.get("COMFYUI_PATH")
-    if env:
-        return pathlib.Path(env)
-    if ROOT.parent.name == "custom_nodes" and (ROOT.parent.parent / "comfy").is_dir():
-        return ROOT.parent.parent
-    return None
+    return pack.comfyui(ROOT)
 
 
 def require():
