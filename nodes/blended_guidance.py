@@ -8,7 +8,7 @@ from ..solvers.editing.direct import edit_direct
 from .host import edit_guider
 from .host.inputs import fail, no_noise_mask
 from .host.record import KEY, resume
-from .host.region import NOISE_MASK, Region, inputs as region_inputs
+from .host.region import NOISE_MASK, Region, editor_inputs
 from .host.run import progress, run_guider, to_model
 
 
@@ -42,9 +42,7 @@ class BlendedGuidanceSampler(io.ComfyNode):
                 io.Boolean.Input("local_blend", default=True,
                                  tooltip="Outside the mask, take the source branch's prediction, so the unedited "
                                          "region stays as reconstructed (prompt-to-prompt's local blend)."),
-                io.Conditioning.Input("negative", optional=True,
-                                      tooltip="Negative prompt; unconnected, a zeroed source (as ConditioningZeroOut)."),
-                *region_inputs(),
+                *editor_inputs(),
                 io.Boolean.Input("direct", default=False,
                                  tooltip="DirectInversion (PnP inversion): each step puts the source branch back on "
                                          "the inverted trajectory and gives the target the same correction, so what "

@@ -6,6 +6,7 @@ from comfy_api.latest import io
 from ..solvers.editing.flowedit import edit_flowedit
 from .host import latent_edit
 from .host.inputs import fail
+from .host.region import editor_inputs
 
 NODE = "FlowEdit"
 
@@ -52,7 +53,7 @@ class FlowEdit(io.ComfyNode):
                                        "SD1.5/SDXL: 5 to 7.5."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Seed of the noise draws: a seed always gives the same edit."),
-                *latent_edit.tail_inputs(),
+                *editor_inputs(),
             ],
             outputs=latent_edit.outputs(),
         )

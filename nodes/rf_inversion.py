@@ -6,6 +6,7 @@ from comfy_api.latest import io
 from ..solvers.editing.rf_inversion import edit_rf_inversion
 from .host import latent_edit
 from .host.inputs import fail
+from .host.region import editor_inputs
 
 NODE = "RFInversionEdit"
 
@@ -50,7 +51,7 @@ class RFInversionEdit(io.ComfyNode):
                                        "3.5 on the target; SD1.5/SDXL: 5 to 7.5)."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Seed of the noise the inversion is pulled towards."),
-                *latent_edit.tail_inputs(),
+                *editor_inputs(),
             ],
             outputs=latent_edit.outputs(),
         )

@@ -7,7 +7,7 @@ from ..solvers.editing.stochastic import edit_stochastic
 from .host import edit_guider
 from .host.inputs import fail, no_noise_mask
 from .host.record import KEY, resume
-from .host.region import NOISE_MASK, Region, inputs as region_inputs
+from .host.region import NOISE_MASK, Region, editor_inputs
 from .host.run import progress, run_guider, to_model
 
 
@@ -42,9 +42,7 @@ class StochasticEditSampler(io.ComfyNode):
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Edit k draws its noise from seed + k, so a seed always gives the same edits."),
                 io.Int.Input("count", default=4, min=1, max=64, tooltip="How many edits to make."),
-                io.Conditioning.Input("negative", optional=True,
-                                      tooltip="Negative prompt; unconnected, a zeroed source (as ConditioningZeroOut)."),
-                *region_inputs(),
+                *editor_inputs(),
             ],
             outputs=[io.Latent.Output(display_name="edits", tooltip="All edits, count per input image, edit-major."),
                      io.Latent.Output(display_name="best", tooltip="The best-scoring edit of each input image."),

@@ -1,6 +1,6 @@
 """The shared run of the editors that take a plain image latent (no inversion): FlowEdit and RF-Inversion.
 
-Their inputs end alike (a negative prompt, then the optional region) and their runs do too: the
+Their inputs end as every editor's do (``region.editor_inputs``) and their runs alike: the
 checks every such node makes, the region (optional: without one the whole image may change),
 the two-prompt guider, the solver under the host's guider, and the LATENT and MASK it returns.
 """
@@ -11,15 +11,8 @@ from comfy_api.latest import io
 from . import edit_guider
 from .inputs import fail, no_noise_mask
 from .model import check_latent, space_of
-from .region import NOISE_MASK, Region, inputs as region_inputs
+from .region import NOISE_MASK, Region
 from .run import progress, run_guider, sigmas_for
-
-
-def tail_inputs():
-    """The negative prompt and the optional edit region, after each node's own inputs."""
-    return [io.Conditioning.Input("negative", optional=True,
-                                  tooltip="Negative prompt; unconnected, a zeroed source (as ConditioningZeroOut)."),
-            *region_inputs()]
 
 
 def outputs():

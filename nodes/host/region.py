@@ -28,6 +28,13 @@ NOISE_MASK = ("its edit region is the mask input (or the edited words): connect 
               "SetLatentNoiseMask")
 
 
+def editor_inputs():
+    """What every editor's inputs end with: the negative prompt, then the edit region (``inputs``)."""
+    return [io.Conditioning.Input("negative", optional=True,
+                                  tooltip="Negative prompt; unconnected, a zeroed source (as ConditioningZeroOut)."),
+            *inputs()]
+
+
 def inputs():
     """The edit-region inputs every editing node takes."""
     return [
