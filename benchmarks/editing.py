@@ -6,7 +6,7 @@
 Each of the 8 held-out 16x16 patches (one per photo, ``data.held_out``) is edited from its own
 photo's label (the source prompt, cfg 1) towards another photo's label (``(label + 4) % 8``)
 inside the right half (the region); the left half should stay. Editors, each swept over its
-own strength knob and over ``cfg_edit`` (3, 5, 7.5) at 10 steps:
+own strength knob and over ``cfg_edit`` (3, 5, 7.5; the FlowEdit rows also 4 and 6) at 10 steps:
 
 - the peers, as users run them today:
   - ``peer``: naive unsampling, then Euler sampling with the target label at ``cfg_edit`` over
@@ -21,9 +21,12 @@ own strength knob and over ``cfg_edit`` (3, 5, 7.5) at 10 steps:
     (the edit pasted into the region, the source kept outside); ``flowedit whole``: the same
     not composited;
   - the seeded peers run seeds 0-3 and report the means;
-- the pack's editors: ``flowedit region``, the pack's FlowEdit with its region (the mask
-  multiplies the velocity difference at every step, so the source stays exactly outside;
-  ``n_max`` as above), and, each over an inversion run part-way (``denoise`` 1.0, 0.8, 0.6: the
+- the pack's editors: ``flowedit antithetic``, the pack's FlowEdit at its node's defaults
+  (antithetic pairs of draws, the whole image edited and composited by the region feathered
+  over 1 pixel; ``n_max`` as above, seeds 0-3); ``flowedit region``, the pack's FlowEdit
+  weighing every step by its region (the mask multiplies the velocity difference at every
+  step, so the source stays exactly outside; the paper's draws), and, each over an inversion
+  run part-way (``denoise`` 1.0, 0.8, 0.6: the
   host's KSampler schedule cut as Invert's ``denoise`` cuts it):
   - ``blended``: blended guidance (``solvers.editing.blended``) over the inversion of ``ddim``,
     ``aidi_anderson``, ``bdia`` or ``edict`` with its own sampler: ``w_inv`` 1 outside,
@@ -62,7 +65,8 @@ The default runs 10 steps, the whole sweep: 228 runs, 170 s wall on this project
 ``--steps 10 20 50`` adds the other step counts at cfg_edit 5 (every knob). A progress bar shows
 each run from the first second.
 Writes editing.json, editing.md (ending with each frontier point of inpainting and FlowEdit
-against the pack's editor keeping the most structure at no weaker edit, ``compare``),
+against the pack's editor keeping the most structure at no weaker edit, ``compare``, and issue
+23's gate, ``gate``),
 edit_tradeoff.png and edit_grid.png to --out.
 """
 
@@ -80,11 +84,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 HERE = pathlib.Path(__file__).resolve().parent
 PEERS = ("peer", "ddim+target", "inpaint", "inpaint_dd", "flowedit", "flowedit whole")
-PACK = ("flowedit region", "blended ddim", "blended aidi_anderson", "blended bdia", "blended edict", "direct", "direct whole",
+PACK = ("flowedit antithetic", "flowedit region", "blended ddim", "blended aidi_anderson", "blended bdia", "blended edict", "direct", "direct whole",
         "stochastic best of 4", "stochastic mean of 4")
 EDITORS = PEERS + PACK
 SEEDS = (0, 1, 2, 3)
 CFGS = (3.0, 5.0, 7.5)
+FINE = (4.0, 6.0)  # FlowEdit's editors also run these, so their frontiers can be read at the gate's strengths
 DENOISE = (1.0, 0.8, 0.6)
 N_MAX = (6, 8, 10)  # at 10 steps; other step counts scale them
 FEATHER = 4  # px: inpaint_dd's mask ramps linearly over the 4 columns around the region's edge
@@ -303,6 +308,7 @@ def run_editor(editor, model, bench, space, n, cfg_edit, setting):
     from ..solvers.editing.blended import edit_blended
     from ..solvers.editing.direct import edit_direct
     from ..solvers.editing.flowedit import edit_flowedit
+    from ..solvers.editing import masks
     from ..solvers.editing.guidance import TwoPrompts
     from ..solvers.editing.stochastic import edit_stochastic
     from ..solvers.methods.euler import sample_euler
@@ -324,11 +330,14 @@ def run_editor(editor, model, bench, space, n, cfg_edit, setting):
                                max_denoise=top, sampling=sampling, extra_args=tgt)
                 c, k = model.calls - c, model.net - k
             else:
-                key = (editor == "flowedit region", space, n, cfg_edit, setting["n_max"], seed)
+                kind = editor if editor in ("flowedit region", "flowedit antithetic") else "flowedit"
+                key = (kind, space, n, cfg_edit, setting["n_max"], seed)
                 if key not in b.flowedits:  # flowedit and flowedit whole share the whole-image edit
                     c, k = model.calls, model.net
+                    own = {"flowedit": {}, "flowedit region": dict(mask=mask),  # the node's defaults:
+                           "flowedit antithetic": dict(antithetic=True, paste=True, mask=masks.Region(mask, feather=1))}
                     e, _ = edit_flowedit(two, x, host_sigmas(space, n, 1.0), 1.0, cfg_edit, n_max=setting["n_max"],
-                                         seed=seed, mask=mask if key[0] else None, space=space)
+                                         seed=seed, space=space, **own[kind])
                     b.flowedits[key] = e, model.calls - c, model.net - k
                 e, c, k = b.flowedits[key]
                 if editor == "flowedit":  # the whole-image edit pasted into the region
@@ -376,8 +385,9 @@ def jobs_for(spaces, steps, cfgs, editors):
             for e in editors:
                 if e == "stochastic mean of 4":
                     continue
+                fine = sorted(set(cfgs) | set(FINE)) if e.startswith("flowedit") and len(cfgs) > 1 else cfgs
                 for k in knobs(e, n):
-                    for w in (cfgs if n == few else [c for c in cfgs if c == 5.0] or cfgs[:1]):
+                    for w in (fine if n == few else [c for c in cfgs if c == 5.0] or cfgs[:1]):
                         out.append((s, n, w, e, k))
     return out
 
@@ -466,6 +476,44 @@ def compare(rows, steps=10, within=0.02, background=50.0):
     return out
 
 
+def gate(rows, steps=10, cfg=5.0):
+    """Issue 23's gate, per space. For each FlowEdit setting at ``cfg`` (composited by the mask): the
+    pack's rows at no weaker edit (strength at most 0.02 below) that keep the background (50 dB),
+    show no seam (ratio at most 1.5) and cost at most twice its calls; the one keeping the most
+    structure, and whether it keeps 0.05 more. For each inpainting + DifferentialDiffusion row:
+    the pack's row keeping the most structure at no weaker edit, and whether it keeps 0.3 more."""
+    pack = [r for r in rows if r["editor"] in PACK and r["steps"] == steps and r["editor"] != "stochastic best of 4"]
+    out = []
+    for r in rows:
+        fe = r["editor"] == "flowedit" and r["cfg_edit"] == cfg
+        if r["steps"] != steps or not (fe or r["editor"] == "inpaint_dd"):
+            continue
+        ok = [q for q in pack if q["space"] == r["space"] and q["edit_strength"] >= r["edit_strength"] - 0.02 and
+              (not fe or (q["background_psnr"] >= 50 and q["seam_ratio"] <= 1.5 and q["nfe"] <= 2 * r["nfe"]))]
+        best = max(ok, key=lambda q: q["structure"], default=None)
+        need = 0.05 if fe else 0.3
+        out.append({"space": r["space"], "peer": r, "pack": best, "need": need,
+                    "met": best is not None and best["structure"] >= r["structure"] + need - 1e-9})
+    return out
+
+
+def gate_table(g):
+    def cell(r):
+        return (f"{r['editor']} ({', '.join(f'{a} {v:g}' for a, v in r['setting'].items())}, cfg {r['cfg_edit']:g}) | "
+                f"{r['edit_strength']:.3f} / {r['structure']:.3f} / {r['background_psnr']:.1f} / "
+                f"{r['seam_ratio']:.2f} / {r['nfe']}")
+    out = ["| space | peer (setting) | strength / structure / background dB / seam / NFE | pack's best that may "
+           "count (setting) | strength / structure / background dB / seam / NFE | structure gain (needed) | met |",
+           "|---|---|---|---|---|---|---|"]
+    for c in g:
+        p = c["pack"]
+        mine = "none | " if p is None else cell(p)
+        gain = "" if p is None else f"{p['structure'] - c['peer']['structure']:+.3f}"
+        out.append(f"| {c['space']} | {cell(c['peer'])} | {mine} | {gain} ({c['need']:+.2f}) | "
+                   f"{'yes' if c['met'] else 'no'} |")
+    return "\n".join(out) + "\n"
+
+
 # -- reporting ------------------------------------------------------------------------
 
 def fmt_setting(r):
@@ -533,7 +581,7 @@ def compare_table(cmp):
 FAMILIES = {  # one colour per family of editors; a marker and a line style per editor in it
     "peer": ("0.45", ("peer", "ddim+target")),
     "inpainting": ("tab:blue", ("inpaint", "inpaint_dd")),
-    "FlowEdit": ("tab:green", ("flowedit", "flowedit whole", "flowedit region")),
+    "FlowEdit": ("tab:green", ("flowedit", "flowedit whole", "flowedit region", "flowedit antithetic")),
     "blended": ("tab:orange", ("blended ddim", "blended aidi_anderson", "blended bdia", "blended edict")),
     "DirectInversion": ("tab:purple", ("direct", "direct whole")),
     "stochastic": ("tab:red", ("stochastic best of 4", "stochastic mean of 4")),
@@ -676,8 +724,13 @@ def write(rows, outs, originals, out, meta):
                 commit=_commit())
     steps = min(r["steps"] for r in rows)
     cmp = compare(rows, steps)
-    (out / "editing.json").write_text(json.dumps({"meta": meta, "rows": rows, "comparisons": cmp}, indent=1,
-                                                 default=_json_default))
+    met = [{"space": c["space"], "peer": c["peer"]["editor"], "peer_setting": c["peer"]["setting"],
+            "peer_cfg": c["peer"]["cfg_edit"], "pack": None if c["pack"] is None else c["pack"]["editor"],
+            "pack_setting": None if c["pack"] is None else c["pack"]["setting"],
+            "pack_cfg": None if c["pack"] is None else c["pack"]["cfg_edit"], "met": c["met"]}
+           for c in gate(rows, steps)]
+    (out / "editing.json").write_text(json.dumps({"meta": meta, "rows": rows, "comparisons": cmp, "gate": met},
+                                                 indent=1, default=_json_default))
     md = ["# Edit benchmark", "", f"Command: `{meta['command']}`; wall time {meta['seconds']:.0f} s on "
           f"{meta['threads']} thread(s), torch {meta['torch']}, commit {meta['commit']}.", "",
           "8 held-out 16x16 photo patches, each edited from its photo's label to another's inside the right half; "
@@ -687,7 +740,13 @@ def write(rows, outs, originals, out, meta):
           "For each frontier point of inpainting and of FlowEdit composited by the mask, the pack's "
           "inversion-based editor (best of 4 left out) keeping the background at 50 dB or more that keeps the "
           "most structure at an edit strength at most 0.02 below.", "",
-          compare_table(cmp)]
+          compare_table(cmp), "", f"## Issue 23's gate at {steps} steps", "",
+          "For each FlowEdit setting at cfg_edit 5 (composited by the mask): the pack's editor keeping the most "
+          "structure among those at an edit strength at most 0.02 below, a background of 50 dB or more, a seam "
+          "ratio of at most 1.5 and at most twice its calls; met where it keeps 0.05 more structure. For each "
+          "inpainting + DifferentialDiffusion setting: the pack's editor keeping the most structure at an edit "
+          "strength at most 0.02 below; met where it keeps 0.3 more.", "",
+          gate_table(gate(rows, steps))]
     (out / "editing.md").write_text("\n".join(md))
     plot(rows, out / "edit_tradeoff.png", steps=steps)
     grid(outs, originals, out / "edit_grid.png", steps=steps)

@@ -578,7 +578,7 @@ def test_growing_region_edits_a_pixel_from_the_step_its_value_reaches():
 def test_latent_editors_take_a_feathered_growing_region(editor):
     from inversion_suite.nodes.flowedit import FlowEdit
     from inversion_suite.nodes.rf_inversion import RFInversionEdit
-    node, own = {"flowedit": (FlowEdit, dict(n_max=5, n_min=1, n_avg=1)),
+    node, own = {"flowedit": (FlowEdit, dict(n_max=5, n_min=1, n_avg=1, noise="antithetic")),
                  "rf_inversion": (RFInversionEdit, dict(gamma=0.5, eta=0.9, start_step=0, stop_step=3))}[editor]
     model = tiny_model("eps")
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2)) * 0.18
@@ -591,3 +591,13 @@ def test_latent_editors_take_a_feathered_growing_region(editor):
     with pytest.raises(NodeInputError, match="input 'feather'"):
         node.execute(model=model, latent={"samples": x}, source=prompt(1), target=prompt(2), steps=6,
                      scheduler="karras", cfg_source=1.5, cfg_target=4.0, seed=1, mask=half_mask(), feather=-1, **own)
+
+
+def test_flowedit_refuses_an_unknown_noise_before_any_model_call():
+    from inversion_suite.nodes.flowedit import FlowEdit
+    model = tiny_model("eps")
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2)) * 0.18
+    with pytest.raises(NodeInputError, match="FlowEdit.*input 'noise'.*antithetic, independent"):
+        FlowEdit.execute(model=model, latent={"samples": x}, source=prompt(1), target=prompt(2), steps=6,
+                         scheduler="karras", n_max=5, n_min=0, n_avg=1, noise="pairs", cfg_source=1.0,
+                         cfg_target=4.0, seed=1)

@@ -292,9 +292,10 @@ def test_half_precision_inputs_compute_in_float32_and_inputs_stay_unchanged():
 
 # --- FlowEdit ------------------------------------------------------------------------------------
 
-def flowedit_official(den, x_src, sig, w_src, w_tar, n_min, n_max, n_avg, seed, space):
+def flowedit_official(den, x_src, sig, w_src, w_tar, n_min, n_max, n_avg, seed, space, antithetic=False):
     """FlowEdit as the authors' FlowEditSD3 loop runs it (fallenshock/FlowEdit), in the host's sigma:
-    velocities from the guided denoiser, a fresh noise per draw, an SDEdit-style tail for n_min."""
+    velocities from the guided denoiser, a fresh noise per draw, an SDEdit-style tail for n_min.
+    ``antithetic``: the pack's pairing, the 2nd, 4th, ... edited step taking the step before's draws negated."""
     g = torch.Generator().manual_seed(seed)
     s = [float(v) for v in sig]
     T = len(s) - 1
@@ -305,15 +306,17 @@ def flowedit_official(den, x_src, sig, w_src, w_tar, n_min, n_max, n_avg, seed, 
     def scale_noise(x0, t, n):
         return x0 + t * n if space == "eps" else (1 - t) * x0 + t * n
 
-    zt_edit, xt_tar = x_src.clone(), None
+    zt_edit, xt_tar, fwds = x_src.clone(), None, []
     for i in range(T):
         t_i, t_im1 = s[i], s[i + 1]
         if T - i > n_max:
             continue
         if T - i > n_min:
             v_delta = torch.zeros_like(x_src)
-            for _ in range(n_avg):
-                fwd = torch.randn(x_src.shape, generator=g, dtype=x_src.dtype)
+            second = antithetic and (n_max - (T - i)) % 2 == 1
+            fwds = [-f for f in fwds] if second else \
+                [torch.randn(x_src.shape, generator=g, dtype=x_src.dtype) for _ in range(n_avg)]
+            for fwd in fwds:
                 zt_src = scale_noise(x_src, t_i, fwd)
                 zt_tar = zt_edit + zt_src - x_src
                 v_delta = v_delta + (1 / n_avg) * (vel(zt_tar, t_i, TGT, w_tar) - vel(zt_src, t_i, SRC, w_src))
@@ -327,29 +330,36 @@ def flowedit_official(den, x_src, sig, w_src, w_tar, n_min, n_max, n_avg, seed, 
 
 
 @pytest.mark.parametrize("space", SPACES)
-@pytest.mark.parametrize("n_min,n_max,n_avg", [(0, 6, 1), (2, 8, 2), (0, 8, 3)])
-def test_flowedit_is_the_official_update(space, n_min, n_max, n_avg):
+@pytest.mark.parametrize("antithetic", [False, True])
+@pytest.mark.parametrize("n_min,n_max,n_avg", [(0, 6, 1), (2, 8, 2), (0, 8, 3), (1, 6, 1)])
+def test_flowedit_is_the_official_update(space, n_min, n_max, n_avg, antithetic):
     den, x = MixtureDenoiser(MIX, space), data().double()
     sig = schedule(space, 8).flip(0)
-    out, nfe = edit_flowedit(two(den), x, sig, 1.5, 5.5, n_min=n_min, n_max=n_max, n_avg=n_avg, seed=7, space=space)
-    want = flowedit_official(den, x, sig, 1.5, 5.5, n_min, n_max, n_avg, 7, space)
+    out, nfe = edit_flowedit(two(den), x, sig, 1.5, 5.5, n_min=n_min, n_max=n_max, n_avg=n_avg, seed=7, space=space,
+                             antithetic=antithetic)
+    want = flowedit_official(den, x, sig, 1.5, 5.5, n_min, n_max, n_avg, 7, space, antithetic)
     assert rel(out, want) < 1e-12 and rel(out, x) > 1e-3
-    assert nfe == 2 * n_avg * (n_max - n_min) + n_min
+    assert nfe == 2 * n_avg * (n_max - n_min) + n_min  # pairing costs no call
+    if antithetic:  # and it is another edit than the paper's
+        paper = flowedit_official(den, x, sig, 1.5, 5.5, n_min, n_max, n_avg, 7, space)
+        assert rel(out, paper) > 1e-3
 
 
 @pytest.mark.parametrize("space", SPACES)
-def test_flowedit_with_the_target_equal_to_the_source_returns_the_source(space):
+@pytest.mark.parametrize("antithetic", [False, True])
+def test_flowedit_with_the_target_equal_to_the_source_returns_the_source(space, antithetic):
     den, x = MixtureDenoiser(MIX, space), data()
     sig = schedule(space, 8).flip(0)
-    out, _ = edit_flowedit(two(den, SRC), x, sig, 3.0, 3.0, n_max=8, space=space)
+    out, _ = edit_flowedit(two(den, SRC), x, sig, 3.0, 3.0, n_max=8, space=space, antithetic=antithetic)
     assert rel(out, x) < 1e-6  # float rounding: z + z_src - x_src is z_src to rounding only
 
 
 @pytest.mark.parametrize("space", SPACES)
-def test_flowedit_region_keeps_the_rest_exactly_and_a_full_one_is_the_unmasked_edit(space):
+@pytest.mark.parametrize("antithetic", [False, True])
+def test_flowedit_region_keeps_the_rest_exactly_and_a_full_one_is_the_unmasked_edit(space, antithetic):
     den, x = MixtureDenoiser(MIX, space), data()
     sig = schedule(space, 8).flip(0)
-    run = dict(n_max=7, seed=3, space=space)
+    run = dict(n_max=7, seed=3, space=space, antithetic=antithetic)
     free, _ = edit_flowedit(two(den), x, sig, 1.0, 5.0, **run)
     assert torch.equal(edit_flowedit(two(den), x, sig, 1.0, 5.0, mask=torch.ones(1, 1, 8, 8), **run)[0], free)
     assert torch.equal(edit_flowedit(two(den), x, sig, 1.0, 5.0, mask=torch.zeros(1, 1, 8, 8), **run)[0], x)
@@ -360,6 +370,24 @@ def test_flowedit_region_keeps_the_rest_exactly_and_a_full_one_is_the_unmasked_e
     assert torch.equal(a, free)  # a seed gives the same edit
     with pytest.raises(SolverError, match="flowedit: expected 0 <= n_min <= n_max <= steps"):
         edit_flowedit(two(den), x, sig, 1.0, 5.0, n_min=3, n_max=2, space=space)
+
+
+@pytest.mark.parametrize("space", SPACES)
+@pytest.mark.parametrize("n_min", [0, 2])
+def test_flowedit_pasted_is_the_whole_edit_composited_by_the_region(space, n_min):
+    """``paste``: the whole image's edit (the same calls and draws), composited by the region's
+    (feathered) mask: the source exactly where the mask is 0, the edit where it is 1."""
+    den, x = MixtureDenoiser(MIX, space), data()
+    sig = schedule(space, 8).flip(0)
+    run = dict(n_max=7, n_min=n_min, seed=3, space=space, antithetic=True)
+    free, nfe_free = edit_flowedit(two(den), x, sig, 1.0, 5.0, **run)
+    region = masks.Region(half(x), feather=1)
+    out, nfe = edit_flowedit(two(den), x, sig, 1.0, 5.0, mask=region, paste=True, **run)
+    m = masks.feather(half(x), 1)
+    assert nfe == nfe_free and torch.equal(out, torch.lerp(x, free, m.expand_as(x)))
+    assert torch.equal(out[..., :4], x[..., :4]) and torch.equal(out[..., 5:], free[..., 5:])
+    weighed, _ = edit_flowedit(two(den), x, sig, 1.0, 5.0, mask=region, **run)  # every step weighed
+    assert torch.equal(weighed[..., :4], x[..., :4]) and rel(weighed[..., 4:], x[..., 4:]) > 1e-3
 
 
 # --- RF-Inversion ----------------------------------------------------------------------------------

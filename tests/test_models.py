@@ -329,15 +329,18 @@ def latent_editors():
     from inversion_suite.nodes.flowedit import FlowEdit
     from inversion_suite.nodes.rf_inversion import RFInversionEdit
     # node, its own inputs for 6 steps, its model calls there
-    return {"flowedit": (FlowEdit, dict(n_max=5, n_min=1, n_avg=1), 2 * 4 + 1),
+    return {"flowedit": (FlowEdit, dict(n_max=5, n_min=1, n_avg=1, noise="antithetic"), 2 * 4 + 1),
+            "flowedit paper": (FlowEdit, dict(n_max=5, n_min=1, n_avg=1, noise="independent"), 2 * 4 + 1),
             "rf_inversion": (RFInversionEdit, dict(gamma=0.5, eta=0.9, start_step=0, stop_step=3), 2 * 6)}
 
 
-@pytest.mark.parametrize("editor", ["flowedit", "rf_inversion"])
+@pytest.mark.parametrize("editor", ["flowedit", "flowedit paper", "rf_inversion"])
 @pytest.mark.parametrize("name", ["sd1.5", *FAMILIES])
 def test_latent_editors_on_each_family_keep_what_their_mask_leaves(name, editor):
-    """FlowEdit and RF-Inversion through their nodes on each family's own host classes, 4D and 5D latents:
-    inside a MASK the image changes, outside it stays the source (to the latent format's rounding)."""
+    """FlowEdit (antithetic, the default, and the paper's draws) and RF-Inversion through their nodes on
+    each family's own host classes, 4D and 5D latents: inside a MASK the image changes, outside it stays
+    the source (to the latent format's rounding); the region shown is the MASK feathered by the default
+    one latent pixel."""
     from comfy_host import prompt, tiny_model
     node, own, expected = latent_editors()[editor]
     if name == "sd1.5":
@@ -356,7 +359,8 @@ def test_latent_editors_on_each_family_keep_what_their_mask_leaves(name, editor)
     assert y.shape == x.shape and torch.isfinite(y).all() and calls[0] == expected
     assert rel(y[..., :4], x[..., :4]) < 1e-6 and rel(y[..., 4:], x[..., 4:]) > 1e-3, name
     right = shown[..., shown.shape[-1] // 2:]  # the mask at image size (Wan 2.2: 16 pixels a latent pixel)
-    assert torch.equal(right, torch.ones_like(right))
+    f = shown.shape[-1] // x.shape[-1]  # image pixels a latent pixel
+    assert torch.equal(right[..., f:], torch.ones_like(right[..., f:])) and (right[..., :f] == 0.5).all()
 
 
 @pytest.mark.parametrize("editor", ["flowedit", "rf_inversion"])

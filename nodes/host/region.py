@@ -60,10 +60,11 @@ def inputs():
                        tooltip="Width of a linear ramp around the threshold; 0 gives a hard mask."),
         io.Int.Input("dilation", default=1, min=0, max=16,
                      tooltip="Grow the attention mask by this many latent pixels (8 image pixels each for SD)."),
-        io.Int.Input("feather", default=0, min=0, max=64,
+        io.Int.Input("feather", default=1, min=0, max=64,
                      tooltip="Soften the region's edge inwards over this many latent pixels (8 image pixels each "
                              "for SD), so the edit fades in instead of showing a seam; outside the region nothing "
-                             "changes. 0: the region as given."),
+                             "changes. 1 (the default) brings the pack's edit benchmark to no visible seam at the "
+                             "least cost in edit strength; 0: the region as given."),
         io.Boolean.Input("grow", default=False,
                          tooltip="Grow the region step by step, as DifferentialDiffusion does: at each step a pixel "
                                  "is edited once a threshold falling from 1 towards 0 reaches its value (white from "
