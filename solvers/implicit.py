@@ -39,7 +39,8 @@ Step splitting. A step stalls when, at the rate its worst open item has shrunk s
 (from the third evaluation on), its part of the target is out of reach of its calls or the
 error shrinks by less than ``SLOW`` a call. A stalled step is split at ``sqrt(sa sb)`` (at
 ``sb / 2`` out of sigma = 0) and both halves are solved in turn, ``DEPTH`` times deep at
-most, while the calls left still average ``FLOOR + CHECK`` a step. Halving ``h / sb``
+most, while the calls left still average ``FLOOR + CHECK`` a step (a step out of sigma = 0
+into quarters at once, see ``Stack.halve``). Halving ``h / sb``
 halves ``J_F = (h / sb)(I - J_D)``. The inserted sigmas become the inversion's schedule:
 everything that samples down ``Inversion.sigmas`` follows them.
 
@@ -401,8 +402,8 @@ class Piece:
 
 
 class Stack:
-    """The steps still to solve, the next one last; a stalled step is replaced by its two halves, each
-    with half its part of the target."""
+    """The steps still to solve, the next one last; a stalled step is replaced by its two halves (``halve``),
+    each with half its part of the target."""
 
     def __init__(self, s, tol, dtype):
         n = len(s) - 1
@@ -417,13 +418,26 @@ class Stack:
 
     def halve(self, p: Piece, *, depth: int, budget: Budget) -> bool:
         """Splits ``p`` at ``split_point`` where depth and budget allow (every step left still gets the
-        calls of an extrapolated step and its DDIM check on average); returns whether it did."""
+        calls of an extrapolated step and its DDIM check on average); returns whether it did. A stalled
+        step out of sigma = 0 is split into quarters at once: its lower half has ``h / sb = 1`` again and
+        ``J_F = I - J_D`` only a little smaller, so it stalls again (bundled model: every time), and the
+        calls of that second try are saved (0.3 to 0.8 calls a step at 10 steps)."""
+        if not self.cut(p, depth=depth, budget=budget):
+            return False
+        if p.sa == 0:  # where depth and budget allow; else the halves stand
+            self.cut(self.todo[-1], depth=depth, budget=budget, pop=True)
+        self.split.append(p.i)
+        return True
+
+    def cut(self, p: Piece, *, depth: int, budget: Budget, pop=False) -> bool:
+        """Replaces ``p`` (the next piece where ``pop``) by its halves, each with half its part."""
         # The new sigma as the schedule will hold it, so that sampling back meets it exactly.
         sm = float(torch.tensor(split_point(p.sa, p.sb), dtype=self.dtype))
-        if p.level >= depth or not p.sa < sm < p.sb or budget.fair(len(self) + 2) < FLOOR + CHECK:
+        if p.level >= depth or not p.sa < sm < p.sb or budget.fair(len(self) + 2 - pop) < FLOOR + CHECK:
             return False
+        if pop:
+            self.todo.pop()
         self.todo += [Piece(sm, p.sb, p.level + 1, p.i, p.part / 2), Piece(p.sa, sm, p.level + 1, p.i, p.part / 2)]
-        self.split.append(p.i)
         return True
 
 
