@@ -80,7 +80,7 @@ def test_attention_mask_is_the_direct_softmax_of_the_chosen_tokens(monkeypatch):
     monkeypatch.setattr(attention.Capture, "hook", spy)
     threshold = 0.995  # a random network attends almost uniformly: ratios to the maximum lie in 0.98..1
     _, mask = blended(model, inv, random_prompt(1), random_prompt(2), clip=clip(), source_text=SOURCE_TEXT,
-                      target_text=TARGET_TEXT, threshold=threshold, dilation=0)
+                      target_text=TARGET_TEXT, threshold=threshold, dilation=0, feather=0)
 
     c = clip()
     tokens = {b: [i for i, t in enumerate(c.tokenize(text)["l"][0]) if t[0] == c.tokenize(word)["l"][0][1][0]]
@@ -127,7 +127,7 @@ def word_attention(monkeypatch, model, latent, src, tgt, threshold):
                          cfg=1.0, denoise=1.0, keep_trajectory=True).result[0]
     seen = spied(monkeypatch)
     _, mask = blended(model, inv, src, tgt, clip=clip(comfy.text_encoders.flux.FluxTokenizer), source_text=SOURCE_TEXT,
-                      target_text=TARGET_TEXT, threshold=threshold, dilation=0, local_blend=False,
+                      target_text=TARGET_TEXT, threshold=threshold, dilation=0, feather=0, local_blend=False,
                       cfg_inversion=1.0, cfg_edit=1.0)
     return seen, mask
 
@@ -179,7 +179,7 @@ def test_a_feathered_words_region_is_the_words_region_ramped():
     inv = inverted(model, "ddim", positive=pos, cfg=2.0)
     run = dict(cfg_edit=2.0, clip=clip(), source_text=SOURCE_TEXT, target_text=SOURCE_TEXT, words="cat",
                threshold=0.995, dilation=0)
-    _, hard = blended(model, inv, pos, pos, **run)
+    _, hard = blended(model, inv, pos, pos, feather=0, **run)
     out, soft = blended(model, inv, pos, pos, feather=1, grow=True, **run)
     hard, soft = F.avg_pool2d(hard[:, None], 8), F.avg_pool2d(soft[:, None], 8)
     assert torch.equal(soft, masks.feather(hard, 1)) and 0 < float((soft == 0.5).float().mean()) < 1
@@ -578,7 +578,7 @@ def test_growing_region_edits_a_pixel_from_the_step_its_value_reaches():
 def test_latent_editors_take_a_feathered_growing_region(editor):
     from inversion_suite.nodes.flowedit import FlowEdit
     from inversion_suite.nodes.rf_inversion import RFInversionEdit
-    node, own = {"flowedit": (FlowEdit, dict(n_max=5, n_min=1, n_avg=1, noise="antithetic")),
+    node, own = {"flowedit": (FlowEdit, dict(n_max=5, n_min=1, n_avg=1, noise="antithetic", composite="every step")),
                  "rf_inversion": (RFInversionEdit, dict(gamma=0.5, eta=0.9, start_step=0, stop_step=3))}[editor]
     model = tiny_model("eps")
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2)) * 0.18
@@ -599,5 +599,5 @@ def test_flowedit_refuses_an_unknown_noise_before_any_model_call():
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2)) * 0.18
     with pytest.raises(NodeInputError, match="FlowEdit.*input 'noise'.*antithetic, independent"):
         FlowEdit.execute(model=model, latent={"samples": x}, source=prompt(1), target=prompt(2), steps=6,
-                         scheduler="karras", n_max=5, n_min=0, n_avg=1, noise="pairs", cfg_source=1.0,
+                         scheduler="karras", n_max=5, n_min=0, n_avg=1, noise="pairs", composite="at the end", cfg_source=1.0,
                          cfg_target=4.0, seed=1)

@@ -329,8 +329,10 @@ def latent_editors():
     from inversion_suite.nodes.flowedit import FlowEdit
     from inversion_suite.nodes.rf_inversion import RFInversionEdit
     # node, its own inputs for 6 steps, its model calls there
-    return {"flowedit": (FlowEdit, dict(n_max=5, n_min=1, n_avg=1, noise="antithetic"), 2 * 4 + 1),
-            "flowedit paper": (FlowEdit, dict(n_max=5, n_min=1, n_avg=1, noise="independent"), 2 * 4 + 1),
+    return {"flowedit": (FlowEdit, dict(n_max=5, n_min=1, n_avg=1, noise="antithetic", composite="at the end"),
+                         2 * 4 + 1),
+            "flowedit paper": (FlowEdit, dict(n_max=5, n_min=1, n_avg=1, noise="independent",
+                                                composite="every step"), 2 * 4 + 1),
             "rf_inversion": (RFInversionEdit, dict(gamma=0.5, eta=0.9, start_step=0, stop_step=3), 2 * 6)}
 
 
