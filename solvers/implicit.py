@@ -50,10 +50,12 @@ extrapolated one it is measured with ``CHECK`` calls the step kept back where it
 ``FLOOR + CHECK`` calls or more (per item the better by forward error ``||d||``, absolute:
 what reaches the reconstruction). A step given fewer (2 or 3 calls a step) spends them all
 on its own iteration from the extrapolated guess: on the bundled model, at 2 calls a step,
-that ends at 0.05 to 0.91 of the DDIM inversion's round-trip error (10 and 20 steps, both
-spaces, cfg 1 and 3), where starting at the DDIM point ended up to 1.24 times further off
-than DDIM (flow, cfg 3). From its third evaluation on, an unsolved step
-keeps the update's next iterate where its estimated error is the smaller (``proposed``).
+that ends at 0.04 to 0.91 of the DDIM inversion's round-trip error (10, 20 and 50 steps,
+both spaces, cfg 1 and 3). From the DDIM guess (``guess="ddim"``) at 2 calls a step the
+round trip ends up to 1.24 times further off than DDIM's there (flow, cfg 3, 10 and 20
+steps): F of the DDIM step is kept on one move's estimate. From its third evaluation on,
+an unsolved step keeps the update's next iterate where its estimated error is the smaller
+(``proposed``).
 The step is listed in ``unconverged``, and in ``kept_ddim`` where some item kept the DDIM
 step. None of this is a guarantee end to end, which is what the node's measured round trip
 is for.
