@@ -64,9 +64,9 @@ ITER = {
                          "part. 3e-3 is about 50 dB on a unit-variance latent, far below what a VAE or 8-bit output "
                          "shows; 1e-5 gives the tight 90 dB and more, at about twice the model calls.",
                    1e-8, 1e-1, 1e-6),
-    "guess": Setting("ddim", "Where each step's iteration starts: 'ddim' (the DDIM inversion step, as in "
-                             "the paper) or 'extrapolate' (the previous steps' slopes, no model call, "
-                             "usually closer).", choices=("ddim", "extrapolate")),
+    "guess": Setting("extrapolate", "Where each step's iteration starts: 'ddim' (the DDIM inversion step, as in "
+                                    "the paper) or 'extrapolate' (the previous steps' slopes, no model call, "
+                                    "usually closer; at 2 or 3 calls a step far better).", choices=("ddim", "extrapolate")),
     "loop": Setting("budget", "'budget': the pack's loop (a budget of iterations x steps calls spent where the "
                               "residual needs them, stalled steps split, an unsolved one keeps its best candidate). "
                               "'paper': the loop the AIDI paper publishes, to reproduce its figures: exactly "
@@ -99,8 +99,7 @@ METHODS = {
                           "Fixed-point iteration of the exact inverse step: accurate where it converges.", dict(ITER)),
     "aidi_anderson": Method(invert_aidi_anderson, "euler",
                             "AIDI-A: fixed-point with Anderson acceleration; round-trips to the error asked for (tol), fast.",
-                            dict(ITER, guess=Setting("extrapolate", ITER["guess"].tooltip, choices=ITER["guess"].choices),
-                                 m=Setting(3, "Anderson memory: how many past iterates are mixed. 2 to 5 is typical.", 1, 10, 1),
+                            dict(ITER, m=Setting(3, "Anderson memory: how many past iterates are mixed. 2 to 5 is typical.", 1, 10, 1),
                                  beta=Setting(1.0, "Anderson damping: 1 mixes outputs only; lower it if steps oscillate.", 0.05, 1.0, 0.05),
                                  lam=Setting(1e-6, "Relative regularisation of the Anderson least-squares solve; raise it if steps fall back to plain iteration often.", 0.0, 1e-2, 1e-7),
                                  carry=Setting(0, "Secant pairs carried from step to step, so a step's first update already uses them. "
