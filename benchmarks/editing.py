@@ -452,7 +452,7 @@ def mark_frontier(rows):
 
 def compare(rows, steps=10, within=0.02, background=50.0):
     """Per space, each frontier point of an honest peer (inpainting, FlowEdit composited) against
-    the pack's inversion-based editors (not its FlowEdit, nor the best-of-4 pick) that keep the
+    the pack's editors (not its FlowEdit weighing every step, nor the best-of-4 pick) that keep the
     background (at least ``background`` dB) at no weaker edit (strength at most ``within``
     below): the one keeping the most structure, and its structure, background, seam and calls
     beside the peer's."""
@@ -598,7 +598,7 @@ def style(editor):
 
 def plot(rows, file, steps=10, cap=120.0):
     """Per space (columns) at ``steps``, three panels against edit strength: structure for the peers
-    (top), structure for the pack's inversion-based editors with the honest peers' frontiers pale
+    (top), structure for the pack's editors with the honest peers' frontiers pale
     behind them (middle), and background PSNR for all (bottom). Each editor's frontier of strength
     against structure is a line through its frontier points (the structure panels also show its
     other settings as faint markers). Background PSNR at or above ``cap`` dB (306 = bit for bit)
@@ -738,7 +738,8 @@ def write(rows, outs, originals, out, meta):
           "", f"## Every editor at {steps} steps, cfg_edit 5, its middle knob", "", summary(rows, steps), "",
           "## Every setting", table(rows), f"## The honest peers' frontier points against the pack at {steps} steps", "",
           "For each frontier point of inpainting and of FlowEdit composited by the mask, the pack's "
-          "inversion-based editor (best of 4 left out) keeping the background at 50 dB or more that keeps the "
+          "editor (its FlowEdit weighing every step and the best of 4 left out) keeping the background at 50 dB "
+          "or more that keeps the "
           "most structure at an edit strength at most 0.02 below.", "",
           compare_table(cmp), "", f"## Issue 23's gate at {steps} steps", "",
           "For each FlowEdit setting at cfg_edit 5 (composited by the mask): the pack's editor keeping the most "
