@@ -84,8 +84,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 HERE = pathlib.Path(__file__).resolve().parent
 PEERS = ("peer", "ddim+target", "inpaint", "inpaint_dd", "flowedit", "flowedit whole")
-PACK = ("flowedit antithetic", "flowedit region", "blended ddim", "blended aidi_anderson", "blended bdia", "blended edict", "direct", "direct whole",
-        "stochastic best of 4", "stochastic mean of 4")
+PACK = ("flowedit antithetic", "flowedit region", "blended ddim", "blended aidi_anderson", "blended bdia", "blended edict",
+        "direct", "direct whole", "stochastic best of 4", "stochastic mean of 4")
 EDITORS = PEERS + PACK
 SEEDS = (0, 1, 2, 3)
 CFGS = (3.0, 5.0, 7.5)

@@ -24,10 +24,10 @@ class FlowEdit(io.ComfyNode):
                         "FlowEdit): over the last n_max steps it integrates the difference of the target's and the "
                         "source's predictions, each taken on a noised copy of the image, so what both "
                         "prompts agree on stays; by default consecutive steps take opposite noises (antithetic), "
-                        "which keeps more of the layout than the paper's fresh draws at the same cost. Runs on every family (flow, EPS, v-prediction; image and video "
-                        "latents). An optional region (a MASK or the edited words' attention) limits the edit: "
-                        "outside it the image is kept exactly. Model calls: 2 x n_avg per edited step, 1 per "
-                        "plain one.",
+                        "which keeps more of the layout than the paper's fresh draws at the same cost. Runs on "
+                        "every family (flow, EPS, v-prediction; image and video latents). An optional region (a "
+                        "MASK or the edited words' attention) limits the edit: outside it the image is kept exactly. "
+                        "Model calls: 2 x n_avg per edited step, 1 per plain one.",
             inputs=[
                 io.Model.Input("model", tooltip="The model to edit with."),
                 io.Latent.Input("latent", tooltip="The image to edit, encoded with the model's VAE (not an Invert "
