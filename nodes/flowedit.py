@@ -57,8 +57,8 @@ class FlowEdit(io.ComfyNode):
                                        "composited into the region (feathered by 'feather'), so the edit is made "
                                        "with its edited surroundings in view: stronger, and no seam with the "
                                        "default feather. every step: each step's change is weighed by the region, "
-                                       "so the edit sees the untouched surroundings: weaker. Outside the region "
-                                       "the image is kept exactly either way."),
+                                       "so the edit sees the untouched surroundings: weaker (grow applies here "
+                                       "only). Outside the region the image is kept exactly either way."),
                 io.Float.Input("cfg_source", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01,
                                tooltip="Classifier-free guidance of the source prompt. Guidance-distilled models "
                                        "(Flux.1-dev): keep 1 and set FluxGuidance on each prompt instead (the "

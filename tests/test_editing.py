@@ -386,6 +386,9 @@ def test_flowedit_pasted_is_the_whole_edit_composited_by_the_region(space, n_min
     m = masks.feather(half(x), 1)
     assert nfe == nfe_free and torch.equal(out, torch.lerp(x, free, m.expand_as(x)))
     assert torch.equal(out[..., :4], x[..., :4]) and torch.equal(out[..., 5:], free[..., 5:])
+    grown, _ = edit_flowedit(two(den), x, sig, 1.0, 5.0, mask=masks.Region(half(x), feather=1, grow=True), paste=True,
+                             **run)
+    assert torch.equal(grown, out)  # growing is a rule for the steps: a paste takes the feathered values
     weighed, _ = edit_flowedit(two(den), x, sig, 1.0, 5.0, mask=region, **run)  # every step weighed
     assert torch.equal(weighed[..., :4], x[..., :4]) and rel(weighed[..., 4:], x[..., 4:]) > 1e-3
 

@@ -16,9 +16,10 @@ plainly with the target. 2 x n_avg calls per edited step, 1 per plain one.
 The region (``mask``, as the other editors take it; None: the whole image) multiplies the
 velocity difference, so ``z`` stays exactly the source wherever the mask is 0; the plain tail
 is composited by the mask at the end. With ``paste`` the whole image is edited instead and the
-result composited by the region's last mask, ``x_src + M (z - x_src)``: outside the region the
-source exactly, inside the edit as the model makes it with the edited surroundings in view
-(stronger than weighing every step, and with a feathered region no seam, on the edit
+result composited by the region, ``x_src + M (z - x_src)`` with ``M`` its values as they stand
+after the last call (feathered; growing, a rule for the steps, does not apply): outside the
+region the source exactly, inside the edit as the model makes it with the edited surroundings
+in view (stronger than weighing every step, and with a feathered region no seam, on the edit
 benchmark). The region's window is the ``n_max - n_min`` edited steps (a growing region grows
 over them; the tail takes the last one's mask). With the target
 prompt and scale equal to the source's the difference is 0 and the output is the source.
@@ -76,7 +77,7 @@ def edit_flowedit(model, x_src, sigmas, w_src, w_tar, *, n_min=0, n_max=None, n_
     ``model`` follows the edit contract (``guidance``); ``mask``: None (the whole image), a tensor
     (B or 1, 1, *spatial) in [0, 1] or a ``masks.Region`` (the words' attention read step by step).
     ``antithetic``: pair the edited steps' draws (above); ``paste``: edit the whole image, then
-    composite it by the region's last mask.
+    composite it by the region.
     """
     x_src = check_latent(x_src, "source latent").to(work_dtype(x_src.dtype))
     sig = check_schedule(sigmas, x_src, descending=True)
@@ -117,4 +118,4 @@ def edit_flowedit(model, x_src, sigmas, w_src, w_tar, *, n_min=0, n_max=None, n_
         notify(callback, i, tail, sa, mask=edit.shown)
     if tail is None and not paste:
         return z, edit.nfe
-    return composite(x_src, z if tail is None else tail, m), edit.nfe
+    return composite(x_src, z if tail is None else tail, edit.soft() if paste else m), edit.nfe
