@@ -6,7 +6,7 @@
 Each of the 8 held-out 16x16 patches (one per photo, ``data.held_out``) is edited from its own
 photo's label (the source prompt, cfg 1) towards another photo's label (``(label + 4) % 8``)
 inside the right half (the region); the left half should stay. Editors, each swept over its
-own strength knob and over ``cfg_edit`` (3, 5, 7.5; the FlowEdit rows also 4 and 6) at 10 steps:
+own strength knob and over ``cfg_edit`` (3, 5, 7.5; the FlowEdit rows also 4, 4.5 and 6) at 10 steps:
 
 - the peers, as users run them today:
   - ``peer``: naive unsampling, then Euler sampling with the target label at ``cfg_edit`` over
@@ -23,7 +23,7 @@ own strength knob and over ``cfg_edit`` (3, 5, 7.5; the FlowEdit rows also 4 and
   - the seeded peers run seeds 0-3 and report the means;
 - the pack's editors: ``flowedit antithetic``, the pack's FlowEdit at its node's defaults
   (antithetic pairs of draws, the whole image edited and composited by the region feathered
-  over 1 pixel; ``n_max`` as above, seeds 0-3); ``flowedit region``, the pack's FlowEdit
+  over 1 pixel; ``n_max`` 6 to 10, its own knob swept finer, seeds 0-3); ``flowedit region``, the pack's FlowEdit
   weighing every step by its region (the mask multiplies the velocity difference at every
   step, so the source stays exactly outside; the paper's draws), and, each over an inversion
   run part-way (``denoise`` 1.0, 0.8, 0.6: the
@@ -84,14 +84,15 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 HERE = pathlib.Path(__file__).resolve().parent
 PEERS = ("peer", "ddim+target", "inpaint", "inpaint_dd", "flowedit", "flowedit whole")
-PACK = ("flowedit antithetic", "flowedit region", "blended ddim", "blended aidi_anderson", "blended bdia", "blended edict",
-        "direct", "direct whole", "stochastic best of 4", "stochastic mean of 4")
+PACK = ("flowedit antithetic", "flowedit region", "blended ddim", "blended aidi_anderson", "blended bdia",
+        "blended edict", "direct", "direct whole", "stochastic best of 4", "stochastic mean of 4")
 EDITORS = PEERS + PACK
 SEEDS = (0, 1, 2, 3)
 CFGS = (3.0, 5.0, 7.5)
-FINE = (4.0, 6.0)  # FlowEdit's editors also run these, so their frontiers can be read at the gate's strengths
+FINE = (4.0, 4.5, 6.0)  # FlowEdit's editors also run these, so their frontiers can be read at the gate's strengths
 DENOISE = (1.0, 0.8, 0.6)
 N_MAX = (6, 8, 10)  # at 10 steps; other step counts scale them
+OWN_N_MAX = (6, 7, 8, 9, 10)  # the pack's FlowEdit: its knob swept finer, as its user tunes it
 FEATHER = 4  # px: inpaint_dd's mask ramps linearly over the 4 columns around the region's edge
 SIGMA_MAX = {"eps": 14.6, "flow": 1.0}  # the schedules' top: the benchmark model's sigma_max
 
@@ -101,13 +102,14 @@ def knobs(editor, steps):
     if editor in ("peer", "ddim+target"):
         return [{}]
     if editor.startswith("flowedit"):
-        return [{"n_max": max(1, round(k * steps / 10))} for k in N_MAX]
+        grid = OWN_N_MAX if editor == "flowedit antithetic" else N_MAX
+        return [{"n_max": max(1, round(k * steps / 10))} for k in grid]
     return [{"denoise": d} for d in DENOISE]
 
 
 def middle(editor, steps):
     """The knob's middle setting (the quick run's, and the grid's): denoise 1, n_max 8 of 10."""
-    return knobs(editor, steps)[1 if editor.startswith("flowedit") else 0]
+    return {"n_max": max(1, round(8 * steps / 10))} if editor.startswith("flowedit") else knobs(editor, steps)[0]
 
 
 class Counted:
