@@ -93,6 +93,8 @@ FINE = (4.0, 4.5, 6.0)  # FlowEdit's editors also run these, so their frontiers 
 DENOISE = (1.0, 0.8, 0.6)
 N_MAX = (6, 8, 10)  # at 10 steps; other step counts scale them
 OWN_N_MAX = (6, 7, 8, 9, 10)  # the pack's FlowEdit: its knob swept finer, as its user tunes it
+# The FlowEdit node's defaults as the solver takes them (tests/test_edit_nodes.py checks the node against them).
+NODE_DEFAULTS = {"antithetic": True, "paste": True, "feather": 1}
 FEATHER = 4  # px: inpaint_dd's mask ramps linearly over the 4 columns around the region's edge
 SIGMA_MAX = {"eps": 14.6, "flow": 1.0}  # the schedules' top: the benchmark model's sigma_max
 
@@ -336,8 +338,10 @@ def run_editor(editor, model, bench, space, n, cfg_edit, setting):
                 key = (kind, space, n, cfg_edit, setting["n_max"], seed)
                 if key not in b.flowedits:  # flowedit and flowedit whole share the whole-image edit
                     c, k = model.calls, model.net
-                    own = {"flowedit": {}, "flowedit region": dict(mask=mask),  # the node's defaults:
-                           "flowedit antithetic": dict(antithetic=True, paste=True, mask=masks.Region(mask, feather=1))}
+                    d = NODE_DEFAULTS
+                    own = {"flowedit": {}, "flowedit region": dict(mask=mask),
+                           "flowedit antithetic": dict(antithetic=d["antithetic"], paste=d["paste"],
+                                                       mask=masks.Region(mask, feather=d["feather"]))}
                     e, _ = edit_flowedit(two, x, host_sigmas(space, n, 1.0), 1.0, cfg_edit, n_max=setting["n_max"],
                                          seed=seed, space=space, **own[kind])
                     b.flowedits[key] = e, model.calls - c, model.net - k

@@ -601,3 +601,14 @@ def test_flowedit_refuses_an_unknown_noise_before_any_model_call():
         FlowEdit.execute(model=model, latent={"samples": x}, source=prompt(1), target=prompt(2), steps=6,
                          scheduler="karras", n_max=5, n_min=0, n_avg=1, noise="pairs", composite="at the end", cfg_source=1.0,
                          cfg_target=4.0, seed=1)
+
+
+def test_the_benchmarks_pack_flowedit_row_runs_the_nodes_defaults():
+    """The edit benchmark's 'flowedit antithetic' row is the FlowEdit node at its defaults: its noise,
+    composite and feather defaults map onto what the benchmark hands the solver."""
+    from inversion_suite.benchmarks.editing import NODE_DEFAULTS
+    from inversion_suite.nodes.flowedit import COMPOSITE, NOISE, FlowEdit
+    defaults = {i.id: getattr(i, "default", None) for i in FlowEdit.define_schema().inputs}
+    assert (defaults["noise"] == NOISE[0]) == NODE_DEFAULTS["antithetic"]
+    assert (defaults["composite"] == COMPOSITE[0]) == NODE_DEFAULTS["paste"]
+    assert defaults["feather"] == NODE_DEFAULTS["feather"]
