@@ -456,6 +456,14 @@ def mark_frontier(rows):
                                 (q["edit_strength"] > a or q["structure"] > s) for q in same)
 
 
+def best_at(pack, peer, within=0.02, ok=lambda q: True):
+    """The row of ``pack`` in ``peer``'s space at no weaker edit (strength at most ``within`` below)
+    that ``ok`` accepts and keeps the most structure, or None."""
+    rows = [q for q in pack if q["space"] == peer["space"] and q["edit_strength"] >= peer["edit_strength"] - within
+            and ok(q)]
+    return max(rows, key=lambda q: q["structure"], default=None)
+
+
 def compare(rows, steps=10, within=0.02, background=50.0):
     """Per space, each frontier point of an honest peer (inpainting, FlowEdit composited) against
     the pack's editors (not its FlowEdit weighing every step, nor the best-of-4 pick) that keep the
@@ -468,8 +476,7 @@ def compare(rows, steps=10, within=0.02, background=50.0):
     for r in rows:
         if r["steps"] != steps or r["editor"] not in ("inpaint", "inpaint_dd", "flowedit") or not r["frontier"]:
             continue
-        ok = [q for q in pack if q["space"] == r["space"] and q["edit_strength"] >= r["edit_strength"] - within]
-        best = max(ok, key=lambda q: q["structure"], default=None)
+        best = best_at(pack, r, within)
         c = {"space": r["space"], "steps": steps, "peer": r["editor"], "peer_setting": r["setting"],
              "peer_cfg": r["cfg_edit"], **{f"peer_{k}": r[k] for k in ("edit_strength", "structure", "background_psnr",
                                                                         "seam_ratio", "nfe")}}
@@ -494,9 +501,8 @@ def gate(rows, steps=10, cfg=5.0):
         fe = r["editor"] == "flowedit" and r["cfg_edit"] == cfg
         if r["steps"] != steps or not (fe or r["editor"] == "inpaint_dd"):
             continue
-        ok = [q for q in pack if q["space"] == r["space"] and q["edit_strength"] >= r["edit_strength"] - 0.02 and
-              (not fe or (q["background_psnr"] >= 50 and q["seam_ratio"] <= 1.5 and q["nfe"] <= 2 * r["nfe"]))]
-        best = max(ok, key=lambda q: q["structure"], default=None)
+        best = best_at(pack, r, ok=lambda q: not fe or (q["background_psnr"] >= 50 and q["seam_ratio"] <= 1.5 and
+                                                        q["nfe"] <= 2 * r["nfe"]))
         need = 0.05 if fe else 0.3
         out.append({"space": r["space"], "peer": r, "pack": best, "need": need,
                     "met": best is not None and best["structure"] >= r["structure"] + need - 1e-9})
