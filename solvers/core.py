@@ -136,11 +136,6 @@ def check_finite(x: torch.Tensor, method: str, step: int) -> torch.Tensor:
     return x
 
 
-def rel_norm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per batch item ||a|| / ||b||."""
-    return a.flatten(1).norm(dim=1) / b.flatten(1).norm(dim=1).clamp_min(1e-30)
-
-
 def notify(callback: Callback, i: int, x: torch.Tensor, sigma, denoised=None, **more) -> None:
     """The host's progress report of step ``i``; ``more``: what a solver adds (an editor: its region's
     ``mask`` at the step, None for the whole image)."""

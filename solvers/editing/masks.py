@@ -1,7 +1,7 @@
 """The edit region: masks in [0, 1] over the latent, their shaping, combining and checks.
 
 A mask is (B or 1, 1, *spatial) where the latent is (B, C, *spatial); spatial is (H, W), or
-(T, H, W) for video. The region's window in time is ``window``: the first
+(T, H, W) for video. The region's window in time is ``opened``: the first
 ``ceil(mask_steps * N)`` sampling steps.
 
 ``Region`` is what an editor is given: a fixed mask, the edited words' attention (read from the
@@ -98,20 +98,6 @@ def opened(sigmas, mask_steps: float) -> int:
     if not 0 <= mask_steps <= 1:
         raise SolverError(f"mask_steps must be in [0, 1], got {mask_steps}")
     return max(0, math.ceil(mask_steps * (len(sigmas) - 1) - 1e-9))
-
-
-def window(sigmas, mask_steps: float) -> float:
-    """The sigma above which the mask is active: the first ``opened`` steps of the descending
-    schedule ``sigmas``. The cut lies halfway between two schedule sigmas, so a model that sees
-    sigma rounded to its own dtype falls on the same side (``guidance.Branches`` takes a step's
-    sigma as the nearest schedule sigma)."""
-    s = [float(v) for v in sigmas]
-    active = opened(s, mask_steps)
-    if active <= 0:
-        return math.inf
-    if active >= len(s) - 1:
-        return -math.inf
-    return 0.5 * (s[active - 1] + s[active])
 
 
 def feather(mask: torch.Tensor, width: int) -> torch.Tensor:
