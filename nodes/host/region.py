@@ -23,6 +23,7 @@ from .inputs import fail
 from .model import spatial_factor, temporal_factor
 
 MODES = list(masks.MODES)
+SPEC = masks.Region  # the region's defaults: the solvers' value type owns them
 # Why an editor refuses a LATENT's noise_mask (SetLatentNoiseMask) rather than ignore it.
 NOISE_MASK = ("its edit region is the mask input (or the edited words): connect the mask there instead of "
               "SetLatentNoiseMask")
@@ -52,20 +53,21 @@ def inputs():
         io.Mask.Input("mask", optional=True,
                       tooltip="A region to edit (white = edit), values in [0, 1]. Combined with the attention mask by "
                               "mask_mode. For video, one mask per frame or one for all frames."),
-        io.Combo.Input("mask_mode", options=MODES, default="union",
+        io.Combo.Input("mask_mode", options=MODES, default=SPEC.mode,
                        tooltip="How a MASK input meets the attention mask: replace it, union or intersect."),
-        io.Float.Input("threshold", default=0.3, min=0.0, max=1.0, step=0.01,
+        io.Float.Input("threshold", default=SPEC.threshold, min=0.0, max=1.0, step=0.01,
                        tooltip="Attention (relative to its maximum) above which a pixel is edited. Lower grows the region."),
-        io.Float.Input("softness", default=0.0, min=0.0, max=1.0, step=0.01,
+        io.Float.Input("softness", default=SPEC.softness, min=0.0, max=1.0, step=0.01,
                        tooltip="Width of a linear ramp around the threshold; 0 gives a hard mask."),
-        io.Int.Input("dilation", default=1, min=0, max=16,
+        io.Int.Input("dilation", default=SPEC.dilation, min=0, max=16,
                      tooltip="Grow the attention mask by this many latent pixels (8 image pixels each for SD)."),
+        # The node's own default, the edit benchmark's best; the solvers' Region keeps the mask as given (0).
         io.Int.Input("feather", default=1, min=0, max=64,
                      tooltip="Soften the region's edge inwards over this many latent pixels (8 image pixels each "
                              "for SD), so the edit fades in instead of showing a seam; outside the region nothing "
                              "changes. 1 (the default) brings the pack's edit benchmark to no visible seam at the "
                              "least cost in edit strength; 0: the region as given."),
-        io.Boolean.Input("grow", default=False,
+        io.Boolean.Input("grow", default=SPEC.grow,
                          tooltip="Grow the region step by step, as DifferentialDiffusion does: at each step a pixel "
                                  "is edited once a threshold falling from 1 towards 0 reaches its value (white from "
                                  "the first step, black never). Off: the values weigh the edit per pixel."),
