@@ -2,7 +2,8 @@
 
 from .core import EPS, FLOW, SPACES, NonFiniteError, SolverError
 from .record import Inversion
-from .registry import METHODS, SAMPLERS, Method, Sampler, Setting, check_record, invert, method, reconstruct, sampler_for
+from .registry import (DEFAULT, METHODS, SAMPLERS, Method, Sampler, Setting, check_record, invert, method,
+                       reconstruct, sampler_for)
 
-__all__ = ["EPS", "FLOW", "SPACES", "Inversion", "NonFiniteError", "SolverError", "METHODS", "SAMPLERS", "Method",
-           "Sampler", "Setting", "check_record", "invert", "method", "reconstruct", "sampler_for"]
+__all__ = ["EPS", "FLOW", "SPACES", "Inversion", "NonFiniteError", "SolverError", "DEFAULT", "METHODS", "SAMPLERS",
+           "Method", "Sampler", "Setting", "check_record", "invert", "method", "reconstruct", "sampler_for"]

@@ -12,7 +12,7 @@ import torch
 
 from analytic import Mixture, MixtureDenoiser, gaussian_flow, karras, uniform_flow
 from measure import rel
-from inversion_suite.solvers import (METHODS, SAMPLERS, Inversion, NonFiniteError, SolverError, check_record, invert,
+from inversion_suite.solvers import (DEFAULT, METHODS, SAMPLERS, Inversion, NonFiniteError, SolverError, check_record, invert,
                                      reconstruct)
 from inversion_suite.solvers.record import FORMAT, MAX_STEPS
 from inversion_suite.solvers.methods.bdia import sample_bdia
@@ -200,6 +200,12 @@ def test_guidance_changes_and_round_trips():
     three = roundtrip("bdia", "flow", 10, x=x, extra={"label": [0, 1, 2], "cfg": 3.0})
     assert three[1] <= 1e-5
     assert not torch.allclose(one[0].latent, three[0].latent)
+
+
+def test_the_default_method_is_a_registered_single_state_method():
+    assert DEFAULT in METHODS and METHODS[DEFAULT].resumer.states == 1
+    inv, err = roundtrip(DEFAULT, "eps", 10)
+    assert inv.pair is None and err <= 1e-2
 
 
 # --- bad input ---------------------------------------------------------------------------
