@@ -16,7 +16,7 @@ from inversion_suite.solvers.editing.blended import edit_blended
 from inversion_suite.solvers.editing.direct import edit_direct
 from inversion_suite.solvers.editing.stochastic import edit_stochastic
 from inversion_suite.solvers.editing.flowedit import edit_flowedit
-from inversion_suite.solvers.editing.guidance import TwoPrompts
+from inversion_suite.solvers.editing.guidance import TwoPrompts, per_pixel_scale
 from inversion_suite.solvers.editing.rf_inversion import edit_rf_inversion
 from inversion_suite.solvers.methods.euler import sample_euler
 
@@ -289,6 +289,24 @@ def test_half_precision_inputs_compute_in_float32_and_inputs_stay_unchanged():
     assert torch.equal(m, keep[2])
 
 
+def test_a_half_precision_models_halves_are_mixed_in_float32():
+    den16 = MixtureDenoiser(MIX, "eps", dtype=torch.float16)
+    x = data()
+    p = two(den16)(x, torch.full((3,), 2.0), branch="target", scale=None)
+    assert p.uncond.dtype == p.cond.dtype == torch.float16
+    w = per_pixel_scale(1.0, 5.0, torch.rand(1, 1, 8, 8, generator=torch.Generator().manual_seed(0)))
+    u, c = p.uncond.float(), p.cond.float()
+    out = p.mix(w)
+    assert out.dtype == torch.float32 and torch.equal(out, u + w * (c - u))
+    assert not torch.equal(out, (p.uncond + w.half() * (p.cond - p.uncond)).float())  # float16 would differ
+    # A blended edit with the float16 model equals the one with the same outputs handed over in float32.
+    _, inv = setup("ddim", "eps")
+    m = half(inv.latent, 0.5)
+    run = lambda model: edit_blended(two(model), inv.latent, inv.sigmas.flip(0), m, 1.0, 5.0, space="eps")[0]  # noqa: E731
+    a, b = run(den16), run(lambda x, s, **kw: den16(x, s, **kw).float())
+    assert a.dtype == torch.float32 and torch.equal(a, b)
+
+
 # --- FlowEdit ------------------------------------------------------------------------------------
 
 def flowedit_official(den, x_src, sig, w_src, w_tar, n_min, n_max, n_avg, seed, space, antithetic=False):
@@ -468,6 +486,20 @@ def test_growing_region_is_differential_diffusions_rule():
         assert torch.equal(masks.grown(values, i, 4), (values >= threshold).float()), i
     firsts = sum(masks.grown(values, i, 4) for i in range(4))  # steps each pixel is edited
     assert firsts.flatten().tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4]
+
+
+def test_a_half_precision_region_is_shaped_in_float32():
+    x = torch.zeros(1, 4, 8, 8)
+    m16 = torch.rand(1, 1, 8, 8, generator=torch.Generator().manual_seed(0)).half()
+    m16[..., :2] = 0
+    m16[0, 0, 0, 2] = 0.9  # rounds to 0.8999: below the threshold 1 - 1/10 in float32, not in float16
+    r16, r32 = masks.Region(m16, feather=2, grow=True), masks.Region(m16.float(), feather=2, grow=True)
+    soft = r16.soft(None, x)
+    assert soft.dtype == torch.float32 and torch.equal(soft, r32.soft(None, x))
+    assert torch.equal(masks.feather(m16, 2), masks.feather(m16.float(), 2))
+    for i in range(10):
+        g = r16.at(m16, i, 10)
+        assert g.dtype == torch.float32 and torch.equal(g, (m16.double() >= 1 - i / 10).float()), i
 
 
 SOFT = [dict(feather=0, grow=False), dict(feather=2, grow=False), dict(feather=0, grow=True),

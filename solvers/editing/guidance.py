@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from ..core import SolverError
+from ..core import SolverError, work_dtype
 from .attention import Maps
 from .masks import Region, opened
 
@@ -38,8 +38,11 @@ class Prediction:
         self.guided, self.uncond, self.cond, self.maps = guided, uncond, cond, tuple(maps)
 
     def mix(self, w: torch.Tensor) -> torch.Tensor:
-        """``D_u + W (D_c - D_u)`` at the per-pixel scale ``W``."""
-        return self.uncond + w.to(self.uncond) * (self.cond - self.uncond)
+        """``D_u + W (D_c - D_u)`` at the per-pixel scale ``W``, in float32 or wider whatever the
+        halves' dtype (a half-precision model's halves would round the difference and the scaled sum)."""
+        dt = work_dtype(torch.promote_types(self.uncond.dtype, w.dtype))
+        u = self.uncond.to(dt)
+        return u + w.to(u) * (self.cond.to(u) - u)
 
 
 class TwoPrompts:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..core import SolverError
+from ..core import SolverError, work_dtype
 
 MODES = ("replace", "union", "intersect")  # how a fixed mask meets the words' attention
 
@@ -104,6 +104,7 @@ def feather(mask: torch.Tensor, width: int) -> torch.Tensor:
     """The mask times an inward ramp of ``width`` latent pixels: a pixel at chessboard distance d
     from the nearest pixel outside the region (mask 0; the latent's border is not outside) keeps
     ``min(d, width + 1) / (width + 1)`` of its value. Outside stays exactly 0; width 0 is the mask."""
+    mask = mask.to(work_dtype(mask.dtype))  # a half-precision mask would round the ramp's fractions
     if width <= 0:
         return mask
     inside = (mask > 0).to(mask.dtype)
@@ -119,6 +120,7 @@ def grown(mask: torch.Tensor, step: int, steps: int) -> torch.Tensor:
     """DifferentialDiffusion's rule: at ``step`` (from 0) of a window of ``steps``, the pixels whose
     value reaches the threshold ``1 - step / steps`` are edited (1), the others not (0). A value of 1
     is edited at every step, 0 at none, v from the first step whose threshold is at most v."""
+    mask = mask.to(work_dtype(mask.dtype))  # in half precision the threshold itself would be rounded
     return (mask >= 1 - step / steps).to(mask.dtype)
 
 
@@ -154,8 +156,10 @@ class Region:
     def soft(self, raw, like: torch.Tensor):
         """The region's values from the attention ``raw`` read so far (None: none yet), feathered;
         None for the whole image."""
-        att = None if raw is None else shape_mask(raw, self.threshold, self.softness, self.dilation)
-        user = None if self.mask is None else self.mask.to(like.device if raw is None else raw.device)
+        att = None if raw is None else shape_mask(raw.to(work_dtype(raw.dtype)), self.threshold, self.softness,
+                                                  self.dilation)
+        user = None if self.mask is None else \
+            self.mask.to(like.device if raw is None else raw.device, work_dtype(self.mask.dtype))
         m = combine_masks(att, user, self.mode)
         if m is None:
             if not self.words:
