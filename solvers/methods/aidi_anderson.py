@@ -4,8 +4,11 @@ Paper: "Effective Real Image Editing with Accelerated Iterative Diffusion Invers
 From the iterates ``x_j``, outputs ``g_j = F(x_j)`` and residuals ``r_j = g_j - x_j`` of
 the last ``m`` iterations, take the differences ``dX``, ``dG``, ``dR = dG - dX`` of
 consecutive ones and choose ``gamma`` minimising ``||r_k - dR gamma||``: solve
-``(dR^T dR + lam * tr(dR^T dR)/n * I) gamma = dR^T r_k`` (``lam`` is relative, so the solve
-does not depend on the latent's scale). The next iterate is
+``(dR^T dR + reg I) gamma = dR^T r_k``, ``reg = lam * tr(dR^T dR) / k + TINY``, per item over
+the columns it keeps (``dR`` those columns, the others get gamma 0), ``k`` the columns filled so
+far (the carried ones an item dropped included) and ``TINY`` float32's smallest normal number (an
+all-zero system then gives gamma = 0). ``lam`` is relative to the trace, so the solve does not
+depend on the latent's scale. The next iterate is
 ``(1 - beta) (x_k - dX gamma) + beta (g_k - dG gamma)``; with only the differences of one
 step this is the paper's form ``sum_j alpha_j ((1 - beta) x_j + beta g_j)``,
 ``sum_j alpha_j = 1``. The solve runs per batch item, in float32 or wider. Where an item's
@@ -55,7 +58,7 @@ TINY = torch.finfo(torch.float32).tiny  # keeps an all-zero system solvable (gam
 
 
 def weights(A, b, lam, k):
-    """``gamma`` solving ``(A + reg I) gamma = b``, ``reg = lam tr(A) / k``, for one item's Gram
+    """``gamma`` solving ``(A + reg I) gamma = b``, ``reg = lam tr(A) / k + TINY``, for one item's Gram
     matrix ``A`` and ``b`` (lists; ``k`` the filled columns, dropped ones included); None where
     the system is singular or gamma is not finite. Gaussian elimination with partial pivoting."""
     n = len(b)
