@@ -1,12 +1,14 @@
 """InversionSampler: the single-state methods as a SAMPLER for SamplerCustomAdvanced graphs."""
 
 import logging
+from collections import deque
 
 import comfy.samplers
+import torch
 from comfy_api.latest import io
 
 from ..solvers import FLOW, METHODS, invert, sampler_for
-from ..solvers.core import FLIPPED_ZERO
+from ..solvers.core import FLIPPED_ZERO, NonFiniteError, SolverError
 from ..solvers.record import summary
 from .host import widgets
 from .host.inputs import fail
@@ -35,22 +37,46 @@ def _at_base(base, callback):
 
 
 class SplitSchedule:
-    """The schedule the last inversion ran, steps split where they stalled, kept under the host's
-    schedule it was given: sampling back down that schedule follows the split one, as Reconstruct
-    follows an Invert record, so that the round trip stays exact."""
+    """The schedules the sampler's recent inversions ran, steps split where they stalled, each kept
+    under the host's schedule it was given and a fingerprint of the noise it returned: sampling
+    that noise back down the given schedule follows the split one, as Reconstruct follows an
+    Invert record, so that the round trip stays exact. The host caches and reuses a SAMPLER, so
+    one sampler may invert several latents on one schedule; each finds its own by its noise."""
+
+    KEEP = 8  # inversions remembered; an older one samples back down the host's schedule as given
+    PROBE = 1024  # values of the noise compared (evenly strided)
+    MATCH = 1e-4  # relative distance within which a latent is the noise an inversion returned
 
     def __init__(self):
-        self.given, self.ran = None, None
+        self.runs = deque(maxlen=self.KEEP)
 
-    def remember(self, given_up, ran_up):
-        """After an inversion: the ascending schedule given and the one run (None where none was split)."""
-        split = ran_up.numel() != given_up.numel()
-        self.given = tuple(float(v) for v in given_up.flip(0)) if split else None
-        self.ran = ran_up.flip(0) if split else None
+    @classmethod
+    def fingerprint(cls, x):
+        flat = x.detach().flatten()
+        return tuple(x.shape), flat[:: max(1, flat.numel() // cls.PROBE)][: cls.PROBE].to("cpu", torch.float64)
 
-    def down(self, sigmas):
-        """The schedule to sample down for the host's descending ``sigmas``, or None to use them as they are."""
-        return self.ran.to(sigmas) if self.given is not None and tuple(float(v) for v in sigmas) == self.given else None
+    def remember(self, given_up, ran_up, noise):
+        """After an inversion: the ascending schedule given, the one run and the noise it returned."""
+        if ran_up.numel() != given_up.numel():
+            self.runs.appendleft((tuple(float(v) for v in given_up.flip(0)), ran_up.flip(0), self.fingerprint(noise)))
+
+    def down(self, sigmas, x):
+        """The schedule to sample ``x`` down for the host's descending ``sigmas``, or None to use them as they are."""
+        given = tuple(float(v) for v in sigmas)
+        shape, probe = self.fingerprint(x)
+        for schedule, ran, (s, p) in self.runs:
+            # The host hands a flow state back as (1 - s) * (x_N / (1 - s)): equal up to rounding, not bit for bit.
+            if schedule == given and s == shape and float((probe - p).norm()) <= self.MATCH * float(p.norm()):
+                return ran.to(sigmas)
+        return None
+
+
+def _named(call, *args, **kwargs):
+    """A solver's refusal, with this node's name (the host runs a SAMPLER inside its own node)."""
+    try:
+        return call(*args, **kwargs)
+    except (SolverError, NonFiniteError) as e:
+        raise type(e)(f"{NODE}: {e}") from e
 
 
 def _function(method, kwargs):
@@ -74,16 +100,16 @@ def _function(method, kwargs):
                 sig[0] = 0
             # The state x_N is returned as is: the host's division makes it the LATENT x_N / (1 - s_N),
             # which KSAMPLER (any sampler, DisableNoise) turns back into x_N at s_N.
-            inv = invert(method, model, x, sig, extra_args, callback, space=space, **kwargs)
-            split.remember(sig, inv.sigmas)
+            inv = _named(invert, method, model, x, sig, extra_args, callback, space=space, **kwargs)
+            split.remember(sig, inv.sigmas, inv.latent)
             if inv.unconverged:
                 logging.warning("%s: %s", NODE, summary(inv))
             return inv.latent
-        down = split.down(sigmas)
+        down = split.down(sigmas, x)
         if down is not None:
             sigmas, callback = down, _at_base(sigmas, callback)
         fn, kw = sampler_for(METHODS[method].sampler, kwargs)
-        return fn(model, x, sigmas, extra_args, callback, space=space, **kw)
+        return _named(fn, model, x, sigmas, extra_args, callback, space=space, **kw)
     return sample
 
 

@@ -106,6 +106,49 @@ def test_the_sampler_route_samples_back_down_the_split_schedule():
     assert steps == [(i, 10) for i in range(10)]  # progress counts the host's steps
 
 
+def test_one_sampler_keeps_each_inversions_split_schedule():
+    """The host caches a SAMPLER and reuses it: a graph that inverts two latents on one schedule with
+    one InversionSampler samples each noise back down its own split schedule (before, the second
+    inversion's replaced the first's: round trip 3.9e-2 instead of 1.8e-4)."""
+    import comfy.samplers
+    from inversion_suite.nodes.inversion_sampler import InversionSampler
+
+    model = exact_model("eps", SEPARATED)
+    a = vae_scale(model, SEPARATED.sample(2, seed=10).float())
+    b = torch.zeros_like(a)  # a latent whose inversion splits other steps (and fails: off the model's modes)
+    sampler = InversionSampler.execute(method="aidi_anderson").result[0]
+    guider = comfy.samplers.CFGGuider(model)
+    guider.set_conds(UNCOND, UNCOND)
+    guider.set_cfg(1.0)
+    down = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 10)
+    up = down.flip(0).clone()
+    up[0] = 1e-4
+    zero = torch.zeros_like(a)
+    run = lambda x, s: guider.sample(zero, x, sampler, s, disable_pbar=True, seed=0)  # noqa: E731
+    na = run(a, up)
+    run(b, up)
+    assert worst_rel(run(na, down), a) <= 3e-3
+    # A latent no inversion returned samples down the host's schedule as given, as the host's Euler does.
+    euler = guider.sample(zero, na + 1, comfy.samplers.sampler_object("euler"), down, disable_pbar=True, seed=0)
+    assert worst_rel(run(na + 1, down), euler) <= 1e-5
+
+
+def test_the_sampler_names_itself_in_a_solvers_refusal():
+    import comfy.samplers
+    from inversion_suite.nodes.inversion_sampler import InversionSampler
+    from inversion_suite.solvers import SolverError
+
+    model = exact_model("eps", SEPARATED)
+    x = vae_scale(model, SEPARATED.sample(2, seed=10).float())
+    guider = comfy.samplers.CFGGuider(model)
+    guider.set_conds(UNCOND, UNCOND)
+    guider.set_cfg(1.0)
+    up = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 10)[:-3].flip(0)
+    sampler = InversionSampler.execute(method="aidi_anderson").result[0]
+    with pytest.raises(SolverError, match=r"^InversionSampler: an inversion schedule starts at sigma = 0"):
+        guider.sample(torch.zeros_like(x), x, sampler, up, disable_pbar=True, seed=0)
+
+
 @pytest.mark.parametrize("cfg", [1.0, 3.0])
 @pytest.mark.parametrize("kind", ["eps", "v", "flow"])
 def test_the_round_trip_shown_is_the_one_reconstruct_gives_through_the_executor(kind, cfg, monkeypatch):
