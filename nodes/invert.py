@@ -11,7 +11,7 @@ from ..solvers.record import MAX_STEPS, summary
 from .host import widgets
 from .host.inputs import fail, no_noise_mask
 from .host.model import check_latent, describe, space_of
-from .host.record import Record
+from .host.record import Record, not_inverted
 from .host.run import guided, progress, sigmas_for, to_model, to_vae
 
 
@@ -64,6 +64,8 @@ class Invert(io.ComfyNode):
                 negative=None, measure=True, **settings):
         node = "Invert"
         samples = check_latent(node, latent, model)
+        not_inverted(node, latent, "latent", "inverting noise again gives nothing to reconstruct or edit; connect the "
+                                             "image's latent")
         no_noise_mask(node, latent, "latent", "it inverts the whole latent. Encode the image with VAEEncode and "
                                               "give the edit region to an editor's mask input")
         space = space_of(model, node)

@@ -612,3 +612,25 @@ def test_the_benchmarks_pack_flowedit_row_runs_the_nodes_defaults():
     assert (defaults["noise"] == NOISE[0]) == NODE_DEFAULTS["antithetic"]
     assert (defaults["composite"] == COMPOSITE[0]) == NODE_DEFAULTS["paste"]
     assert defaults["feather"] == NODE_DEFAULTS["feather"]
+
+
+@pytest.mark.parametrize("editor", ["flowedit", "rf_inversion", "invert"])
+def test_an_inverted_latent_is_refused_where_the_image_is_expected(editor):
+    """FlowEdit, RF-Inversion and Invert start from the image: an Invert output (noise, with its record)
+    is refused before any model call, naming the node and the input."""
+    from inversion_suite.nodes.flowedit import FlowEdit
+    from inversion_suite.nodes.rf_inversion import RFInversionEdit
+    model = tiny_model("eps")
+    noise = inverted(model, method="ddim")
+    common = dict(model=model, latent=noise, scheduler="karras", seed=1)
+    call = {"flowedit": lambda: FlowEdit.execute(**common, source=prompt(1), target=prompt(2), steps=6, n_max=5,
+                                                 n_min=0, n_avg=1, noise="antithetic", composite="at the end",
+                                                 cfg_source=1.0, cfg_target=4.0),
+            "rf_inversion": lambda: RFInversionEdit.execute(**common, source=prompt(1), target=prompt(2), steps=6,
+                                                            gamma=0.5, eta=0.9, start_step=0, stop_step=3,
+                                                            cfg_source=1.0, cfg_target=4.0),
+            "invert": lambda: Invert.execute(model=model, latent=noise, positive=prompt(1), method="ddim", steps=6,
+                                             scheduler="karras", cfg=1.0, denoise=1.0, keep_trajectory=False)}[editor]
+    name = {"flowedit": "FlowEdit", "rf_inversion": "RFInversionEdit", "invert": "Invert"}[editor]
+    with pytest.raises(NodeInputError, match=f"{name}.*input 'latent': expected the image's latent"):
+        call()

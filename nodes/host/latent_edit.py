@@ -11,6 +11,7 @@ from comfy_api.latest import io
 from . import edit_guider
 from .inputs import fail, no_noise_mask
 from .model import check_latent, space_of
+from .record import not_inverted
 from .region import NOISE_MASK, Region
 from .run import progress, run_guider, sigmas_for
 
@@ -27,6 +28,7 @@ def run(node, model, latent, source, target, steps, scheduler, cfgs: dict, solve
     under the host's guider; returns the node's output. ``passes``: how often the solver walks the
     schedule (for the progress bar)."""
     samples = check_latent(node, latent, model)
+    not_inverted(node, latent, "latent", "this editor starts from the image itself; connect the latent Invert was given")
     no_noise_mask(node, latent, "latent", NOISE_MASK)
     space = space_of(model, node)
     if scheduler not in comfy.samplers.KSampler.SCHEDULERS:

@@ -164,6 +164,14 @@ class Record:
         return replace(self.inv, latent=like, pair=to_model(inner, self.inv.pair, like))
 
 
+def not_inverted(node: str, latent, what: str, use: str) -> None:
+    """Refuses a LATENT that carries an inversion record where the image's own latent is expected:
+    its samples are the noise, and whatever is made of them as if they were the image is wrong."""
+    if isinstance(latent, dict) and KEY in latent:
+        fail(node, what, f"expected the image's latent (VAEEncode), got an inverted one (an Invert or LoadInversion "
+                         f"output: its samples are noise): {use}")
+
+
 def same_samples(node: str, what: str, have: tuple, recorded: tuple) -> None:
     """The LATENT's samples (``have``) must keep the shape the inversion recorded."""
     if have != recorded:
