@@ -10,6 +10,8 @@ from .host.record import KEY, resume
 from .host.region import NOISE_MASK, Region, editor_inputs
 from .host.run import progress, run_guider, to_model
 
+SEEDS = 1 << 64  # the host's seeds: 0 to 2^64 - 1, as KSampler's
+
 
 class StochasticEditSampler(io.ComfyNode):
     @classmethod
@@ -39,7 +41,7 @@ class StochasticEditSampler(io.ComfyNode):
                 io.Float.Input("eta", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Share of each step that is noise: 0 is deterministic (every seed alike), "
                                        "1 varies most."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                io.Int.Input("seed", default=0, min=0, max=SEEDS - 1, control_after_generate=True,
                              tooltip="Edit k draws its noise from seed + k, so a seed always gives the same edits."),
                 io.Int.Input("count", default=4, min=1, max=64, tooltip="How many edits to make."),
                 *editor_inputs(),
@@ -67,11 +69,12 @@ class StochasticEditSampler(io.ComfyNode):
         callback, shown = region.watch(progress(model, (1 + count) * steps))
         g = edit_guider.build(node, region.attach(model), region.capture, source, target, negative)
         b = samples.shape[0]
+        seeds = [(seed + j) % SEEDS for j in range(count)]  # past the largest seed the host allows, on from 0
 
         def job(den, x, inner):
             traj = [to_model(inner, t, x) for t in rec.inv.trajectory]
             edits, scores, _ = edit_stochastic(g.model(den), traj, rec.inv.sigmas, region.spec, rec.cfg, w_edit,
-                                               [seed + j for j in range(count)], space=rec.inv.space, eta=eta,
+                                               seeds, space=rec.inv.space, eta=eta,
                                                callback=callback)
             return scores, edits
 
@@ -80,6 +83,6 @@ class StochasticEditSampler(io.ComfyNode):
         base = {k: v for k, v in inverted.items() if k not in ("samples", KEY, "batch_index")}
         edits = dict(base, samples=out)
         top = dict(base, samples=out.view(count, b, *out.shape[1:])[best, torch.arange(b)])
-        text = "\n".join(f"edit {j} (seed {seed + j}), image {i}: {float(scores[j * b + i]):.2f} dB"
+        text = "\n".join(f"edit {j} (seed {seeds[j]}), image {i}: {float(scores[j * b + i]):.2f} dB"
                          for j in range(count) for i in range(b))
         return io.NodeOutput(edits, top, text, shown(model))

@@ -288,6 +288,18 @@ def test_same_seed_same_edits_and_count_one_is_the_first():
     assert not torch.allclose(a[0], a[1])
 
 
+def test_seeds_past_the_hosts_largest_go_on_from_zero():
+    """Seed 2^64 - 1 with count 2: the second edit uses seed 0, as the text says (before, seed + 1
+    overflowed the generator after the model had been called)."""
+    model = exact_model("eps", MIX)
+    inv = inverted(model, "bdia", steps=6)
+    top = (1 << 64) - 1
+    edits, _, text, _ = stochastic(model, inv, prompt(1), prompt(2), mask=full_mask(1), count=2, seed=top)
+    zero = stochastic(model, inv, prompt(1), prompt(2), mask=full_mask(1), count=1, seed=0)[0]["samples"]
+    assert torch.allclose(edits["samples"][1:2], zero, rtol=1e-5, atol=1e-6)
+    assert f"edit 0 (seed {top})" in text and "edit 1 (seed 0)" in text
+
+
 def test_bad_stochastic_inputs_are_refused():
     model = exact_model("eps", MIX)
     inv = inverted(model, "ddim")
