@@ -12,12 +12,16 @@ NODE = "ReconstructionReport"
 def _latent(what, v):
     if not isinstance(v, dict) or not isinstance(v.get("samples"), torch.Tensor) or v["samples"].ndim not in (4, 5):
         fail(NODE, what, "expected a LATENT with 4D (B,C,H,W) or 5D (B,C,T,H,W) samples")
+    if v["samples"].numel() == 0:
+        fail(NODE, what, f"is empty: its samples have shape {tuple(v['samples'].shape)}")
     return v["samples"]
 
 
 def _image(what, v):
     if not isinstance(v, torch.Tensor) or v.ndim != 4:
         fail(NODE, what, "expected an IMAGE (a B,H,W,C tensor)")
+    if v.numel() == 0:
+        fail(NODE, what, f"is empty: shape {tuple(v.shape)}")
     return v.movedim(-1, 1)  # metrics are channel-first
 
 

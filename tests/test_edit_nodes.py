@@ -225,7 +225,15 @@ def test_bad_edit_inputs_are_refused():
              ({"mask": torch.ones(1, 64, 32)}, "mask", "resize the mask"),
              ({"mask": torch.ones(3, 64, 64)}, "mask", "batch of 3"),
              ({"mask": full_mask(1), "thresold": 0.5}, "thresold", "is not an input of this node"),
-             ({"mask": full_mask(1), "inverted": {"samples": inv["samples"]}}, "inverted", "carries no inversion")]
+             ({"mask": full_mask(1), "inverted": {"samples": inv["samples"]}}, "inverted", "carries no inversion"),
+             # NaN passes the host's range check; before, it emptied the region and the edit did nothing.
+             ({"mask": full_mask(1), "threshold": float("nan")}, "threshold", "from 0 to 1"),
+             ({"mask": full_mask(1), "softness": 1.5}, "softness", "from 0 to 1"),
+             ({"mask": full_mask(1), "dilation": -1}, "dilation", ">= 0"),
+             ({"mask": torch.ones(1, 0, 0)}, "mask", "not empty"),
+             # Words with no CLIP to find them were dropped without a word.
+             ({"mask": full_mask(1), "words": "dog"}, "words", "needs the clip input"),
+             ({"mask": full_mask(1), "target_text": TARGET_TEXT}, "target_text", "needs the clip input")]
     for change, what, words in cases:
         with pytest.raises(NodeInputError) as e:
             blended(model, inv, prompt(1), prompt(2), **change)

@@ -230,7 +230,11 @@ def test_report_refuses_bad_inputs():
              ({"image_a": img, "image_b": torch.zeros(2, 8, 8, 3)}, "image_b", "same shape"),
              ({"latent_a": lat, "latent_b": img}, "latent_b", "LATENT"),
              ({"image_a": img, "image_b": lat}, "image_b", "IMAGE"),
-             ({"image_a": img, "image_b": torch.full_like(img, float("nan"))}, "image_a", "NaN")]
+             ({"image_a": img, "image_b": torch.full_like(img, float("nan"))}, "image_a", "NaN"),
+             # Empty inputs: before, NaN figures (empty batch) or a raw IndexError (empty frame).
+             ({"latent_a": {"samples": torch.zeros(0, 4, 8, 8)}, "latent_b": {"samples": torch.zeros(0, 4, 8, 8)}},
+              "latent_a", "is empty"),
+             ({"image_a": torch.zeros(1, 0, 0, 3), "image_b": torch.zeros(1, 0, 0, 3)}, "image_a", "is empty")]
     for kwargs, what, words in cases:
         with pytest.raises(NodeInputError) as e:
             ReconstructionReport.execute(**kwargs)

@@ -99,6 +99,16 @@ class Region:
             fail(node, "mask_mode", f"expected one of {', '.join(MODES)}, got {mask_mode!r}")
         if isinstance(feather, bool) or not isinstance(feather, int) or feather < 0:
             fail(node, "feather", f"expected a whole number of latent pixels >= 0, got {feather!r}")
+        for name in ("threshold", "softness"):  # NaN passes the host's range check and would empty the region
+            if isinstance(v[name], bool) or not isinstance(v[name], (int, float)) or not 0 <= v[name] <= 1:
+                fail(node, name, f"expected a number from 0 to 1, got {v[name]!r}")
+        if isinstance(v["dilation"], bool) or not isinstance(v["dilation"], int) or v["dilation"] < 0:
+            fail(node, "dilation", f"expected a whole number of latent pixels >= 0, got {v['dilation']!r}")
+        if v["clip"] is None:
+            for name in ("words", "source_text", "target_text"):
+                if isinstance(v[name], str) and v[name].strip():
+                    fail(node, name, "needs the clip input, which finds the words' tokens: connect the CLIP that "
+                                     "encoded the prompts, or clear the text to edit the MASK's region only")
         user = None if mask is None else self.user_mask(mask)
         found, counts = {"source": [], "target": []}, {}
         if v["clip"] is not None and not (mask is not None and mask_mode == "replace"):
@@ -112,8 +122,10 @@ class Region:
                                  int(feather), bool(v["grow"]))
 
     def user_mask(self, mask):
-        if not isinstance(mask, torch.Tensor) or mask.ndim not in (2, 3) or not mask.is_floating_point():
-            fail(self.node, "mask", "expected a MASK (H, W) or (B, H, W) of floats")
+        if not isinstance(mask, torch.Tensor) or mask.ndim not in (2, 3) or not mask.is_floating_point() \
+                or mask.numel() == 0:
+            fail(self.node, "mask", "expected a MASK (H, W) or (B, H, W) of floats, not empty, got "
+                                    f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}")
         if not torch.isfinite(mask).all() or mask.min() < 0 or mask.max() > 1:
             fail(self.node, "mask", f"values must lie in [0, 1] (white = edit), got [{float(mask.min()):g}, "
                                     f"{float(mask.max()):g}]: clamp or normalise the mask first")
