@@ -7,7 +7,7 @@ import comfy.samplers
 import torch
 from comfy_api.latest import io
 
-from ..solvers import FLOW, METHODS, invert, sampler_for
+from ..solvers import DEFAULT, FLOW, METHODS, invert, sampler_for
 from ..solvers.core import FLIPPED_ZERO, NonFiniteError, SolverError
 from ..solvers.record import summary
 from .host import widgets
@@ -121,12 +121,12 @@ class InversionSampler(io.ComfyNode):
             display_name="Inversion Sampler",
             category="sampling/inversion",
             description="A SAMPLER for SamplerCustomAdvanced: with ascending sigmas (FlipSigmas) it inverts with the "
-                        "chosen method, with descending sigmas it samples deterministically (Euler/DDIM). Use "
-                        "DisableNoise. Flow models (SD3, Flux): the host divides the result by 1 - sigma, so end the "
-                        "inversion one notch below sigma = 1 (SplitSigmas at step 1, then FlipSigmas) and resume "
-                        "from that sigma. BDIA and EDICT need their pair of states and are only in "
-                        "Invert/Reconstruct.",
-            inputs=[io.Combo.Input("method", options=SINGLE, default="aidi_anderson",
+                        "chosen method, with descending sigmas it samples deterministically with the method's own "
+                        "sampler (Euler/DDIM; RF-Solver's and FireFlow's their own). Use DisableNoise. Flow models "
+                        "(SD3, Flux): the host divides the result by 1 - sigma, so end the inversion one notch below "
+                        "sigma = 1 (SplitSigmas at step 1, then FlipSigmas) and resume from that sigma. BDIA and "
+                        "EDICT need their pair of states and are only in Invert/Reconstruct.",
+            inputs=[io.Combo.Input("method", options=SINGLE, default=DEFAULT,
                                    tooltip=widgets.method_help(SINGLE)),
                     *widgets.inputs(SINGLE)],
             outputs=[io.Sampler.Output(display_name="sampler", tooltip="For SamplerCustomAdvanced: inverts with ascending (FlipSigmas) sigmas, samples deterministically with descending ones.")],

@@ -6,7 +6,7 @@ from dataclasses import replace
 import comfy.samplers
 from comfy_api.latest import io, ui
 
-from ..solvers import METHODS, invert, metrics, reconstruct
+from ..solvers import DEFAULT, METHODS, invert, metrics, reconstruct
 from ..solvers.record import MAX_STEPS, summary
 from .host import widgets
 from .host.inputs import fail, no_noise_mask
@@ -31,7 +31,7 @@ class Invert(io.ComfyNode):
                 io.Model.Input("model", tooltip="The model to invert with; Reconstruct and the editors need the same one."),
                 io.Latent.Input("latent", tooltip="The image to invert, encoded with the model's VAE."),
                 io.Conditioning.Input("positive", tooltip="The source prompt: a description of the image as it is."),
-                io.Combo.Input("method", options=list(METHODS), default="aidi_anderson", tooltip=widgets.method_help(METHODS)),
+                io.Combo.Input("method", options=list(METHODS), default=DEFAULT, tooltip=widgets.method_help(METHODS)),
                 io.Int.Input("steps", default=20, min=1, max=MAX_STEPS,
                              tooltip="Inversion steps; Reconstruct and the editors sample back over the same schedule."),
                 io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="normal",
