@@ -13,6 +13,7 @@ from ..solvers.record import summary
 from .host import widgets
 from .host.inputs import fail
 from .host.model import space_of
+from .host.run import tell
 
 NODE = "InversionSampler"
 SINGLE = [name for name, m in METHODS.items() if m.resumer.states == 1]
@@ -102,8 +103,10 @@ def _function(method, kwargs):
             # which KSAMPLER (any sampler, DisableNoise) turns back into x_N at s_N.
             inv = _named(invert, method, model, x, sig, extra_args, callback, space=space, **kwargs)
             split.remember(sig, inv.sigmas, inv.latent)
-            if inv.unconverged:
-                logging.warning("%s: %s", NODE, summary(inv))
+            # On the host's sampling node, which runs this SAMPLER: the calls and, where any, the unconverged steps.
+            text = summary(inv)
+            tell(f"{NODE}: {text}")
+            logging.log(logging.WARNING if inv.unconverged else logging.INFO, "%s: %s", NODE, text)
             return inv.latent
         down = split.down(sigmas, x)
         if down is not None:

@@ -206,3 +206,60 @@ def test_the_round_trip_shown_is_the_one_reconstruct_gives_through_the_executor(
     assert abs(shown - err) <= 1e-6 * err
     text = ex.history_result["outputs"]["2"]["text"][0]
     assert f"Round trip measured: {err:.1e} relative" in text
+
+
+def real_server(tmp_path, monkeypatch):
+    """The host's own PromptServer, built in this process (its user folder under ``tmp_path``), as main.py
+    builds it, until the test ends; what nodes send it queues in ``messages``."""
+    import asyncio
+    import importlib
+    import sys
+
+    import folder_paths
+    monkeypatch.setattr(folder_paths, "user_directory", folder_paths.get_user_directory())
+    folder_paths.set_user_directory(str(tmp_path))
+    # The host's nodes.py puts comfy/ first on the path, where utils.py hides the host's utils package that
+    # server.py needs; main.py imports that package before nodes.py, so do so here.
+    if "install_util" not in getattr(sys.modules.get("utils"), "__dict__", {}):
+        sys.modules.pop("utils", None)
+        sys.path.insert(0, str(comfy_host.path()))
+        try:
+            importlib.import_module("utils.install_util")
+        finally:
+            sys.path.remove(str(comfy_host.path()))
+    import server
+    monkeypatch.delattr(server.PromptServer, "instance", raising=False)  # back to none when the test ends
+    return server.PromptServer(asyncio.new_event_loop())
+
+
+def test_the_sampler_shows_its_summary_on_the_node_that_runs_it(tmp_path, monkeypatch):
+    """A SAMPLER has no node of its own on screen: its summary (calls, unconverged steps) goes to the
+    host's sampling node as that node's progress text, through the host's server."""
+    import asyncio
+    import struct
+
+    import comfy.samplers
+    from comfy_execution.utils import CurrentNodeContext
+    from inversion_suite.nodes.inversion_sampler import InversionSampler
+
+    server = real_server(tmp_path, monkeypatch)
+    model = exact_model("eps", SEPARATED)
+    x = vae_scale(model, SEPARATED.sample(2, seed=10).float())
+    guider = comfy.samplers.CFGGuider(model)
+    guider.set_conds(UNCOND, UNCOND)
+    guider.set_cfg(1.0)
+    up = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 10).flip(0).clone()
+    up[0] = 1e-4
+    for iterations, words in ((16, "every step converged"), (2, "did NOT converge")):
+        sampler = InversionSampler.execute(method="aidi_anderson", iterations=iterations).result[0]
+        with CurrentNodeContext("p", "42"):
+            guider.sample(torch.zeros_like(x), x, sampler, up, disable_pbar=True, seed=0)
+        server.loop.run_until_complete(asyncio.sleep(0))  # the server queues what it is sent on its loop
+        texts = []
+        while not server.messages.empty():
+            event, data, _ = server.messages.get_nowait()
+            if isinstance(data, (bytes, bytearray)):
+                n = struct.unpack(">I", data[:4])[0]
+                texts.append((data[4:4 + n].decode(), data[4 + n:].decode()))
+        assert len(texts) == 1 and texts[0][0] == "42", texts
+        assert texts[0][1].startswith("InversionSampler: aidi_anderson: 10 steps") and words in texts[0][1], texts

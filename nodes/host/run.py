@@ -9,6 +9,7 @@ model's space; ``to_vae`` and ``to_model`` convert them to and from the LATENT's
 from __future__ import annotations
 
 import functools
+import sys
 
 import comfy.model_management
 import comfy.samplers
@@ -37,6 +38,19 @@ def progress(model, steps: int):
         x0 = d.get("denoised")
         preview(d["i"], d["x"] if x0 is None else x0, d["x"], steps)
     return callback
+
+
+def tell(text: str) -> bool:
+    """Shows ``text`` on the node the host is running (a SAMPLER runs inside the host's sampling node,
+    whose id only the executing context knows), where a server is up; returns whether it was sent."""
+    from comfy_execution.utils import get_executing_context
+    # The host's server module where the host runs one (main.py imports it); a bare executor has none.
+    server = getattr(getattr(sys.modules.get("server"), "PromptServer", None), "instance", None)
+    here = get_executing_context()
+    if here is None or server is None:
+        return False
+    server.send_progress_text(text, here.node_id)
+    return True
 
 
 class _Run(comfy.samplers.Sampler):
