@@ -143,6 +143,13 @@ def notify(callback: Callback, i: int, x: torch.Tensor, sigma, denoised=None, **
         callback({"i": i, "x": x, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised, **more})
 
 
+def single(method: str, pair) -> None:
+    """A single-state sampler's ``pair``: None, since one given would be ignored."""
+    if pair is not None:
+        raise SolverError(f"{method}: this sampler resumes from one state, but a pair state was given, which it "
+                          "would ignore; pass pair=None, or resume a two-state inversion with its own sampler")
+
+
 def prepare(method: str, model, x, sigmas, extra_args, space, descending=False):
     """Checks shared by every solver; returns (denoiser, x in work dtype, sigmas tensor, sigmas list)."""
     check_space(space)

@@ -558,7 +558,7 @@ LOOPS = ("budget", "paper")
 def invert_loop(method: str, update: Update, model, x, sigmas, extra_args=None, callback=None, *, space, loop,
                 iterations, tol, guess, carry, keep_trajectory=False, depth=DEPTH) -> Inversion:
     """The fixed-point methods' entry: the budgeted loop (``invert_implicit``) or the papers' (``invert_paper``,
-    which takes no tolerance and carries nothing)."""
+    which takes no tolerance and carries nothing: ``registry.invert`` records no ``tol`` for it)."""
     if loop == "budget":
         return invert_implicit(method, update, model, x, sigmas, extra_args, callback, space=space,
                                iterations=iterations, tol=tol, guess=guess, keep_trajectory=keep_trajectory,

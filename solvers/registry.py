@@ -15,6 +15,8 @@ none (ComfyUI's FlipSigmas + euler).
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
@@ -114,10 +116,11 @@ METHODS = {
                                                 "example K = 1 is 2, SDXL-Turbo K = 9 is 10; 1 = DDIM inversion).", 1, 100, 1,
                                              added="0.3.0", widget="renoise_iterations"),
                        "window": Setting((3, 5), "Calls (0-based, [from, to)) whose noise estimates are averaged "
-                                                 "(paper: 8 to 10 with 10 calls)."),
+                                                 "(paper: 8 to 10 with 10 calls); to at most iterations, from = to "
+                                                 "averages none."),
                        "first_window": Setting((3, 5), "The averaging window of the low-noise steps (paper: 0 to 5, "
                                                        "which measured 5 to 21 dB worse here: it averages in the "
-                                                       "first, least converged calls)."),
+                                                       "first, least converged calls); to at most their calls."),
                        "first_iterations": Setting(6, "Most model calls in a low-noise step (paper: 5 renoising "
                                                       "steps, so 6).", 1, 100, 1, added="0.2.0"),
                        "first_until": Setting(0.25, "Low-noise steps: those ending below this fraction of the model's "
@@ -195,26 +198,56 @@ def plain(default, value):
     return type(default)(value)
 
 
+def number(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def whole(v) -> bool:
+    """An integer, or a float with no fraction (a widget or a JSON file may give 3.0): never truncated."""
+    return number(v) and float(v).is_integer()
+
+
+def check_value(name: str, key: str, spec: Setting, v) -> None:
+    """A setting's value against its ``Setting``: its choices, its (lo, hi) pair of integers >= 0,
+    or its range, an integer where the default is one."""
+    d = spec.default
+    if isinstance(d, tuple):
+        ok = isinstance(v, (list, tuple)) and len(v) == len(d) and all(whole(i) and i >= 0 for i in v)
+        want = f"{len(d)} integers >= 0"
+    elif spec.choices:
+        ok, want = isinstance(v, str) and v in spec.choices, f"one of {', '.join(spec.choices)}"
+    else:
+        integer = isinstance(d, int)
+        ok = (whole(v) if integer else number(v)) and (spec.lo is None or spec.lo <= v <= spec.hi)
+        want = ("an integer" if integer else "a number") + ("" if spec.lo is None else f" from {spec.lo} to {spec.hi}")
+    if not ok:
+        raise SolverError(f"{name}: {key} must be {want}, got {v!r}")
+
+
 def resolve(name: str, settings: dict) -> dict:
-    """Method ``name``'s settings: its defaults overridden by ``settings`` (unknown ones are refused)."""
+    """Method ``name``'s settings: its defaults overridden by ``settings``, each checked against the
+    registry's ``Setting`` (unknown ones, values out of range, fractions where an integer is
+    expected are refused, so before any model call)."""
     m = method(name)
     unknown = set(settings) - set(m.settings)
     if unknown:
         raise SolverError(f"{name}: unknown setting(s) {sorted(unknown)}; it takes {sorted(m.settings) or 'none'}")
-    try:
-        return {k: plain(s.default, settings.get(k, s.default)) for k, s in m.settings.items()}
-    except (TypeError, ValueError) as e:
-        raise SolverError(f"{name}: a setting has the wrong type ({e}); expected {m.defaults()}") from None
+    for k, v in settings.items():
+        check_value(name, k, m.settings[k], v)
+    return {k: plain(s.default, settings.get(k, s.default)) for k, s in m.settings.items()}
 
 
 def invert(name: str, model, x, sigmas, extra_args=None, callback=None, space="eps", keep_trajectory=False,
            **settings) -> Inversion:
     """Run method ``name`` with its defaults overridden by ``settings``; the result names the method,
-    its resuming sampler and every setting it ran with (the registry's facts: solvers write none of them)."""
+    its resuming sampler and every setting it ran with (the registry's facts: solvers write none of them).
+    ``loop="paper"`` takes no tolerance: its record holds no ``tol`` rather than one that had no effect."""
     m = method(name)
     values = resolve(name, settings)
     args = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
     inv = m.invert(model, x, sigmas, extra_args, callback, space=space, keep_trajectory=keep_trajectory, **args)
+    if values.get("loop") == "paper":
+        del values["tol"]
     return replace(inv, method=name, sampler=m.sampler, settings=values)
 
 
@@ -259,10 +292,12 @@ def check_record(inv: Inversion) -> Inversion:
 
 def check_settings(name: str, settings) -> None:
     """A record's settings: exactly method ``name``'s (one added later may be missing from an older
-    record), each of its type; those its sampler reads within the setting's range (the others are
-    kept for the report)."""
+    record, ``tol`` from a paper-loop one), each of its type; those its sampler reads within the
+    setting's range (the others are kept for the report)."""
     m = METHODS[name]
     required = {k for k, s in m.settings.items() if not s.later}
+    if isinstance(settings, dict) and settings.get("loop") == "paper":
+        required.discard("tol")  # the paper loop takes none (a record written before this holds the one given)
     if not isinstance(settings, dict) or not required <= set(settings) <= set(m.settings):
         got = ", ".join(map(repr, settings))[:200] if isinstance(settings, dict) else type(settings).__name__
         bad("settings", f"exactly {name}'s settings ({', '.join(m.settings) or 'none'})", got or "none")

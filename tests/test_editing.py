@@ -10,7 +10,7 @@ import torch
 
 from analytic import Mixture, MixtureDenoiser, karras, uniform_flow
 from measure import rel
-from inversion_suite.solvers import METHODS, SAMPLERS, SolverError, invert, reconstruct, sampler_for
+from inversion_suite.solvers import METHODS, SAMPLERS, NonFiniteError, SolverError, invert, reconstruct, sampler_for
 from inversion_suite.solvers.editing import masks
 from inversion_suite.solvers.editing.blended import edit_blended
 from inversion_suite.solvers.editing.direct import edit_direct
@@ -262,6 +262,21 @@ def test_bad_masks_are_refused_before_any_call(mask, words):
     assert den.calls == calls
 
 
+@pytest.mark.parametrize("method,sampler", [("ddim", "euler"), ("bdia", "bdia"), ("edict", "edict")])
+def test_a_non_finite_edit_is_reported_under_the_editor(method, sampler):
+    den, inv = setup(method, "eps")
+    calls = [0]
+
+    def broken(x, sigma, **kw):
+        calls[0] += 1
+        out = den(x, sigma, **kw)
+        return out * float("nan") if calls[0] > 8 else out
+
+    with pytest.raises(NonFiniteError, match=rf"^blended \({sampler} sampler\): the denoiser returned non-finite "
+                                             r"values at step \d+ \(sigma"):
+        blended(broken, inv, half(inv.latent, 0.5))
+
+
 def test_bad_scales_and_windows_are_refused():
     den, inv = setup("ddim", "eps", keep=True)
     m = half(inv.latent)
@@ -302,7 +317,8 @@ def test_a_half_precision_models_halves_are_mixed_in_float32():
     # A blended edit with the float16 model equals the one with the same outputs handed over in float32.
     _, inv = setup("ddim", "eps")
     m = half(inv.latent, 0.5)
-    run = lambda model: edit_blended(two(model), inv.latent, inv.sigmas.flip(0), m, 1.0, 5.0, space="eps")[0]  # noqa: E731
+    def run(model):
+        return edit_blended(two(model), inv.latent, inv.sigmas.flip(0), m, 1.0, 5.0, space="eps")[0]
     a, b = run(den16), run(lambda x, s, **kw: den16(x, s, **kw).float())
     assert a.dtype == torch.float32 and torch.equal(a, b)
 

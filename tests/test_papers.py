@@ -18,8 +18,9 @@ import torch
 
 from analytic import Mixture, MixtureDenoiser, karras, uniform_flow
 from measure import rel
-from inversion_suite.solvers import METHODS, SAMPLERS, SolverError, invert, reconstruct
+from inversion_suite.solvers import METHODS, SAMPLERS, Inversion, SolverError, check_record, invert, reconstruct
 from inversion_suite.solvers.methods.edict import sample_edict
+from inversion_suite.solvers.methods.renoise import low_noise_sigma
 from inversion_suite.solvers.registry import plain
 
 MIX = Mixture((4, 8, 8), components=4, seed=0)
@@ -229,15 +230,24 @@ def renoise_official(model_eps, z0, ts, dt, K, avg_range, first_range, reg_steps
 
 @pytest.mark.parametrize("K, window, first", [(1, (8, 10), (0, 5)), (9, (8, 10), (0, 5)), (4, (3, 5), (0, 5))])
 def test_renoise_matches_the_official_step_rule(K, window, first):
-    """Counting (K renoising steps = K + 1 calls), the low-noise window and cap on every t < 250."""
+    """Counting (K renoising steps = K + 1 calls), the low-noise window and cap on every t < 250.
+    The official code cuts a window to the calls silently; the pack takes the cut window and
+    refuses the uncut one before any call."""
     n = 10
     den, x = MixtureDenoiser(MIX, "eps"), data()
     ts = sd_timesteps(n)
     z, calls = renoise_official(lambda z, t: unet(den, z, t), x, ts, 1000 // n, K, window, first)
-    inv = invert("renoise", den, x, sd_sigmas(n), EXTRA, space="eps", iterations=K + 1, window=window,
-                 first_window=first, first_iterations=6, first_until=0.25)
+    cut = lambda w, c: (min(w[0], c), min(w[1], c))  # noqa: E731
+    run = lambda w, f: invert("renoise", den, x, sd_sigmas(n), EXTRA, space="eps", iterations=K + 1,  # noqa: E731
+                              window=w, first_window=f, first_iterations=6, first_until=0.25)
+    inv = run(cut(window, K + 1), cut(first, min(6, K + 1)))
     assert rel(inv.latent, z / abar(ts[-1]) ** 0.5) < TOL
     assert inv.nfe == calls == 3 * (min(5, K) + 1) + 7 * (K + 1)  # t = 0, 100, 200 are below 250
+    if (window, first) != (cut(window, K + 1), cut(first, min(6, K + 1))):
+        before = den.calls
+        with pytest.raises(SolverError, match="renoise: (first_)?window .* raise iterations"):
+            run(window, first)
+        assert den.calls == before
 
 
 def test_renoise_regularisation_matches_the_official_code():
@@ -267,13 +277,44 @@ def test_renoise_regularisation_matches_the_official_code():
 
 def test_renoise_low_noise_steps_in_sigma():
     """t < 250 is sigma < 0.6958 on SD's schedule (13 of 50 DDIM steps); flow reads sigma < 0.25."""
-    from inversion_suite.solvers.methods.renoise import low_noise_sigma
     cut = low_noise_sigma(0.25, "eps")
     assert abs(cut - ((1 - abar(250)) / abar(250)) ** 0.5) < 1e-12
     assert int((sd_sigmas(50)[1:] < cut).sum()) == 13 and int((sd_sigmas(10)[1:] < cut).sum()) == 3
     den = MixtureDenoiser(MIX, "flow")
-    inv = invert("renoise", den, data(), uniform_flow(10), EXTRA, space="flow", iterations=8, first_iterations=3)
+    inv = invert("renoise", den, data(), uniform_flow(10), EXTRA, space="flow", iterations=8, first_iterations=3,
+                 first_window=(1, 3))
     assert inv.nfe == 2 * 3 + 8 * 8  # sigma 0.1 and 0.2 end below 0.25
+
+
+@pytest.mark.parametrize("settings,words", [
+    (dict(iterations=3), r"window \(3, 5\) averages calls 3 to 4 of a step, but iterations 3 makes 3 calls a step: "
+                         r"raise iterations to at least 5, or give a window within \(0, 3\)"),
+    (dict(iterations=2, window=(0, 2)), r"first_window \(3, 5\) .* the low-noise steps make \(the fewer of "
+                                        r"iterations 2 and first_iterations 6\) 2 calls a step: raise iterations and "
+                                        r"first_iterations to at least 5"),
+    (dict(iterations=9, window=(8, 10)), r"window \(8, 10\) .* iterations 9 makes 9 calls"),
+    (dict(first_iterations=4), r"first_window \(3, 5\) .* first_iterations 4\) 4 calls")])
+def test_renoise_refuses_a_window_its_calls_do_not_reach_before_any_call(settings, words):
+    """Call 3 of 3 is never made: the window would be dropped (plain fixed point) or cut short."""
+    den = MixtureDenoiser(MIX, "eps")
+    with pytest.raises(SolverError, match=f"^renoise: {words}"):
+        invert("renoise", den, data(), karras(6), EXTRA, space="eps", **settings)
+    assert den.calls == 0
+
+
+def test_renoise_checks_only_the_windows_its_steps_use():
+    """A schedule with no low-noise step never uses first_window; one all low-noise never uses window."""
+    cut = low_noise_sigma(0.25, "eps")
+    den, x = MixtureDenoiser(MIX, "eps"), data()
+    high = torch.tensor([0.0, 1.0, 2.0, 4.0], dtype=torch.float64)
+    inv = invert("renoise", den, x, high, EXTRA, space="eps", first_iterations=2)
+    assert inv.nfe == 3 * 5
+    low = torch.tensor([0.0, cut / 4, cut / 2], dtype=torch.float64)
+    inv = invert("renoise", den, x, low, EXTRA, space="eps", iterations=3, window=(1, 3), first_iterations=3,
+                 first_window=(0, 3))
+    assert inv.nfe == 2 * 3
+    with pytest.raises(SolverError, match="first_window"):
+        invert("renoise", den, x, low, EXTRA, space="eps", iterations=3, window=(1, 3))
 
 
 def test_renoise_regularises_under_inference_mode():
@@ -380,7 +421,7 @@ def test_registry_and_solvers_agree(name):
                 assert prm.default == m.settings[k].default, f"{f.__name__}: {k}={prm.default!r}"
     # and a setting given is the setting recorded
     if "iterations" in m.settings:
-        assert invert(name, den, data(), karras(4), EXTRA, space="eps", iterations=3).settings["iterations"] == 3
+        assert invert(name, den, data(), karras(4), EXTRA, space="eps", iterations=7).settings["iterations"] == 7
 
 
 PAPERS = {"rf_solver": "2411.04746", "fireflow": "2412.07517", "ddim": "2010.02502", "easyinv": "2408.05159", "bdia": "2307.10829", "edict": "2211.12446",
@@ -446,6 +487,23 @@ def test_the_paper_loop_is_the_published_algorithm(name, rule):
     want = aidi_paper(den, x, up, 4, rule)
     assert inv.nfe == 6 * 5 and not inv.split and rel(inv.latent, want) < TOL
     assert inv.settings["loop"] == "paper"
+
+
+def test_the_paper_loop_records_no_tol_it_did_not_use():
+    """It takes no tolerance: its record holds none (the budget loop's the one given), and reads back."""
+    den, x = MixtureDenoiser(MIX, "eps"), data()
+    loose, tight = (invert("fixed_point", den, x, karras(4), EXTRA, space="eps", loop="paper", guess="ddim",
+                           iterations=3, tol=t) for t in (0.05, 1e-8))
+    assert torch.equal(loose.latent, tight.latent)  # tol had no effect
+    assert "tol" not in loose.settings and loose.settings["loop"] == "paper"
+    assert check_record(Inversion.from_dict(loose.to_dict())).settings == loose.settings
+    older = dict(loose.to_dict(), settings=dict(loose.settings, tol=0.05))  # written before: tol as given
+    check_record(Inversion.from_dict(older))
+    budget = invert("fixed_point", den, x, karras(4), EXTRA, space="eps", tol=0.05)
+    assert budget.settings["tol"] == 0.05
+    with pytest.raises(SolverError, match="'settings' must be exactly"):
+        check_record(Inversion.from_dict(dict(budget.to_dict(), settings={k: v for k, v in budget.settings.items()
+                                                                          if k != "tol"})))
 
 
 def test_the_paper_loop_refuses_what_it_would_ignore():

@@ -20,7 +20,7 @@ method), BDIA and EDICT. Cost: 2 edit-denoiser calls per model call of the sampl
 
 import torch
 
-from ..core import SolverError, check_latent
+from ..core import NonFiniteError, SolverError, check_latent
 from ..methods.euler import sample_euler
 from .guidance import Branches
 from .masks import region
@@ -55,5 +55,9 @@ def edit_blended(model, x, sigmas, mask, w_inv, w_edit, sampler=sample_euler, sa
 
     start = torch.cat([x, x]) if two else x
     pairs = None if pair is None else (torch.cat([pair, pair]) if two else pair)
-    out = sampler(den, start, sigmas, None, target, space=space, pair=pairs, **(sampler_args or {}))
+    try:
+        out = sampler(den, start, sigmas, None, target, space=space, pair=pairs, **(sampler_args or {}))
+    except NonFiniteError as e:  # the sampler names itself ("euler: ..."), but the run is this editor's
+        head, _, rest = str(e).partition(": ")
+        raise NonFiniteError(f"blended ({head} sampler): {rest}") from None
     return out[-b:], br.nfe

@@ -22,8 +22,9 @@ from .ddim import ddim_slope
 
 
 def check_gamma(gamma):
-    if not 0 < gamma <= 1:
-        raise SolverError(f"bdia: gamma must be in (0, 1], got {gamma}")
+    # The registry's range (it checks it first); repeated for direct callers and the records' sampler.
+    if not 0.5 <= gamma <= 1:
+        raise SolverError(f"bdia: gamma must be from 0.5 to 1.0, got {gamma}")
 
 
 def g(gamma, s_lo, s_hi, space):
@@ -57,7 +58,7 @@ def sample_bdia(model, x, sigmas, extra_args=None, callback=None, *, space, pair
         pair = x + (s[1] - s[0]) * den.slope(x, s[0])
     elif pair.shape != x.shape:
         raise SolverError(f"bdia: the pair state has shape {tuple(pair.shape)}, expected {tuple(x.shape)}")
-    up, cur = x, pair.to(x.dtype)
+    up, cur = x, pair.to(x)  # the work dtype, on x's device
     notify(callback, 0, cur, s[1], den.last)
     for k in range(1, len(s) - 1):
         den.step = k

@@ -42,8 +42,9 @@ ORDERS = ("leapfrog", "fixed")
 
 
 def check_settings(p, order):
-    if not 0 < p <= 1:
-        raise SolverError(f"edict: p must be in (0, 1], got {p}")
+    # The registry's range (it checks it first); repeated for direct callers and the records' sampler.
+    if not 0.5 <= p <= 1:
+        raise SolverError(f"edict: p must be from 0.5 to 1.0, got {p}")
     if order not in ORDERS:
         raise SolverError(f"edict: order must be one of {ORDERS}, got {order!r}")
 
@@ -83,7 +84,7 @@ def sample_edict(model, x, sigmas, extra_args=None, callback=None, *, space, pai
     den, x, _, s = prepare("edict", model, x, sigmas, extra_args, space, descending=True)
     if pair is not None and pair.shape != x.shape:
         raise SolverError(f"edict: the pair state has shape {tuple(pair.shape)}, expected {tuple(x.shape)}")
-    X = [x, x if pair is None else pair.to(x.dtype)]
+    X = [x, x if pair is None else pair.to(x)]  # the work dtype, on x's device
     for k in range(len(s) - 1):
         den.step = k
         sb, sa = s[k], s[k + 1]

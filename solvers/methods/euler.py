@@ -9,10 +9,11 @@ resumes every single-state inversion (DDIM, fixed-point, AIDI, ReNoise, EasyInv,
 unsampling), so an inversion that solved its implicit steps exactly returns its input.
 """
 
-from ..core import prepare, run_steps
+from ..core import prepare, run_steps, single
 
 
 def sample_euler(model, x, sigmas, extra_args=None, callback=None, *, space, pair=None):
+    single("euler", pair)
     den, x, _, s = prepare("euler", model, x, sigmas, extra_args, space, descending=True)
     x, _ = run_steps("euler", den, x, s, lambda i, x, sb, sa: x + (sa - sb) * den.slope(x, sb), callback, False)
     return x

@@ -14,7 +14,7 @@ inversion starts at sigma 0, where the host's slope is 0 / 0: that one slope is 
 FlipSigmas' 1e-4 (``core.FLIPPED_ZERO``).
 """
 
-from ..core import FLIPPED_ZERO, prepare, run_steps
+from ..core import FLIPPED_ZERO, prepare, run_steps, single
 from ..record import Inversion
 
 
@@ -40,6 +40,7 @@ def invert_fireflow(model, x, sigmas, extra_args=None, callback=None, *, space, 
 
 
 def sample_fireflow(model, x, sigmas, extra_args=None, callback=None, *, space, pair=None):
+    single("fireflow", pair)
     den, x, _, s = prepare("fireflow", model, x, sigmas, extra_args, space, descending=True)
     mid = Midpoints(den)
     x, _ = run_steps("fireflow", den, x, s, lambda i, x, sb, sa: mid.step(x, sb, sa - sb), callback, False)

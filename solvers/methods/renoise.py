@@ -7,8 +7,11 @@ Counting. A step makes ``iterations`` model calls; the paper's ``num_renoise_ste
 is ``iterations = K + 1`` (the first call is the DDIM inversion step, then K renoising
 calls). Call ``k`` (0-based) evaluates the slope ``d_k = d(x^(k), sb)`` with ``x^(0)`` the
 DDIM guess point and ``x^(k+1) = x_a + (sb - sa) d_k``; the step ends at
-``x_b = x_a + (sb - sa) * mean(d_k for lo <= k < hi)``, or at the last ``x^(k+1)`` when no
-call falls in the window. One call with any window is DDIM inversion.
+``x_b = x_a + (sb - sa) * mean(d_k for lo <= k < hi)``, or at the last ``x^(k+1)`` when the
+window is empty (``lo = hi``). One call with window (0, 1) is DDIM inversion. A window must
+lie within the calls of the steps that use it (``hi`` at most their calls), checked before any
+model call: the official code cuts it to the calls silently, so its SD example (2 calls,
+windows (8, 10) and (0, 5)) is here windows (2, 2) and (0, 2).
 
 Low-noise steps. Every step whose upper level ``sb`` lies in the low-noise part of the
 model's training range (``first_until``, a fraction of its timesteps: the official code's
@@ -167,12 +170,30 @@ def check_settings(space, iterations, window, first_window, first_iterations, fi
                           "v-prediction models; on a flow model set reg_steps to 0")
 
 
+def check_windows(s, low, iterations, window, first_window, first_iterations):
+    """Each window within the calls of the steps of ``s`` that use it: one past them would be cut
+    short or dropped, so the step would not average what was asked."""
+    fewest = min(int(first_iterations), int(iterations))
+    for name, w, calls, used, why, fix in (
+            ("window", window, int(iterations), any(sb >= low for sb in s[1:]), f"iterations {iterations} makes",
+             "iterations"),
+            ("first_window", first_window, fewest, any(sb < low for sb in s[1:]),
+             f"the low-noise steps make (the fewer of iterations {iterations} and first_iterations "
+             f"{first_iterations})", "iterations and first_iterations")):
+        lo, hi = int(w[0]), int(w[1])
+        if used and hi > calls:
+            raise SolverError(f"renoise: {name} ({lo}, {hi}) averages calls {lo} to {hi - 1} of a step, but {why} "
+                              f"{calls} calls a step: raise {fix} to at least {hi}, or give a {name} within "
+                              f"(0, {calls}) (from = to averages none: the step is the last call's)")
+
+
 def invert_renoise(model, x, sigmas, extra_args=None, callback=None, *, space, iterations, window, first_window,
                    first_iterations, first_until, reg_steps, lambda_ac, lambda_kl, reg_seed, keep_trajectory=False):
     check_settings(space, iterations, window, first_window, first_iterations, first_until, reg_steps, lambda_ac,
                    lambda_kl)
     den, x, sig, s = prepare("renoise", model, x, sigmas, extra_args, space)
     low = low_noise_sigma(first_until, space)
+    check_windows(s, low, iterations, window, first_window, first_iterations)
     reg = int(reg_steps) > 0 and (lambda_ac > 0 or lambda_kl > 0)
     gen = torch.Generator().manual_seed(int(reg_seed))
     noise = torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device) if reg else None

@@ -13,7 +13,7 @@ velocity ``eps - x0``; EPS and v-prediction: ``eps``). A step of size ``h`` from
 flipped schedules do. Second-order accurate; not exact.
 """
 
-from ..core import FLIPPED_ZERO, prepare, run_steps
+from ..core import FLIPPED_ZERO, prepare, run_steps, single
 from ..record import Inversion
 
 
@@ -32,6 +32,7 @@ def invert_rf_solver(model, x, sigmas, extra_args=None, callback=None, *, space,
 
 
 def sample_rf_solver(model, x, sigmas, extra_args=None, callback=None, *, space, pair=None):
+    single("rf_solver", pair)
     den, x, _, s = prepare("rf_solver", model, x, sigmas, extra_args, space, descending=True)
     x, _ = run_steps("rf_solver", den, x, s, lambda i, x, sb, sa: taylor_step(den, x, sb, sa - sb), callback, False)
     return x
