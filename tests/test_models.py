@@ -56,8 +56,8 @@ FAMILIES = {
 }
 MODEL_CLASS = {"sdxl": "SDXL", "sd3.5": "SD3", "flux": "Flux", "wan2.1": "WAN21", "wan2.2": "WAN22", "qwen-image": "QwenImage"}
 STEPS = 6
-TIGHT = {"aidi_anderson": dict(tol=1e-6, iterations=60), "fixed_point": dict(tol=1e-6, iterations=200),
-         "aidi_empirical": dict(tol=1e-6, iterations=200), "renoise": dict(iterations=20)}
+TIGHT = {"aidi_anderson": dict(tol=1e-6, iterations=60), "fixed_point": dict(tol=1e-6, iterations=100),
+         "aidi_empirical": dict(tol=1e-6, iterations=100), "renoise": dict(iterations=20)}
 # Relative round-trip error bounds (model space): exact methods to float32 rounding,
 # iterative ones to their tolerance, approximate ones measured on these models (worst
 # family, about 2x headroom).
