@@ -41,7 +41,7 @@ def inputs():
     return [
         io.Clip.Input("clip", optional=True,
                       tooltip="The CLIP that encoded the prompts: finds the edited words' tokens for the attention "
-                              "mask. Leave unconnected to use only the MASK input."),
+                              "mask. Leave unconnected, and the texts and words empty, to use only the MASK input."),
         io.String.Input("source_text", multiline=True, default="",
                         tooltip="The source prompt's text (as encoded into 'source'), to locate its words."),
         io.String.Input("target_text", multiline=True, default="",
