@@ -3,7 +3,7 @@
 import comfy.samplers
 from comfy_api.latest import io
 
-from ..solvers.editing.rf_inversion import edit_rf_inversion
+from ..solvers.editing.rf_inversion import ETA, GAMMA, edit_rf_inversion
 from .host import latent_edit
 from .host.inputs import fail
 from .host.region import editor_inputs
@@ -32,10 +32,10 @@ class RFInversionEdit(io.ComfyNode):
                 io.Int.Input("steps", default=28, min=1, max=1000, tooltip="Steps, each way."),
                 io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="simple",
                                tooltip="The host's scheduler, as in KSampler ('simple' for flow models)."),
-                io.Float.Input("gamma", default=0.5, min=0.0, max=1.0, step=0.01,
+                io.Float.Input("gamma", default=GAMMA, min=0.0, max=1.0, step=0.01,
                                tooltip="Pull of the inversion towards the seeded noise (the paper: 0.5); 0 is plain "
                                        "inversion."),
-                io.Float.Input("eta", default=0.9, min=0.0, max=1.0, step=0.01,
+                io.Float.Input("eta", default=ETA, min=0.0, max=1.0, step=0.01,
                                tooltip="Pull of the sampling back towards the image over start_step to stop_step: "
                                        "higher keeps more of it (0 is plain sampling)."),
                 io.Int.Input("start_step", default=0, min=0, max=1000,

@@ -36,7 +36,10 @@ def check_controls(gamma: float, eta: float, start: int, stop: int, steps: int) 
         raise SolverError(f"rf_inversion: expected 0 <= start <= stop <= steps ({steps}), got {start} and {stop}")
 
 
-def edit_rf_inversion(model, x_src, sigmas, w_src, w_tar, *, gamma=0.5, eta=0.9, start=0, stop=None, seed=0,
+GAMMA, ETA = 0.5, 0.9  # the controllers' strengths by default, here and on the node
+
+
+def edit_rf_inversion(model, x_src, sigmas, w_src, w_tar, *, gamma=GAMMA, eta=ETA, start=0, stop=None, seed=0,
                       mask=None, space="eps", extra_args=None, callback=None):
     """Invert ``x_src`` up the reversed descending ``sigmas`` (ending at 0), then sample down them;
     returns (edited, edit-denoiser calls). ``model`` follows the edit contract (``guidance``);
