@@ -80,22 +80,29 @@ def test_methods_without_residuals_say_so():
                                                             "its error is its method's.")
 
 
-def test_the_sampler_route_samples_back_down_the_split_schedule():
-    """InversionSampler through the host's KSAMPLER: the steps it splits while inverting are
-    followed when it samples back down the host's schedule, so the round trip stays exact
-    (on EPS, where the inversion splits steps on this mixture)."""
+def sampler_route(model, **settings):
+    """An aidi_anderson InversionSampler (``settings``) under the host's unconditional CFG guider, and the
+    host's ``normal`` schedule at 10 steps: descending, and flipped as FlipSigmas leaves it."""
     import comfy.samplers
     from inversion_suite.nodes.inversion_sampler import InversionSampler
 
-    model, latent, inverted, _ = invert("eps")
-    assert len(inverted["inversion"]["sigmas"]) > 11  # the case splits steps
-    sampler = InversionSampler.execute(method="aidi_anderson").result[0]
+    sampler = InversionSampler.execute(method="aidi_anderson", **settings).result[0]
     guider = comfy.samplers.CFGGuider(model)
     guider.set_conds(UNCOND, UNCOND)
     guider.set_cfg(1.0)
     down = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 10)
     up = down.flip(0).clone()
     up[0] = 1e-4  # as FlipSigmas leaves it
+    return sampler, guider, down, up
+
+
+def test_the_sampler_route_samples_back_down_the_split_schedule():
+    """InversionSampler through the host's KSAMPLER: the steps it splits while inverting are
+    followed when it samples back down the host's schedule, so the round trip stays exact
+    (on EPS, where the inversion splits steps on this mixture)."""
+    model, latent, inverted, _ = invert("eps")
+    assert len(inverted["inversion"]["sigmas"]) > 11  # the case splits steps
+    sampler, guider, down, up = sampler_route(model)
     zero = torch.zeros_like(latent["samples"])
     steps = []
     noise = guider.sample(zero, latent["samples"], sampler, up, disable_pbar=True, seed=0)
@@ -111,18 +118,11 @@ def test_one_sampler_keeps_each_inversions_split_schedule():
     one InversionSampler samples each noise back down its own split schedule (before, the second
     inversion's replaced the first's: round trip 3.9e-2 instead of 1.8e-4)."""
     import comfy.samplers
-    from inversion_suite.nodes.inversion_sampler import InversionSampler
 
     model = exact_model("eps", SEPARATED)
     a = vae_scale(model, SEPARATED.sample(2, seed=10).float())
     b = torch.zeros_like(a)  # a latent whose inversion splits other steps (and fails: off the model's modes)
-    sampler = InversionSampler.execute(method="aidi_anderson").result[0]
-    guider = comfy.samplers.CFGGuider(model)
-    guider.set_conds(UNCOND, UNCOND)
-    guider.set_cfg(1.0)
-    down = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 10)
-    up = down.flip(0).clone()
-    up[0] = 1e-4
+    sampler, guider, down, up = sampler_route(model)
     zero = torch.zeros_like(a)
     run = lambda x, s: guider.sample(zero, x, sampler, s, disable_pbar=True, seed=0)  # noqa: E731
     na = run(a, up)
@@ -134,19 +134,13 @@ def test_one_sampler_keeps_each_inversions_split_schedule():
 
 
 def test_the_sampler_names_itself_in_a_solvers_refusal():
-    import comfy.samplers
-    from inversion_suite.nodes.inversion_sampler import InversionSampler
     from inversion_suite.solvers import SolverError
 
     model = exact_model("eps", SEPARATED)
     x = vae_scale(model, SEPARATED.sample(2, seed=10).float())
-    guider = comfy.samplers.CFGGuider(model)
-    guider.set_conds(UNCOND, UNCOND)
-    guider.set_cfg(1.0)
-    up = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 10)[:-3].flip(0)
-    sampler = InversionSampler.execute(method="aidi_anderson").result[0]
+    sampler, guider, down, _ = sampler_route(model)
     with pytest.raises(SolverError, match=r"^InversionSampler: an inversion schedule starts at sigma = 0"):
-        guider.sample(torch.zeros_like(x), x, sampler, up, disable_pbar=True, seed=0)
+        guider.sample(torch.zeros_like(x), x, sampler, down[:-3].flip(0), disable_pbar=True, seed=0)
 
 
 @pytest.mark.parametrize("cfg", [1.0, 3.0])
@@ -238,20 +232,13 @@ def test_the_sampler_shows_its_summary_on_the_node_that_runs_it(tmp_path, monkey
     import asyncio
     import struct
 
-    import comfy.samplers
     from comfy_execution.utils import CurrentNodeContext
-    from inversion_suite.nodes.inversion_sampler import InversionSampler
 
     server = real_server(tmp_path, monkeypatch)
     model = exact_model("eps", SEPARATED)
     x = vae_scale(model, SEPARATED.sample(2, seed=10).float())
-    guider = comfy.samplers.CFGGuider(model)
-    guider.set_conds(UNCOND, UNCOND)
-    guider.set_cfg(1.0)
-    up = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 10).flip(0).clone()
-    up[0] = 1e-4
     for iterations, words in ((16, "every step converged"), (2, "did NOT converge")):
-        sampler = InversionSampler.execute(method="aidi_anderson", iterations=iterations).result[0]
+        sampler, guider, _, up = sampler_route(model, iterations=iterations)
         with CurrentNodeContext("p", "42"):
             guider.sample(torch.zeros_like(x), x, sampler, up, disable_pbar=True, seed=0)
         server.loop.run_until_complete(asyncio.sleep(0))  # the server queues what it is sent on its loop
