@@ -6,7 +6,7 @@ from ..solvers import sampler_for
 from ..solvers.editing.blended import edit_blended
 from ..solvers.editing.direct import edit_direct
 from .host import edit_guider
-from .host.inputs import fail, no_noise_mask
+from .host.inputs import cfg_input, fail, no_noise_mask
 from .host.record import KEY, resume
 from .host.region import NOISE_MASK, Region, editor_inputs
 from .host.run import progress, run_guider, to_model
@@ -31,11 +31,11 @@ class BlendedGuidanceSampler(io.ComfyNode):
                 io.Latent.Input("inverted", tooltip="The output of Invert."),
                 io.Conditioning.Input("source", tooltip="The source prompt, as used for Invert."),
                 io.Conditioning.Input("target", tooltip="The edited prompt."),
-                io.Float.Input("cfg_inversion", default=-1.0, min=-1.0, max=100.0, step=0.1, round=0.01,
-                               tooltip="Guidance outside the edit region; -1 uses the inversion's cfg (most faithful). "
-                                       "Other negative values are refused."),
-                io.Float.Input("cfg_edit", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01,
-                               tooltip="Guidance inside the edit region: higher edits more strongly."),
+                cfg_input("cfg_inversion", -1.0, own=True,
+                          tooltip="Guidance outside the edit region; -1 uses the inversion's cfg (most faithful). "
+                                  "Other negative values are refused."),
+                cfg_input("cfg_edit", 7.5,
+                          tooltip="Guidance inside the edit region: higher edits more strongly."),
                 io.Float.Input("mask_steps", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Fraction of the steps (from the noisy end) during which the mask is active; "
                                        "afterwards every pixel takes cfg_inversion and no blending."),

@@ -5,7 +5,7 @@ from comfy_api.latest import io
 
 from ..solvers.editing.flowedit import edit_flowedit
 from .host import latent_edit
-from .host.inputs import fail
+from .host.inputs import cfg_input, fail
 from .host.region import editor_inputs
 
 NODE = "FlowEdit"
@@ -59,14 +59,14 @@ class FlowEdit(io.ComfyNode):
                                        "default feather. every step: each step's change is weighed by the region, "
                                        "so the edit sees the untouched surroundings: weaker (grow applies here "
                                        "only). Outside the region the image is kept exactly either way."),
-                io.Float.Input("cfg_source", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01,
-                               tooltip="Classifier-free guidance of the source prompt. Guidance-distilled models "
-                                       "(Flux.1-dev): keep 1 and set FluxGuidance on each prompt instead (the "
-                                       "paper: 1.5 source, 5.5 target). SD3: the paper's 3.5."),
-                io.Float.Input("cfg_target", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01,
-                               tooltip="Classifier-free guidance of the target prompt: higher edits more strongly. "
-                                       "Flux.1-dev: keep 1 (FluxGuidance 5.5 on the target). SD3: the paper's 13.5; "
-                                       "SD1.5/SDXL: 5 to 7.5."),
+                cfg_input("cfg_source", 1.0,
+                          tooltip="Classifier-free guidance of the source prompt. Guidance-distilled models "
+                                  "(Flux.1-dev): keep 1 and set FluxGuidance on each prompt instead (the "
+                                  "paper: 1.5 source, 5.5 target). SD3: the paper's 3.5."),
+                cfg_input("cfg_target", 1.0,
+                          tooltip="Classifier-free guidance of the target prompt: higher edits more strongly. "
+                                  "Flux.1-dev: keep 1 (FluxGuidance 5.5 on the target). SD3: the paper's 13.5; "
+                                  "SD1.5/SDXL: 5 to 7.5."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Seed of the noise draws: a seed always gives the same edit."),
                 *editor_inputs(),

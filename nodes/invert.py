@@ -9,7 +9,7 @@ from comfy_api.latest import io, ui
 from ..solvers import DEFAULT, METHODS, invert, metrics, reconstruct
 from ..solvers.record import MAX_STEPS, summary
 from .host import widgets
-from .host.inputs import fail, no_noise_mask
+from .host.inputs import cfg_input, check_cfg, fail, no_noise_mask
 from .host.model import check_latent, describe, space_of
 from .host.record import Record, not_inverted
 from .host.run import guided, progress, sigmas_for, to_model, to_vae
@@ -36,9 +36,9 @@ class Invert(io.ComfyNode):
                              tooltip="Inversion steps; Reconstruct and the editors sample back over the same schedule."),
                 io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="normal",
                                tooltip="The host's scheduler, as in KSampler ('simple' for flow models)."),
-                io.Float.Input("cfg", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01,
-                               tooltip="Guidance while inverting. Keep it near 1: higher values make every "
-                                       "method but BDIA and EDICT drift. Editors apply stronger guidance later."),
+                cfg_input("cfg", 1.0,
+                          tooltip="Guidance while inverting. Keep it near 1: higher values make every "
+                                  "method but BDIA and EDICT drift. Editors apply stronger guidance later."),
                 io.Float.Input("denoise", default=1.0, min=0.01, max=1.0, step=0.01,
                                tooltip="How far to invert: 1 reaches pure noise, lower stops part-way and keeps "
                                        "more of the image in edits (as KSampler's denoise)."),
@@ -79,8 +79,7 @@ class Invert(io.ComfyNode):
                                 "Reconstruct and the editors would return the source unchanged")
         if not 0 < denoise <= 1:
             fail(node, "denoise", f"expected a value in (0, 1], got {denoise}")
-        if not 0 <= cfg <= 100:
-            fail(node, "cfg", f"expected a value from 0 to 100, got {cfg}")
+        check_cfg(node, "cfg", cfg)
         if scheduler not in comfy.samplers.KSampler.SCHEDULERS:
             fail(node, "scheduler", f"unknown scheduler {scheduler!r}")
         kwargs = widgets.values(method, settings)

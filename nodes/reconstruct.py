@@ -3,7 +3,7 @@
 from comfy_api.latest import io
 
 from ..solvers import reconstruct
-from .host.inputs import no_noise_mask
+from .host.inputs import cfg_input, no_noise_mask
 from .host.record import KEY, resume
 from .host.run import guided, progress
 
@@ -23,8 +23,8 @@ class Reconstruct(io.ComfyNode):
                 io.Model.Input("model", tooltip="The model that made the inversion."),
                 io.Latent.Input("inverted", tooltip="The output of Invert."),
                 io.Conditioning.Input("positive", tooltip="The prompt to sample with; the source prompt reconstructs."),
-                io.Float.Input("cfg", default=-1.0, min=-1.0, max=100.0, step=0.1, round=0.01,
-                               tooltip="Guidance; -1 (only -1) uses the cfg the inversion used, needed for an exact return."),
+                cfg_input("cfg", -1.0, own=True,
+                          tooltip="Guidance; -1 (only -1) uses the cfg the inversion used, needed for an exact return."),
                 io.Conditioning.Input("negative", optional=True,
                                       tooltip="Negative prompt; unconnected, a zeroed positive (as ConditioningZeroOut)."),
             ],

@@ -5,7 +5,7 @@ from comfy_api.latest import io
 
 from ..solvers.editing.rf_inversion import ETA, GAMMA, edit_rf_inversion
 from .host import latent_edit
-from .host.inputs import fail
+from .host.inputs import cfg_input, fail
 from .host.region import editor_inputs
 
 NODE = "RFInversionEdit"
@@ -43,12 +43,12 @@ class RFInversionEdit(io.ComfyNode):
                 io.Int.Input("stop_step", default=7, min=0, max=1000,
                              tooltip="The sampling step where the pull ends (not included): later keeps more of "
                                      "the image's layout, earlier edits more freely."),
-                io.Float.Input("cfg_source", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01,
-                               tooltip="Guidance while inverting; keep it low (Flux.1-dev: 1, and FluxGuidance 0 to "
-                                       "1 on the source)."),
-                io.Float.Input("cfg_target", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01,
-                               tooltip="Guidance while sampling the target (Flux.1-dev: 1, and FluxGuidance about "
-                                       "3.5 on the target; SD1.5/SDXL: 5 to 7.5)."),
+                cfg_input("cfg_source", 1.0,
+                          tooltip="Guidance while inverting; keep it low (Flux.1-dev: 1, and FluxGuidance 0 to "
+                                  "1 on the source)."),
+                cfg_input("cfg_target", 1.0,
+                          tooltip="Guidance while sampling the target (Flux.1-dev: 1, and FluxGuidance about "
+                                  "3.5 on the target; SD1.5/SDXL: 5 to 7.5)."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Seed of the noise the inversion is pulled towards."),
                 *editor_inputs(),

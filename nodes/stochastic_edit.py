@@ -5,7 +5,7 @@ from comfy_api.latest import io
 
 from ..solvers.editing.stochastic import edit_stochastic
 from .host import edit_guider
-from .host.inputs import fail, no_noise_mask
+from .host.inputs import cfg_input, fail, no_noise_mask
 from .host.record import KEY, resume
 from .host.region import NOISE_MASK, Region, editor_inputs
 from .host.run import progress, run_guider, to_model
@@ -35,9 +35,9 @@ class StochasticEditSampler(io.ComfyNode):
                 io.Latent.Input("inverted", tooltip="The output of Invert, with its trajectory kept."),
                 io.Conditioning.Input("source", tooltip="The source prompt, as used for Invert."),
                 io.Conditioning.Input("target", tooltip="The edited prompt."),
-                io.Float.Input("cfg", default=7.5, min=-1.0, max=100.0, step=0.1, round=0.01,
-                               tooltip="Guidance inside the edit region (outside: the inversion's cfg); -1 uses the "
-                                       "inversion's cfg. Other negative values are refused."),
+                cfg_input("cfg", 7.5, own=True,
+                          tooltip="Guidance inside the edit region (outside: the inversion's cfg); -1 uses the "
+                                  "inversion's cfg. Other negative values are refused."),
                 io.Float.Input("eta", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Share of each step that is noise: 0 is deterministic (every seed alike), "
                                        "1 varies most."),

@@ -379,6 +379,8 @@ def test_negative_cfg_other_than_minus_one_and_masks_outside_0_1_are_refused():
                                           calls.append(1) or w(f, a))
     cases = [(blended, {"cfg_inversion": -0.5, "mask": half_mask()}, "cfg_inversion", "expected -1 (the inversion's cfg"),
              (stochastic, {"cfg": -0.2, "mask": half_mask()}, "cfg", "expected -1 (the inversion's cfg"),
+             # Past the guidance inputs' top (the API skips the widgets' range): refused, as a new inversion's is.
+             (blended, {"cfg_inversion": 150.0, "mask": half_mask()}, "cfg_inversion", "or a value from 0 to 100"),
              (blended, {"mask": full_mask(1.5)}, "mask", "[0, 1]"),
              (stochastic, {"mask": full_mask(-0.1)}, "mask", "[0, 1]")]
     for run, change, what, words in cases:

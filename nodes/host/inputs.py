@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+
 import torch
+from comfy_api.latest import io
+
+CFG_MAX = 100.0  # the top of every guidance input, as the host's KSampler's
 
 
 class NodeInputError(ValueError):
@@ -11,6 +15,18 @@ class NodeInputError(ValueError):
 
 def fail(node: str, what: str, message: str):
     raise NodeInputError(f"{node}: input '{what}': {message}")
+
+
+def cfg_input(name: str, default: float, tooltip: str, own: bool = False):
+    """A guidance input, from 0 (or from -1, the inversion's own, where ``own``) to ``CFG_MAX``."""
+    return io.Float.Input(name, default=default, min=-1.0 if own else 0.0, max=CFG_MAX, step=0.1, round=0.01,
+                          tooltip=tooltip)
+
+
+def check_cfg(node: str, what: str, w) -> float:
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w <= CFG_MAX:
+        fail(node, what, f"expected a value from 0 to {CFG_MAX:g}, got {w}")
+    return float(w)
 
 
 def no_noise_mask(node: str, latent: dict, what: str, why: str):

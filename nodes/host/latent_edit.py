@@ -9,7 +9,7 @@ import comfy.samplers
 from comfy_api.latest import io
 
 from . import edit_guider
-from .inputs import fail, no_noise_mask
+from .inputs import check_cfg, fail, no_noise_mask
 from .model import check_latent, space_of
 from .record import not_inverted
 from .region import NOISE_MASK, Region
@@ -34,8 +34,7 @@ def run(node, model, latent, source, target, steps, scheduler, cfgs: dict, solve
     if scheduler not in comfy.samplers.KSampler.SCHEDULERS:
         fail(node, "scheduler", f"unknown scheduler {scheduler!r}")
     for name, w in cfgs.items():
-        if not 0 <= w <= 100:
-            fail(node, name, f"expected a value from 0 to 100, got {w}")
+        check_cfg(node, name, w)
     region = Region(node, model, samples, region, required=False)
     sigmas = sigmas_for(model, scheduler, steps, 1.0).flip(0)
     callback, shown = region.watch(progress(model, passes * steps))

@@ -22,7 +22,7 @@ import torch
 
 from ...solvers import Inversion, SolverError, check_record
 from ...solvers.record import NotARecord, check_tensor, real
-from .inputs import fail
+from .inputs import CFG_MAX, fail
 from .model import check_latent, describe, sigma_max, space_of
 from .run import to_model
 
@@ -116,7 +116,7 @@ class Record:
         if not (isinstance(self.model, dict) and set(self.model) == {"prediction", "latent_format"}
                 and all(isinstance(v, str) for v in self.model.values())):
             bad("model", "{'prediction': str, 'latent_format': str}", repr(self.model)[:200])
-        if not real(self.cfg) or not 0 <= self.cfg <= 100:
+        if not real(self.cfg) or not 0 <= self.cfg <= CFG_MAX:
             bad("cfg", "a number from 0 to 100", repr(self.cfg)[:100])
         if not real(self.denoise) or not 0 < self.denoise <= 1:
             bad("denoise", "a number in (0, 1]", repr(self.denoise)[:100])
@@ -154,8 +154,8 @@ class Record:
         """The guidance to resume with: ``cfg``, or the inversion's own for the sentinel -1."""
         if cfg == -1:
             return self.cfg
-        if not real(cfg) or cfg < 0:
-            fail(node, what, f"expected -1 (the inversion's cfg, {self.cfg:g}) or a value >= 0, got {cfg}")
+        if not real(cfg) or not 0 <= cfg <= CFG_MAX:
+            fail(node, what, f"expected -1 (the inversion's cfg, {self.cfg:g}) or a value from 0 to {CFG_MAX:g}, got {cfg}")
         return float(cfg)
 
     def in_model_space(self, inner, like) -> Inversion:
