@@ -117,7 +117,7 @@ class Record:
                 and all(isinstance(v, str) for v in self.model.values())):
             bad("model", "{'prediction': str, 'latent_format': str}", repr(self.model)[:200])
         if not real(self.cfg) or not 0 <= self.cfg <= CFG_MAX:
-            bad("cfg", "a number from 0 to 100", repr(self.cfg)[:100])
+            bad("cfg", f"a number from 0 to {CFG_MAX:g}", repr(self.cfg)[:100])
         if not real(self.denoise) or not 0 < self.denoise <= 1:
             bad("denoise", "a number in (0, 1]", repr(self.denoise)[:100])
         if not (isinstance(self.summary, str) and len(self.summary) <= 4096):
@@ -155,7 +155,8 @@ class Record:
         if cfg == -1:
             return self.cfg
         if not real(cfg) or not 0 <= cfg <= CFG_MAX:
-            fail(node, what, f"expected -1 (the inversion's cfg, {self.cfg:g}) or a value from 0 to {CFG_MAX:g}, got {cfg}")
+            fail(node, what, f"expected -1 (the inversion's cfg, {self.cfg:g}) or a value from 0 to {CFG_MAX:g}, "
+                             f"got {cfg}")
         return float(cfg)
 
     def in_model_space(self, inner, like) -> Inversion:
