@@ -699,3 +699,16 @@ def test_rf_inversion_growing_region_is_the_rule_step_by_step(space):
     assert rel(out, y) < 1e-12 and rel(out, x) > 1e-3
     never = values < 1 / 8
     assert torch.equal(out * never, x * never)
+
+
+def test_a_non_finite_stochastic_edit_is_reported_under_the_editor():
+    den, inv = setup("ddim", "eps", keep=True)
+    calls = [0]
+
+    def broken(x, sigma, **kw):
+        calls[0] += 1
+        out = den(x, sigma, **kw)
+        return out * float("nan") if calls[0] > 12 else out
+
+    with pytest.raises(NonFiniteError, match=r"^stochastic"):
+        edit_stochastic(two(broken), inv.trajectory, inv.sigmas, half(inv.latent, 0.5), 1.0, 5.0, [1])

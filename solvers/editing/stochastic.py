@@ -38,7 +38,7 @@ def noise_maps(br, traj, s, space, eta, callback=None):
     for k, i in enumerate(range(len(s) - 1, 0, -1)):
         d = br.call(traj[i], s[i], SOURCE, br.w_inv).guided
         mu, up = ancestral_mean(traj[i], d, s[i], s[i - 1], eta, space)
-        maps.append((check_finite(mu, "edit_friendly", k), up, d))
+        maps.append((check_finite(mu, "stochastic (the source replay)", k), up, d))
         notify(callback, k, traj[i - 1], s[i - 1], d)
     return maps
 
@@ -82,7 +82,7 @@ def edit_stochastic(model, trajectory, sigmas, mask, w_inv, w_edit, seeds, space
             if up > 0:
                 z = torch.randn(x.shape, generator=g, dtype=torch.float32).to(x)
                 x = x + m * (up * z - (traj[n - k - 1] - mu_s))
-            x = check_finite(x, "edit_friendly", k)
+            x = check_finite(x, "stochastic", k)
             notify(callback, n * (1 + j) + k, x, sa, dt, mask=br.shown)
         edits.append(x)
         scores.append(preservation(x, traj[0], ones if br.shown is None else br.shown.to(x)))
