@@ -8,12 +8,12 @@ import torch
 from comfy_api.latest import io
 
 from ..solvers import DEFAULT, FLOW, METHODS, invert, sampler_for
-from ..solvers.core import FLIPPED_ZERO, NonFiniteError, SolverError
+from ..solvers.core import FLIPPED_ZERO
 from ..solvers.record import summary
 from .host import widgets
 from .host.inputs import fail
 from .host.model import space_of
-from .host.run import tell
+from .host.run import named, tell
 
 NODE = "InversionSampler"
 SINGLE = [name for name, m in METHODS.items() if m.resumer.states == 1]
@@ -72,14 +72,6 @@ class SplitSchedule:
         return None
 
 
-def _named(call, *args, **kwargs):
-    """A solver's refusal, with this node's name (the host runs a SAMPLER inside its own node)."""
-    try:
-        return call(*args, **kwargs)
-    except (SolverError, NonFiniteError) as e:
-        raise type(e)(f"{NODE}: {e}") from e
-
-
 def _function(method, kwargs):
     split = SplitSchedule()
 
@@ -101,7 +93,7 @@ def _function(method, kwargs):
                 sig[0] = 0
             # The state x_N is returned as is: the host's division makes it the LATENT x_N / (1 - s_N),
             # which KSAMPLER (any sampler, DisableNoise) turns back into x_N at s_N.
-            inv = _named(invert, method, model, x, sig, extra_args, callback, space=space, **kwargs)
+            inv = named(NODE, invert, method, model, x, sig, extra_args, callback, space=space, **kwargs)
             split.remember(sig, inv.sigmas, inv.latent)
             # On the host's sampling node, which runs this SAMPLER: the calls and, where any, the unconverged steps.
             text = summary(inv)
@@ -112,7 +104,7 @@ def _function(method, kwargs):
         if down is not None:
             sigmas, callback = down, _at_base(sigmas, callback)
         fn, kw = sampler_for(METHODS[method].sampler, kwargs)
-        return _named(fn, model, x, sigmas, extra_args, callback, space=space, **kw)
+        return named(NODE, fn, model, x, sigmas, extra_args, callback, space=space, **kw)
     return sample
 
 
@@ -125,7 +117,7 @@ class InversionSampler(io.ComfyNode):
             category="sampling/inversion",
             description="A SAMPLER for SamplerCustomAdvanced: with ascending sigmas (FlipSigmas) it inverts with the "
                         "chosen method, with descending sigmas it samples deterministically with the method's own "
-                        "sampler (Euler/DDIM; RF-Solver's and FireFlow's their own). Use DisableNoise. Flow models "
+                        "sampler (Euler/DDIM; RF-Solver and FireFlow use their own). Use DisableNoise. Flow models "
                         "(SD3, Flux): the host divides the result by 1 - sigma, so end the inversion one notch below "
                         "sigma = 1 (SplitSigmas at step 1, then FlipSigmas) and resume from that sigma. BDIA and "
                         "EDICT need their pair of states and are only in Invert/Reconstruct.",

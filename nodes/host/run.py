@@ -76,18 +76,23 @@ class _Run(comfy.samplers.Sampler):
 def run_guider(node: str, guider, samples: torch.Tensor, sigmas: torch.Tensor, job):
     """Run ``job`` under ``guider``; returns (job's result, its output latent in VAE scale).
 
-    The one place solver errors get the node's name: callers let them through unchanged.
+    Solver errors get the node's name here (``named``, the one place they get it): callers let them through.
     """
     run = _Run(job)
+    with torch.no_grad():
+        out = named(node, guider.sample, torch.zeros_like(samples), samples, run, sigmas.to(torch.float32),
+                    disable_pbar=True, seed=0)
+    return run.result, out.to(comfy.model_management.intermediate_device())
+
+
+def named(node: str, call, *args, **kwargs):
+    """``call(*args, **kwargs)``, its solver errors given ``node``'s name (once)."""
     try:
-        with torch.no_grad():
-            out = guider.sample(torch.zeros_like(samples), samples, run, sigmas.to(torch.float32), disable_pbar=True,
-                                seed=0)
+        return call(*args, **kwargs)
     except (SolverError, NonFiniteError) as e:
         if str(e).startswith(f"{node}: "):
             raise
         raise type(e)(f"{node}: {e}") from e
-    return run.result, out.to(comfy.model_management.intermediate_device())
 
 
 def guided(node: str, model, positive, negative, cfg: float, samples: torch.Tensor, sigmas: torch.Tensor, job):
