@@ -5,7 +5,7 @@ from comfy_api.latest import io
 
 from ..solvers.editing.flowedit import edit_flowedit
 from .host import latent_edit
-from .host.inputs import cfg_input, fail
+from .host.inputs import SEEDS, cfg_input, fail
 from .host.region import editor_inputs
 
 NODE = "FlowEdit"
@@ -67,7 +67,7 @@ class FlowEdit(io.ComfyNode):
                           tooltip="Classifier-free guidance of the target prompt: higher edits more strongly. "
                                   "Flux.1-dev: keep 1 (FluxGuidance 5.5 on the target). SD3: the paper's 13.5; "
                                   "SD1.5/SDXL: 5 to 7.5."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                io.Int.Input("seed", default=0, min=0, max=SEEDS - 1, control_after_generate=True,
                              tooltip="Seed of the noise draws: a seed always gives the same edit."),
                 *editor_inputs(),
             ],

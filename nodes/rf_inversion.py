@@ -5,7 +5,7 @@ from comfy_api.latest import io
 
 from ..solvers.editing.rf_inversion import ETA, GAMMA, edit_rf_inversion
 from .host import latent_edit
-from .host.inputs import cfg_input, fail
+from .host.inputs import SEEDS, cfg_input, fail
 from .host.region import editor_inputs
 
 NODE = "RFInversionEdit"
@@ -49,7 +49,7 @@ class RFInversionEdit(io.ComfyNode):
                 cfg_input("cfg_target", 1.0,
                           tooltip="Guidance while sampling the target (Flux.1-dev: 1, and FluxGuidance about "
                                   "3.5 on the target; SD1.5/SDXL: 5 to 7.5)."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                io.Int.Input("seed", default=0, min=0, max=SEEDS - 1, control_after_generate=True,
                              tooltip="Seed of the noise the inversion is pulled towards."),
                 *editor_inputs(),
             ],

@@ -5,12 +5,10 @@ from comfy_api.latest import io
 
 from ..solvers.editing.stochastic import edit_stochastic
 from .host import edit_guider
-from .host.inputs import cfg_input, fail, no_noise_mask
+from .host.inputs import SEEDS, cfg_input, fail, no_noise_mask
 from .host.record import KEY, resume
 from .host.region import NOISE_MASK, Region, editor_inputs
 from .host.run import progress, run_guider, to_model
-
-SEEDS = 1 << 64  # the host's seeds: 0 to 2^64 - 1, as KSampler's
 
 
 class StochasticEditSampler(io.ComfyNode):

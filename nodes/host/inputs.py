@@ -6,6 +6,7 @@ import torch
 from comfy_api.latest import io
 
 CFG_MAX = 100.0  # the top of every guidance input, as the host's KSampler's
+SEEDS = 1 << 64  # how many seeds a seed input offers, 0 to 2^64 - 1, as KSampler's
 
 
 class NodeInputError(ValueError):
