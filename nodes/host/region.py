@@ -97,13 +97,12 @@ class Region:
         self.per_frame = temporal_factor(model) if latent.ndim == 5 else 1  # frames per latent frame
         if mask_mode not in MODES:
             fail(node, "mask_mode", f"expected one of {', '.join(MODES)}, got {mask_mode!r}")
-        if isinstance(feather, bool) or not isinstance(feather, int) or feather < 0:
-            fail(node, "feather", f"expected a whole number of latent pixels >= 0, got {feather!r}")
+        for name in ("feather", "dilation"):
+            if isinstance(v[name], bool) or not isinstance(v[name], int) or v[name] < 0:
+                fail(node, name, f"expected a whole number of latent pixels >= 0, got {v[name]!r}")
         for name in ("threshold", "softness"):  # NaN passes the host's range check and would empty the region
             if isinstance(v[name], bool) or not isinstance(v[name], (int, float)) or not 0 <= v[name] <= 1:
                 fail(node, name, f"expected a number from 0 to 1, got {v[name]!r}")
-        if isinstance(v["dilation"], bool) or not isinstance(v["dilation"], int) or v["dilation"] < 0:
-            fail(node, "dilation", f"expected a whole number of latent pixels >= 0, got {v['dilation']!r}")
         if v["clip"] is None:
             for name in ("words", "source_text", "target_text"):
                 if isinstance(v[name], str) and v[name].strip():
