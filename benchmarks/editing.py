@@ -60,8 +60,8 @@ Measures, in the model's own space (pixels in [-1, 1], no VAE), means over the p
   same editor (same space and steps) is at least as strong and keeps at least as much
   structure, and better in one.
 
-The default runs 10 steps, the whole sweep: 228 runs, 170 s wall on this project's 2-core machine
-(306 s while other work shared it; a run is 0.3 to 4 s, AIDI-A's stochastic edits the longest).
+The default runs 10 steps, the whole sweep: 342 runs, 278 s wall on this project's 2-core machine
+(a run is 0.3 to 4 s, AIDI-A's stochastic edits the longest).
 ``--steps 10 20 50`` adds the other step counts at cfg_edit 5 (every knob). A progress bar shows
 each run from the first second.
 Writes editing.json, editing.md (ending with each frontier point of inpainting and FlowEdit
@@ -735,12 +735,12 @@ def write(rows, outs, originals, out, meta):
     meta = dict(meta, torch=torch.__version__, threads=torch.get_num_threads(), machine=platform.machine(),
                 commit=_commit())
     steps = min(r["steps"] for r in rows)
-    cmp = compare(rows, steps)
+    cmp, g = compare(rows, steps), gate(rows, steps)
     met = [{"space": c["space"], "peer": c["peer"]["editor"], "peer_setting": c["peer"]["setting"],
             "peer_cfg": c["peer"]["cfg_edit"], "pack": None if c["pack"] is None else c["pack"]["editor"],
             "pack_setting": None if c["pack"] is None else c["pack"]["setting"],
             "pack_cfg": None if c["pack"] is None else c["pack"]["cfg_edit"], "met": c["met"]}
-           for c in gate(rows, steps)]
+           for c in g]
     (out / "editing.json").write_text(json.dumps({"meta": meta, "rows": rows, "comparisons": cmp, "gate": met},
                                                  indent=1, default=_json_default))
     md = ["# Edit benchmark", "", f"Command: `{meta['command']}`; wall time {meta['seconds']:.0f} s on "
@@ -759,7 +759,7 @@ def write(rows, outs, originals, out, meta):
           "ratio of at most 1.5 and at most twice its calls; met where it keeps 0.05 more structure. For each "
           "inpainting + DifferentialDiffusion setting: the pack's editor keeping the most structure at an edit "
           "strength at most 0.02 below; met where it keeps 0.3 more.", "",
-          gate_table(gate(rows, steps))]
+          gate_table(g)]
     (out / "editing.md").write_text("\n".join(md))
     plot(rows, out / "edit_tradeoff.png", steps=steps)
     grid(outs, originals, out / "edit_grid.png", steps=steps)
