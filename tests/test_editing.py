@@ -262,19 +262,29 @@ def test_bad_masks_are_refused_before_any_call(mask, words):
     assert den.calls == calls
 
 
+def broken(den, after):
+    """``den``, returning NaN from its call ``after + 1`` on."""
+    calls = [0]
+
+    def call(x, sigma, **kw):
+        calls[0] += 1
+        out = den(x, sigma, **kw)
+        return out * float("nan") if calls[0] > after else out
+    return call
+
+
 @pytest.mark.parametrize("method,sampler", [("ddim", "euler"), ("bdia", "bdia"), ("edict", "edict")])
 def test_a_non_finite_edit_is_reported_under_the_editor(method, sampler):
     den, inv = setup(method, "eps")
-    calls = [0]
-
-    def broken(x, sigma, **kw):
-        calls[0] += 1
-        out = den(x, sigma, **kw)
-        return out * float("nan") if calls[0] > 8 else out
-
     with pytest.raises(NonFiniteError, match=rf"^blended \({sampler} sampler\): the denoiser returned non-finite "
                                              r"values at step \d+ \(sigma"):
-        blended(broken, inv, half(inv.latent, 0.5))
+        blended(broken(den, 8), inv, half(inv.latent, 0.5))
+
+
+def test_a_non_finite_stochastic_edit_is_reported_under_the_editor():
+    den, inv = setup("ddim", "eps", keep=True)
+    with pytest.raises(NonFiniteError, match=r"^stochastic"):
+        edit_stochastic(two(broken(den, 12)), inv.trajectory, inv.sigmas, half(inv.latent, 0.5), 1.0, 5.0, [1])
 
 
 def test_bad_scales_and_windows_are_refused():
@@ -699,16 +709,3 @@ def test_rf_inversion_growing_region_is_the_rule_step_by_step(space):
     assert rel(out, y) < 1e-12 and rel(out, x) > 1e-3
     never = values < 1 / 8
     assert torch.equal(out * never, x * never)
-
-
-def test_a_non_finite_stochastic_edit_is_reported_under_the_editor():
-    den, inv = setup("ddim", "eps", keep=True)
-    calls = [0]
-
-    def broken(x, sigma, **kw):
-        calls[0] += 1
-        out = den(x, sigma, **kw)
-        return out * float("nan") if calls[0] > 12 else out
-
-    with pytest.raises(NonFiniteError, match=r"^stochastic"):
-        edit_stochastic(two(broken), inv.trajectory, inv.sigmas, half(inv.latent, 0.5), 1.0, 5.0, [1])
